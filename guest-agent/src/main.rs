@@ -1,0 +1,2 @@
+//! The vmic guest agent.
+fn main() {}

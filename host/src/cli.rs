@@ -1,0 +1,237 @@
+//! Command-line definition (clap only: no behaviour lives here).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmic",
+    version,
+    about = "Customize Linux disk images into LiveOS ISOs inside a throwaway QEMU builder VM",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// `customize` is the default subcommand (as in the Azure Linux Image Customizer).
+    #[command(flatten)]
+    pub customize: Option<CustomizeArgs>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, global = true, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Also write logs (always JSON lines) to this file.
+    #[arg(long, global = true)]
+    pub log_file: Option<PathBuf>,
+
+    /// Write the wall time of each build step to this file as JSON.
+    #[arg(long, global = true)]
+    pub timestamp_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Customize an image and write it as a LiveOS ISO or a disk image.
+    Customize(CustomizeArgs),
+    /// Check a config file and every file it references, without starting anything.
+    ValidateConfig(ValidateConfigArgs),
+    /// Print the JSON Schema of the config file.
+    Schema,
+    /// Report QEMU, accelerators, transports and guest images; with --boot, boot each builder VM.
+    Doctor(DoctorArgs),
+    /// Boot a disk image or ISO in QEMU and wait for a line on its serial console.
+    Boot(BootArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CustomizeArgs {
+    /// Input image: raw, qcow2, vhd, vhdx, or a LiveOS ISO made by vmic.
+    #[arg(long, required = true)]
+    pub image_file: Option<PathBuf>,
+
+    /// Config file (YAML or JSON).
+    #[arg(long, required = true)]
+    pub config_file: Option<PathBuf>,
+
+    /// Directory for temporary build files (overlay, sockets, console log).
+    #[arg(long, required = true)]
+    pub build_dir: Option<PathBuf>,
+
+    /// Output file; overrides `output.image.path` in the config.
+    #[arg(long)]
+    pub output_image_file: Option<PathBuf>,
+
+    /// Output format; overrides `output.image.format` in the config.
+    #[arg(long, value_enum)]
+    pub output_image_format: Option<OutputFormat>,
+
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct VmArgs {
+    /// Architecture of the image (default: detected from the image).
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+
+    /// Host-guest channel.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+    pub transport: TransportChoice,
+
+    /// Accelerator for the builder VM.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ValidateConfigArgs {
+    /// Config file (YAML or JSON).
+    #[arg(long)]
+    pub config_file: PathBuf,
+
+    /// Output format the config will be used with (checks `iso:` against it).
+    #[arg(long, value_enum)]
+    pub output_image_format: Option<OutputFormat>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct DoctorArgs {
+    /// Boot each available builder VM and time it to agent-ready.
+    #[arg(long)]
+    pub boot: bool,
+
+    /// Only this architecture (with --boot).
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+
+    /// Only this transport (with --boot).
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportChoice>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BootArgs {
+    /// Disk image (raw, qcow2, vhd, vhdx) or ISO to boot; never written.
+    #[arg(long)]
+    pub image_file: PathBuf,
+
+    /// Architecture of the image (default: detected from the image, else the host's).
+    #[arg(long, value_enum)]
+    pub arch: Option<Arch>,
+
+    /// Firmware to boot with.
+    #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
+    pub firmware: Firmware,
+
+    /// Succeed as soon as the serial console prints a line matching this regex.
+    #[arg(long)]
+    pub expect: Option<String>,
+
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+
+    /// Accelerator.
+    #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
+    pub accel: AccelChoice,
+
+    /// Copy the serial console to this file.
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum OutputFormat {
+    Iso,
+    Raw,
+    Qcow2,
+    Vhd,
+    #[value(name = "vhd-fixed")]
+    VhdFixed,
+    Vhdx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Arch {
+    #[value(name = "x86_64", alias = "amd64")]
+    X86_64,
+    #[value(name = "aarch64", alias = "arm64")]
+    Aarch64,
+}
+
+impl Arch {
+    pub fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::X86_64),
+            "aarch64" => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name for the architecture.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportChoice {
+    Auto,
+    Vsock,
+    Serial,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Hvf,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Firmware {
+    Uefi,
+    Bios,
+}

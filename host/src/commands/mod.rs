@@ -1,0 +1,24 @@
+//! One function per subcommand; `run` dispatches.
+
+mod customize;
+mod validate;
+
+use crate::cli::{Cli, Command};
+use crate::report::Failure;
+
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    let global = cli.global.clone();
+    match cli.command {
+        Some(Command::Customize(args)) => customize::run(&global, args),
+        None => match cli.customize {
+            Some(args) => customize::run(&global, args),
+            None => Err(Failure::Usage(anyhow::anyhow!(
+                "no command given; see `vmic --help`"
+            ))),
+        },
+        Some(Command::ValidateConfig(args)) => validate::run_validate(&global, args),
+        Some(Command::Schema) => validate::run_schema(),
+        Some(Command::Doctor(args)) => crate::doctor::run(&global, args),
+        Some(Command::Boot(args)) => crate::boot::run(&global, args),
+    }
+}

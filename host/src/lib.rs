@@ -1,0 +1,16 @@
+//! vmic: customize Linux disk images inside a throwaway QEMU builder VM.
+//!
+//! The shape follows the house style: `cli` (clap) → `config` (parse + validate) → settings →
+//! plan → execution through a `session` with the guest agent over a `transport`.
+
+pub mod accel;
+pub mod boot;
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod doctor;
+pub mod guest_image;
+pub mod qemu;
+pub mod report;
+pub mod session;
+pub mod transport;

@@ -1,0 +1,139 @@
+//! The only place that prints to people: logging setup, error rendering, progress.
+
+use std::fmt;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::cli::{GlobalArgs, LogFormat};
+
+/// Why a command failed, which decides the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad command line or config: nothing was started (exit 2).
+    Usage(anyhow::Error),
+    /// The config file has errors, all listed (exit 2).
+    Config(crate::config::ConfigErrors),
+    /// The build or VM failed (exit 1).
+    Build(anyhow::Error),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) | Failure::Config(_) => 2,
+            Failure::Build(_) => 1,
+        }
+    }
+}
+
+/// An error with advice on what to do about it, rendered as a `hint:` line.
+#[derive(Debug)]
+pub struct Hinted {
+    pub message: String,
+    pub hint: String,
+}
+
+impl fmt::Display for Hinted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Hinted {}
+
+/// Build an error that carries a hint.
+pub fn hinted(message: impl Into<String>, hint: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Hinted {
+        message: message.into(),
+        hint: hint.into(),
+    })
+}
+
+/// Render `error: …`, `caused by: …` lines and `hint: …` lines (uv style) to a string.
+pub fn render_error(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut hints = Vec::new();
+    for (index, cause) in error.chain().enumerate() {
+        let prefix = if index == 0 { "error" } else { "caused by" };
+        let text = cause.to_string();
+        // Multi-line causes (guest console tails, tool stderr) keep their lines, indented.
+        let mut lines = text.lines();
+        out.push_str(&format!("{prefix}: {}\n", lines.next().unwrap_or("")));
+        for line in lines {
+            out.push_str(&format!("  {line}\n"));
+        }
+        if let Some(hinted) = cause.downcast_ref::<Hinted>() {
+            hints.push(hinted.hint.clone());
+        }
+    }
+    for hint in hints {
+        out.push_str(&format!("hint: {hint}\n"));
+    }
+    out
+}
+
+pub fn print_failure(failure: &Failure) {
+    let text = match failure {
+        Failure::Usage(error) | Failure::Build(error) => render_error(error),
+        Failure::Config(errors) => errors.to_string(),
+    };
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr.write_all(text.as_bytes());
+    if !text.ends_with('\n') {
+        let _ = stderr.write_all(b"\n");
+    }
+}
+
+/// Keeps the log file writer alive for the life of the program.
+pub struct LoggingGuard;
+
+/// Set up tracing: text or JSON on stderr, and JSON lines to `--log-file` when given.
+pub fn init_logging(global: &GlobalArgs) -> anyhow::Result<LoggingGuard> {
+    let filter = || {
+        EnvFilter::try_from_env("VMIC_LOG")
+            .unwrap_or_else(|_| EnvFilter::new(format!("vmic={0},{0}", global.log_level)))
+    };
+    let stderr_layer = match global.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(false)
+            .without_time()
+            .with_filter(filter())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+            .boxed(),
+    };
+    let file_layer = match &global.log_file {
+        Some(path) => {
+            let file = fs_err::File::create(path)?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(Mutex::new(file.into_parts().0))
+                    .with_filter(filter())
+                    .boxed(),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr_layer)
+        .with(file_layer)
+        .try_init()?;
+    Ok(LoggingGuard)
+}
+
+/// Whether progress bars should be drawn (a TTY on stderr and text logs).
+pub fn interactive(global: &GlobalArgs) -> bool {
+    global.log_format == LogFormat::Text && std::io::stderr().is_terminal()
+}

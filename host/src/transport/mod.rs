@@ -1,0 +1,1 @@
+//! Host-guest channels.

@@ -1,0 +1,1 @@
+//! The wire contract between host and guest agent.

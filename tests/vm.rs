@@ -1,0 +1,1 @@
+//! VM end-to-end tests.
