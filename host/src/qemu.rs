@@ -1,1 +1,264 @@
-//! TODO
+//! QEMU: pure argv builders for the builder VM, and a process handle that never outlives vmic.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use crate::accel::Accel;
+use crate::cli::Arch;
+
+/// Name of the QEMU system emulator for `arch`.
+pub fn system_binary_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86_64",
+        Arch::Aarch64 => "qemu-system-aarch64",
+    }
+}
+
+/// The Debian package that provides the emulator (named in "not found" hints).
+pub fn system_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "qemu-system-x86",
+        Arch::Aarch64 => "qemu-system-arm",
+    }
+}
+
+/// Path of the emulator: `$VMIC_QEMU_<ARCH>` if set, else the first match on `PATH`, else the
+/// bare name (spawning it then fails with a hint from [`find_system_binary`]).
+pub fn system_binary(arch: Arch) -> PathBuf {
+    let variable = format!("VMIC_QEMU_{}", arch.name().to_uppercase());
+    if let Some(path) = std::env::var_os(variable) {
+        return PathBuf::from(path);
+    }
+    find_in_path(system_binary_name(arch)).unwrap_or_else(|| PathBuf::from(system_binary_name(arch)))
+}
+
+/// The emulator, or an error naming the package to install.
+pub fn find_system_binary(arch: Arch) -> anyhow::Result<PathBuf> {
+    let path = system_binary(arch);
+    if path.is_file() {
+        return Ok(path);
+    }
+    let install = if cfg!(target_os = "macos") {
+        "brew install qemu".to_string()
+    } else {
+        format!("apt-get install {} (Debian 12: from bookworm-backports; `scripts/setup` does it)", system_package(arch))
+    };
+    Err(crate::report::hinted(
+        format!("{} not found on PATH", system_binary_name(arch)),
+        install,
+    ))
+}
+
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A disk attached to the builder VM, found in the guest by its virtio serial string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// QEMU block format (`raw`, `qcow2`, `vpc`, `vhdx`): always explicit, never probed.
+    pub format: String,
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Channel {
+    /// Kernel vhost-vsock (`/dev/vhost-vsock`).
+    VhostVsock { cid: u32 },
+    /// vhost-user-vsock through a `vhost-device-vsock` daemon listening on `socket`.
+    VhostUserVsock { socket: PathBuf },
+    /// virtio-serial port named `name`, QEMU listening on the unix socket `socket`.
+    Serial { socket: PathBuf, name: String },
+}
+
+/// Everything needed to start a builder VM: pure data, turned into an argv by [`builder_argv`].
+#[derive(Debug, Clone)]
+pub struct BuilderVm {
+    pub arch: Arch,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub disks: Vec<Disk>,
+    pub channel: Channel,
+    pub console_log: PathBuf,
+    /// QMP socket, used to stop the VM cleanly.
+    pub qmp_socket: PathBuf,
+}
+
+impl BuilderVm {
+    /// The kernel console device for `arch` (for the cmdline).
+    pub fn console_device(arch: Arch) -> &'static str {
+        match arch {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
+        }
+    }
+}
+
+fn os(value: impl Into<OsString>) -> OsString {
+    value.into()
+}
+
+/// Argv (without the binary) for a builder VM. Direct kernel boot, no firmware, no network,
+/// no default devices: the less QEMU emulates, the faster TCG boots.
+pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
+    let machine = match vm.arch {
+        Arch::X86_64 => "q35",
+        Arch::Aarch64 => "virt",
+    };
+    push(&["-machine", machine, "-accel", vm.accel.qemu_arg()]);
+    let cpu = match (vm.arch, vm.accel) {
+        (_, Accel::Kvm | Accel::Hvf) => "host",
+        (Arch::X86_64, Accel::Tcg) => "max",
+        // pauth-impdef avoids the cost of emulating the architected pointer-auth algorithm.
+        (Arch::Aarch64, Accel::Tcg) => "max,pauth-impdef=on",
+    };
+    push(&["-cpu", cpu]);
+    push(&["-smp", &vm.cpus.to_string()]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+    ]);
+    // vhost-user needs guest memory shared with the daemon.
+    if matches!(vm.channel, Channel::VhostUserVsock { .. }) {
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={}M,share=on", vm.memory_mib),
+            "-numa",
+            "node,memdev=mem",
+        ]);
+    }
+    push(&["-m", &format!("{}M", vm.memory_mib)]);
+    argv.push(os("-kernel"));
+    argv.push(os(&vm.kernel));
+    argv.push(os("-initrd"));
+    argv.push(os(&vm.initramfs));
+    argv.push(os("-append"));
+    argv.push(os(&vm.cmdline));
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
+    push(&["-serial", &format!("file:{}", vm.console_log.display())]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", vm.qmp_socket.display())]);
+    push(&["-device", "virtio-rng-pci"]);
+    for (index, disk) in vm.disks.iter().enumerate() {
+        let mut drive = format!(
+            "file={},if=none,id=disk{index},format={},cache=unsafe,discard=unmap",
+            escape_comma(&disk.path),
+            disk.format
+        );
+        if disk.read_only {
+            drive.push_str(",readonly=on");
+        }
+        push(&["-drive", &drive]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=disk{index},serial={}", disk.serial),
+        ]);
+    }
+    match &vm.channel {
+        Channel::VhostVsock { cid } => {
+            push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
+        }
+        Channel::VhostUserVsock { socket } => {
+            push(&[
+                "-chardev",
+                &format!("socket,id=vsock,path={}", escape_comma(socket)),
+                "-device",
+                "vhost-user-vsock-pci,chardev=vsock",
+            ]);
+        }
+        Channel::Serial { socket, name } => {
+            push(&[
+                "-device",
+                "virtio-serial-pci",
+                "-chardev",
+                &format!(
+                    "socket,id=agent,path={},server=on,wait=off",
+                    escape_comma(socket)
+                ),
+                "-device",
+                &format!("virtserialport,chardev=agent,name={name}"),
+            ]);
+        }
+    }
+    argv
+}
+
+/// QEMU option values separate keys with commas; a literal comma is doubled.
+pub fn escape_comma(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// A running QEMU. Dropping it kills QEMU; on Linux QEMU also dies with vmic (PDEATHSIG),
+/// so even a SIGKILLed vmic leaves no VM behind.
+pub struct QemuProcess {
+    child: tokio::process::Child,
+    pub argv: Vec<OsString>,
+}
+
+impl QemuProcess {
+    pub fn spawn(binary: &Path, argv: Vec<OsString>) -> anyhow::Result<QemuProcess> {
+        tracing::debug!(binary = %binary.display(), argv = ?argv, "starting QEMU");
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        set_parent_death_signal(&mut command);
+        let child = command.spawn().map_err(|error| {
+            anyhow::Error::new(error).context(format!("starting {}", binary.display()))
+        })?;
+        Ok(QemuProcess { child, argv })
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Wait for QEMU to exit; returns its status and what it wrote to stderr.
+    pub async fn wait(&mut self) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        use tokio::io::AsyncReadExt;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        let status = self.child.wait().await?;
+        Ok((status, stderr))
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_parent_death_signal(command: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and the closure touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_parent_death_signal(_command: &mut tokio::process::Command) {}
