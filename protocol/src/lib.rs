@@ -1,1 +1,482 @@
-//! The wire contract between host and guest agent.
+//! The wire contract between the vmic host and its guest agent: message types and framing.
+//!
+//! Pure types and codec: no sockets, no policy. Both sides link this crate, so a message type
+//! lives here and nowhere else.
+//!
+//! # Frames
+//! Every message is one frame: a 4-byte little-endian body length, then the body, a postcard
+//! encoding of [`HostMessage`] or [`GuestMessage`]. Bodies over [`MAX_FRAME_LEN`] are refused
+//! on both ends; variant 0 of each message enum is `Invalid`, so a zeroed frame is an error.
+//!
+//! # Sequence
+//! ```text
+//!  host                                   agent (PID 1 in the builder VM)
+//!   |  <── connect (vsock port / serial) ──>  |
+//!   |  <──────── GuestMessage::Hello ──────── |  protocol_version, agent_version, arch, kernel
+//!   |  ──────── HostMessage::Hello ─────────> |  (version outside the range: host fails clearly)
+//!   |  ──── Request { id: 1, Exec } ────────> |
+//!   |  <─── Event { id: 1, Output/Log } ───── |  any number, while the request runs
+//!   |  ──── Cancel { id: 1 } ───────────────> |  optional: the agent stops the request
+//!   |  <─── Response { id: 1, result } ────── |  exactly one per request
+//!   |  ──── Request { id: 2, PutFile } ─────> |
+//!   |  ──── Data { id: 2, chunk } ... ──────> |  file content, then DataEnd with its sha256
+//!   |  ──── DataEnd { id: 2, sha256 } ──────> |
+//!   |  <─── Response { id: 2, File } ──────── |  the agent checked size and sha256
+//!   |  ──── Request { id: 3, GetFile } ─────> |
+//!   |  <─── Data { id: 3 } ... DataEnd ────── |  the host checks the sha256
+//!   |  <─── Response { id: 3, File } ──────── |
+//!   |  ──── Shutdown ───────────────────────> |  the agent syncs and powers off
+//!   |  <─── Fatal (any time) ──────────────── |  panic or fatal error, then power-off
+//! ```
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this contract. Every wire change bumps it in the same commit.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Oldest version the host still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
+pub const MAX_FRAME_LEN: usize = 2 << 20;
+/// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
+pub const CHUNK_LEN: usize = 1 << 20;
+/// vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Name of the virtio-serial port the agent opens.
+pub const SERIAL_PORT_NAME: &str = "org.vmic.agent.0";
+
+pub type RequestId = u64;
+pub type Sha256 = [u8; 32];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// Never sent: keeps variant 0 (an all-zero body) invalid.
+    Invalid,
+    Hello(HostHello),
+    Request { id: RequestId, request: Request },
+    Cancel { id: RequestId },
+    Data {
+        id: RequestId,
+        #[serde(with = "serde_bytes")]
+        chunk: Vec<u8>,
+    },
+    DataEnd { id: RequestId, sha256: Sha256 },
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// Never sent: keeps variant 0 (an all-zero body) invalid.
+    Invalid,
+    Hello(GuestHello),
+    Response {
+        id: RequestId,
+        result: Result<Response, RemoteError>,
+    },
+    Event {
+        id: Option<RequestId>,
+        event: Event,
+    },
+    Data {
+        id: RequestId,
+        #[serde(with = "serde_bytes")]
+        chunk: Vec<u8>,
+    },
+    DataEnd { id: RequestId, sha256: Sha256 },
+    /// The agent hit a panic or a fatal error and is powering the VM off.
+    Fatal(RemoteError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestHello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    /// `x86_64` or `aarch64`.
+    pub arch: String,
+    /// `uname -r` of the builder VM's kernel.
+    pub kernel: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHello {
+    pub protocol_version: u32,
+    pub host_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Invalid,
+    Ping,
+    /// Run a program (explicit argv, never a shell string).
+    Exec(ExecRequest),
+    /// Receive a file: the host sends `Data` chunks then `DataEnd` with this id.
+    PutFile { path: String, mode: u32, size: u64 },
+    /// Send a file: the agent replies with `Data` chunks, `DataEnd`, then `Response::File`.
+    GetFile { path: String },
+    /// List the virtio disks with their serial strings.
+    ListDisks,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// Run inside this directory as root (`chroot`), e.g. the mounted image.
+    pub chroot: Option<String>,
+    /// Stream stdout/stderr as `Event::Output` while running (else collect into the response).
+    pub stream_output: bool,
+}
+
+impl ExecRequest {
+    pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: None,
+            chroot: None,
+            stream_output: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Invalid,
+    Pong,
+    Exec(ExecResult),
+    File { size: u64, sha256: Sha256 },
+    Disks(Vec<DiskInfo>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Exit code; `128 + signal` when killed by a signal.
+    pub code: i32,
+    pub signal: Option<i32>,
+    #[serde(with = "serde_bytes")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Kernel name, e.g. `vda`.
+    pub name: String,
+    pub serial: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    Invalid,
+    Log {
+        level: Level,
+        message: String,
+    },
+    Progress {
+        step: String,
+        done: u64,
+        total: u64,
+    },
+    Output {
+        stream: Stream,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Level {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A failure in the guest, as a context chain, outermost first (like an `anyhow` chain).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    pub context: Vec<String>,
+}
+
+impl RemoteError {
+    pub fn new(message: impl Into<String>) -> RemoteError {
+        RemoteError {
+            context: vec![message.into()],
+        }
+    }
+
+    /// Whether this is the agent's answer to a `Cancel`.
+    pub fn is_cancelled(&self) -> bool {
+        self.context.first().is_some_and(|m| m == CANCELLED)
+    }
+}
+
+/// First context line of the error a cancelled request ends with.
+pub const CANCELLED: &str = "request cancelled";
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.context.join(": "))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_LEN}-byte limit")]
+    FrameTooLarge(usize),
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("malformed message")]
+    Malformed(#[source] postcard::Error),
+    #[error("invalid message (variant 0)")]
+    InvalidMessage,
+    #[error("cannot encode message")]
+    Encode(#[source] postcard::Error),
+    #[error("channel I/O failed")]
+    Io(#[from] io::Error),
+}
+
+/// Messages that can be framed; variant 0 (`Invalid`) is refused on both ends.
+pub trait Message: Serialize + for<'de> Deserialize<'de> {
+    fn is_invalid(&self) -> bool;
+}
+
+impl Message for HostMessage {
+    fn is_invalid(&self) -> bool {
+        matches!(self, HostMessage::Invalid)
+            || matches!(
+                self,
+                HostMessage::Request {
+                    request: Request::Invalid,
+                    ..
+                }
+            )
+    }
+}
+
+impl Message for GuestMessage {
+    fn is_invalid(&self) -> bool {
+        matches!(
+            self,
+            GuestMessage::Invalid
+                | GuestMessage::Response {
+                    result: Ok(Response::Invalid),
+                    ..
+                }
+                | GuestMessage::Event {
+                    event: Event::Invalid,
+                    ..
+                }
+        )
+    }
+}
+
+/// Encode `message` as a complete frame (length prefix + body).
+pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, ProtocolError> {
+    let mut frame = vec![0u8; 4];
+    let frame = postcard::to_extend(message, std::mem::take(&mut frame))
+        .map_err(ProtocolError::Encode)?;
+    let len = frame.len() - 4;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    let mut frame = frame;
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(frame)
+}
+
+/// Decode a frame body (without its length prefix).
+pub fn decode<M: Message>(body: &[u8]) -> Result<M, ProtocolError> {
+    if body.is_empty() {
+        return Err(ProtocolError::EmptyFrame);
+    }
+    if body.len() > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(body.len()));
+    }
+    let (message, rest): (M, &[u8]) =
+        postcard::take_from_bytes(body).map_err(ProtocolError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::Malformed(postcard::Error::DeserializeBadEncoding));
+    }
+    if message.is_invalid() {
+        return Err(ProtocolError::InvalidMessage);
+    }
+    Ok(message)
+}
+
+/// Parse a 4-byte length prefix, enforcing the cap before any allocation.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtocolError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(ProtocolError::FrameTooLarge(len));
+    }
+    if len == 0 {
+        return Err(ProtocolError::EmptyFrame);
+    }
+    Ok(len)
+}
+
+/// Blocking read of one message; `Ok(None)` on a clean end of stream between frames.
+pub fn read_message<M: Message>(reader: &mut impl Read) -> Result<Option<M>, ProtocolError> {
+    let mut header = [0u8; 4];
+    let mut filled = 0;
+    while filled < 4 {
+        match reader.read(&mut header[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let mut body = vec![0u8; frame_len(header)?];
+    reader.read_exact(&mut body)?;
+    decode(&body).map(Some)
+}
+
+/// Blocking write of one message as a single `write_all` (so frames never interleave when
+/// writers share a lock).
+pub fn write_message<M: Message>(writer: &mut impl Write, message: &M) -> Result<(), ProtocolError> {
+    writer.write_all(&encode(message)?)?;
+    writer.flush()?;
+    Ok(())
+}
+
+/// SHA-256 helper shared by both ends of a file transfer.
+pub fn sha256(data: &[u8]) -> Sha256 {
+    use sha2::{Digest, Sha256 as Hasher};
+    Hasher::digest(data).into()
+}
+
+/// Hex form of a digest, for messages.
+pub fn hex_digest(digest: &Sha256) -> String {
+    hex::encode(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<M: Message + PartialEq + std::fmt::Debug>(message: M) {
+        let frame = encode(&message).expect("encodes");
+        let mut reader = &frame[..];
+        let decoded: M = read_message(&mut reader).expect("decodes").expect("one frame");
+        assert_eq!(decoded, message);
+        assert!(reader.is_empty());
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        round_trip(HostMessage::Hello(HostHello {
+            protocol_version: PROTOCOL_VERSION,
+            host_version: "0.1.0".into(),
+        }));
+        round_trip(HostMessage::Request {
+            id: 7,
+            request: Request::Exec(ExecRequest::new(["echo", "hi"])),
+        });
+        round_trip(HostMessage::Data {
+            id: 3,
+            chunk: vec![0xab; CHUNK_LEN],
+        });
+        round_trip(GuestMessage::Response {
+            id: 9,
+            result: Err(RemoteError {
+                context: vec!["mounting rootfs".into(), "ENOENT".into()],
+            }),
+        });
+        round_trip(GuestMessage::Event {
+            id: Some(1),
+            event: Event::Progress {
+                step: "squashfs".into(),
+                done: 5,
+                total: 10,
+            },
+        });
+    }
+
+    #[test]
+    fn full_chunk_fits_in_a_frame() {
+        let frame = encode(&GuestMessage::Data {
+            id: u64::MAX,
+            chunk: vec![0xff; CHUNK_LEN],
+        })
+        .expect("a full chunk is within the cap");
+        assert!(frame.len() - 4 <= MAX_FRAME_LEN);
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocation() {
+        let header = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        let mut reader = &header[..];
+        let error = read_message::<HostMessage>(&mut reader).expect_err("too large");
+        assert!(matches!(error, ProtocolError::FrameTooLarge(_)), "{error}");
+        assert!(encode(&HostMessage::Data {
+            id: 1,
+            chunk: vec![0; MAX_FRAME_LEN],
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn zeroed_and_garbage_frames_are_refused() {
+        assert!(matches!(
+            decode::<HostMessage>(&[0]),
+            Err(ProtocolError::InvalidMessage)
+        ));
+        assert!(matches!(
+            decode::<GuestMessage>(&[0, 0, 0]),
+            Err(ProtocolError::InvalidMessage | ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<GuestMessage>(&[]),
+            Err(ProtocolError::EmptyFrame)
+        ));
+        assert!(decode::<GuestMessage>(&[200, 1, 2, 3]).is_err());
+        // Trailing bytes after a valid message mean the peer and we disagree on the layout.
+        let mut frame = encode(&HostMessage::Shutdown).expect("encodes");
+        frame.push(0);
+        assert!(decode::<HostMessage>(&frame[4..]).is_err());
+    }
+
+    #[test]
+    fn truncated_stream_is_an_error_but_clean_eof_is_not() {
+        let frame = encode(&HostMessage::Shutdown).expect("encodes");
+        let mut empty: &[u8] = &[];
+        assert!(read_message::<HostMessage>(&mut empty)
+            .expect("clean eof")
+            .is_none());
+        let mut cut = &frame[..frame.len() - 1];
+        assert!(read_message::<HostMessage>(&mut cut).is_err());
+        let mut half_header = &frame[..2];
+        assert!(read_message::<HostMessage>(&mut half_header).is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap property test: every short byte string either decodes or errors.
+        let mut state = 0x1234_5678_u32;
+        for _ in 0..20_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let len = (state % 24) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| (state.rotate_left(i as u32) & 0xff) as u8)
+                .collect();
+            let _ = decode::<HostMessage>(&bytes);
+            let _ = decode::<GuestMessage>(&bytes);
+        }
+    }
+}
