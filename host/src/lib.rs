@@ -14,3 +14,4 @@ pub mod qemu;
 pub mod report;
 pub mod session;
 pub mod transport;
+pub mod vm;

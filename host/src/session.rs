@@ -1,1 +1,445 @@
-//! TODO
+//! A session with the guest agent: handshake, requests with ids, events, file transfer,
+//! cancellation, and turning guest failures into host errors with the guest's context.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use vmic_protocol::{
+    self as protocol, Event, ExecRequest, ExecResult, GuestHello, GuestMessage, HostHello,
+    HostMessage, RemoteError, Request, RequestId, Response, Stream, CHUNK_LEN,
+};
+
+use crate::transport::Connection;
+
+/// What the agent sent for one request, routed by id.
+#[derive(Debug)]
+enum Incoming {
+    Event(Event),
+    Data(Vec<u8>),
+    DataEnd(protocol::Sha256),
+    Done(Result<Response, RemoteError>),
+    /// The channel closed or the agent reported a fatal error.
+    Lost(String),
+}
+
+/// A failure reported by the guest: its context chain, outermost first.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.context.first().map(String::as_str).unwrap_or("guest failure"))]
+pub struct GuestError(pub RemoteError);
+
+/// The channel to the agent closed or it crashed while a request was in flight.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the builder VM's agent during {request}: {reason}")]
+pub struct AgentLost {
+    pub request: String,
+    pub reason: String,
+}
+
+/// Turn a guest error chain into an anyhow chain, so the host renders it as `caused by:` lines.
+pub fn guest_error(error: RemoteError) -> anyhow::Error {
+    let mut lines = error.context.clone();
+    let innermost = lines.pop().unwrap_or_else(|| "guest failure".to_string());
+    let mut chain = anyhow!("{innermost}");
+    while let Some(line) = lines.pop() {
+        chain = chain.context(line);
+    }
+    chain.context("the builder VM reported a failure")
+}
+
+type Pending = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Incoming>>>>;
+
+pub struct Session {
+    hello: GuestHello,
+    writer: Arc<tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>>,
+    pending: Pending,
+    /// Set once the channel is gone; later requests fail at once with this reason.
+    lost: Arc<Mutex<Option<String>>>,
+    next_id: Mutex<RequestId>,
+    reader_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+    }
+}
+
+async fn read_frame<M: protocol::Message>(
+    reader: &mut (impl AsyncRead + Unpin),
+) -> anyhow::Result<Option<M>> {
+    let mut header = [0u8; 4];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error.into()),
+    }
+    let mut body = vec![0u8; protocol::frame_len(header)?];
+    reader.read_exact(&mut body).await?;
+    Ok(Some(protocol::decode(&body)?))
+}
+
+impl Session {
+    /// Wait for the agent's hello, check the protocol version, answer with ours.
+    pub async fn handshake(connection: Connection) -> anyhow::Result<Session> {
+        let Connection {
+            mut reader,
+            mut writer,
+        } = connection;
+        let hello = match read_frame::<GuestMessage>(&mut reader)
+            .await
+            .context("reading the agent's hello")?
+        {
+            Some(GuestMessage::Hello(hello)) => hello,
+            Some(GuestMessage::Fatal(error)) => return Err(guest_error(error)),
+            Some(other) => bail!("expected the agent's hello, got {other:?}"),
+            None => bail!("the agent closed the channel before saying hello"),
+        };
+        let supported = protocol::MIN_PROTOCOL_VERSION..=protocol::PROTOCOL_VERSION;
+        if !supported.contains(&hello.protocol_version) {
+            return Err(crate::report::hinted(
+                format!(
+                    "protocol mismatch: the guest agent {} speaks protocol version {}, this vmic speaks {}..={}",
+                    hello.agent_version,
+                    hello.protocol_version,
+                    supported.start(),
+                    supported.end()
+                ),
+                "rebuild the builder VM image with `scripts/build-guest-image` so agent and host match",
+            ));
+        }
+        let frame = protocol::encode(&HostMessage::Hello(HostHello {
+            protocol_version: protocol::PROTOCOL_VERSION,
+            host_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))?;
+        writer.write_all(&frame).await?;
+        writer.flush().await?;
+
+        let pending: Pending = Arc::default();
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let reader_task = tokio::spawn(route_messages(reader, pending.clone(), lost.clone()));
+        Ok(Session {
+            hello,
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            pending,
+            lost,
+            next_id: Mutex::new(1),
+            reader_task,
+        })
+    }
+
+    pub fn hello(&self) -> &GuestHello {
+        &self.hello
+    }
+
+    async fn send(&self, message: &HostMessage) -> anyhow::Result<()> {
+        let frame = protocol::encode(message)?;
+        let mut writer = self.writer.lock().await;
+        writer
+            .write_all(&frame)
+            .await
+            .context("writing to the agent")?;
+        writer.flush().await.context("writing to the agent")?;
+        Ok(())
+    }
+
+    /// Send a request; the returned handle receives its events, data and response.
+    pub async fn start(&self, request: Request) -> anyhow::Result<RequestHandle<'_>> {
+        let id = {
+            let mut next = self.next_id.lock().expect("id lock is never poisoned");
+            let id = *next;
+            *next += 1;
+            id
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        if let Some(reason) = self.lost.lock().expect("lost lock").clone() {
+            return Err(AgentLost {
+                request: describe(&request),
+                reason,
+            }
+            .into());
+        }
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .insert(id, sender);
+        let description = describe(&request);
+        self.send(&HostMessage::Request { id, request }).await?;
+        Ok(RequestHandle {
+            session: self,
+            id,
+            description,
+            receiver,
+        })
+    }
+
+    /// Run a command; `on_output` sees streamed output. A non-zero exit is returned, not failed.
+    pub async fn exec(
+        &self,
+        request: ExecRequest,
+        mut on_output: impl FnMut(Stream, &[u8]),
+    ) -> anyhow::Result<ExecResult> {
+        let mut handle = self.start(Request::Exec(request)).await?;
+        match handle
+            .finish(|event| {
+                if let Event::Output { stream, data } = event {
+                    on_output(stream, &data);
+                }
+            })
+            .await?
+        {
+            Response::Exec(result) => Ok(result),
+            other => bail!("unexpected response to exec: {other:?}"),
+        }
+    }
+
+    /// Run a command and fail unless it exits 0 (its stderr becomes the error).
+    pub async fn run(&self, argv: &[&str]) -> anyhow::Result<ExecResult> {
+        let result = self.exec(ExecRequest::new(argv.iter().copied()), |_, _| {}).await?;
+        if result.code != 0 {
+            bail!(
+                "`{}` in the builder VM exited with {}: {}",
+                argv.join(" "),
+                result.code,
+                String::from_utf8_lossy(&result.stderr).trim()
+            );
+        }
+        Ok(result)
+    }
+
+    /// Copy a host file into the guest; the agent verifies size and sha256.
+    pub async fn put_file(&self, local: &Path, remote: &str, mode: u32) -> anyhow::Result<()> {
+        let mut file = tokio::fs::File::open(local)
+            .await
+            .with_context(|| format!("opening {}", local.display()))?;
+        let size = file.metadata().await?.len();
+        let mut handle = self
+            .start(Request::PutFile {
+                path: remote.to_string(),
+                mode,
+                size,
+            })
+            .await?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; CHUNK_LEN];
+        loop {
+            let read = file.read(&mut buffer).await?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            self.send(&HostMessage::Data {
+                id: handle.id,
+                chunk: buffer[..read].to_vec(),
+            })
+            .await?;
+        }
+        let sha256: protocol::Sha256 = hasher.finalize().into();
+        self.send(&HostMessage::DataEnd {
+            id: handle.id,
+            sha256,
+        })
+        .await?;
+        match handle.finish(|_| {}).await? {
+            Response::File {
+                size: got_size,
+                sha256: got,
+            } if got_size == size && got == sha256 => Ok(()),
+            other => bail!(
+                "the agent stored {remote} differently than sent ({size} bytes, sha256 {}): {other:?}",
+                protocol::hex_digest(&sha256)
+            ),
+        }
+    }
+
+    /// Copy a guest file to `local`, verifying its sha256; returns the digest.
+    pub async fn get_file(&self, remote: &str, local: &Path) -> anyhow::Result<protocol::Sha256> {
+        let mut file = tokio::fs::File::create(local)
+            .await
+            .with_context(|| format!("creating {}", local.display()))?;
+        let mut handle = self
+            .start(Request::GetFile {
+                path: remote.to_string(),
+            })
+            .await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut announced = None;
+        let response = loop {
+            match handle.next().await? {
+                Incoming::Data(chunk) => {
+                    hasher.update(&chunk);
+                    size += chunk.len() as u64;
+                    file.write_all(&chunk).await?;
+                }
+                Incoming::DataEnd(digest) => announced = Some(digest),
+                Incoming::Event(_) => {}
+                Incoming::Done(result) => break result.map_err(guest_error)?,
+                Incoming::Lost(reason) => return Err(handle.lost(reason)),
+            }
+        };
+        file.sync_all().await?;
+        let digest: protocol::Sha256 = hasher.finalize().into();
+        match (response, announced) {
+            (Response::File { size: sent, sha256 }, Some(end))
+                if sent == size && sha256 == digest && end == digest =>
+            {
+                Ok(digest)
+            }
+            (response, _) => bail!(
+                "{remote} arrived corrupted: received {size} bytes with sha256 {}, the agent announced {response:?}",
+                protocol::hex_digest(&digest)
+            ),
+        }
+    }
+
+    /// Ask the agent to power the VM off.
+    pub async fn shutdown(&self) -> anyhow::Result<()> {
+        self.send(&HostMessage::Shutdown).await
+    }
+
+    /// Why the channel is gone, if it is.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.lost.lock().expect("lost lock").clone()
+    }
+}
+
+fn describe(request: &Request) -> String {
+    match request {
+        Request::Exec(exec) => format!("exec `{}`", exec.argv.join(" ")),
+        Request::PutFile { path, .. } => format!("upload of {path}"),
+        Request::GetFile { path } => format!("download of {path}"),
+        Request::Ping => "ping".to_string(),
+        Request::ListDisks => "disk listing".to_string(),
+        Request::Invalid => "invalid request".to_string(),
+    }
+}
+
+/// Reads every message from the agent and hands it to the request it belongs to.
+async fn route_messages(
+    mut reader: Pin<Box<dyn AsyncRead + Send>>,
+    pending: Pending,
+    lost: Arc<Mutex<Option<String>>>,
+) {
+    let reason = loop {
+        let message = match read_frame::<GuestMessage>(&mut reader).await {
+            Ok(Some(message)) => message,
+            Ok(None) => break "the channel closed (agent exited or VM stopped)".to_string(),
+            Err(error) => break format!("the channel failed: {error:#}"),
+        };
+        let (id, incoming) = match message {
+            GuestMessage::Response { id, result } => (id, Incoming::Done(result)),
+            GuestMessage::Data { id, chunk } => (id, Incoming::Data(chunk)),
+            GuestMessage::DataEnd { id, sha256 } => (id, Incoming::DataEnd(sha256)),
+            GuestMessage::Event { id: Some(id), event } => (id, Incoming::Event(event)),
+            GuestMessage::Event { id: None, event } => {
+                log_guest_event(&event);
+                continue;
+            }
+            GuestMessage::Fatal(error) => break format!("the agent failed fatally: {error}"),
+            GuestMessage::Hello(_) | GuestMessage::Invalid => {
+                break "the agent sent a second hello".to_string()
+            }
+        };
+        let done = matches!(incoming, Incoming::Done(_));
+        let mut map = pending.lock().expect("pending lock");
+        if let Some(sender) = map.get(&id) {
+            let _ = sender.send(incoming);
+        }
+        if done {
+            map.remove(&id);
+        }
+    };
+    tracing::debug!("agent channel ended: {reason}");
+    *lost.lock().expect("lost lock") = Some(reason.clone());
+    for (_, sender) in pending.lock().expect("pending lock").drain() {
+        let _ = sender.send(Incoming::Lost(reason.clone()));
+    }
+}
+
+fn log_guest_event(event: &Event) {
+    match event {
+        Event::Log { level, message } => match level {
+            protocol::Level::Error => tracing::error!(target: "vmic::guest", "{message}"),
+            protocol::Level::Warn => tracing::warn!(target: "vmic::guest", "{message}"),
+            protocol::Level::Info => tracing::info!(target: "vmic::guest", "{message}"),
+            protocol::Level::Debug => tracing::debug!(target: "vmic::guest", "{message}"),
+            protocol::Level::Trace => tracing::trace!(target: "vmic::guest", "{message}"),
+        },
+        Event::Progress { step, done, total } => {
+            tracing::debug!(target: "vmic::guest", step, done, total, "progress")
+        }
+        Event::Output { .. } | Event::Invalid => {}
+    }
+}
+
+/// One request in flight.
+pub struct RequestHandle<'a> {
+    session: &'a Session,
+    pub id: RequestId,
+    description: String,
+    receiver: mpsc::UnboundedReceiver<Incoming>,
+}
+
+impl RequestHandle<'_> {
+    async fn next(&mut self) -> anyhow::Result<Incoming> {
+        match self.receiver.recv().await {
+            Some(incoming) => Ok(incoming),
+            None => Err(self.lost(
+                self.session
+                    .lost_reason()
+                    .unwrap_or_else(|| "the session ended".to_string()),
+            )),
+        }
+    }
+
+    fn lost(&self, reason: String) -> anyhow::Error {
+        AgentLost {
+            request: self.description.clone(),
+            reason,
+        }
+        .into()
+    }
+
+    /// Ask the agent to stop this request; its response then reports the cancellation.
+    pub async fn cancel(&self) -> anyhow::Result<()> {
+        self.session.send(&HostMessage::Cancel { id: self.id }).await
+    }
+
+    /// Wait for the response, passing events to `on_event`.
+    pub async fn finish(&mut self, mut on_event: impl FnMut(Event)) -> anyhow::Result<Response> {
+        loop {
+            match self.next().await? {
+                Incoming::Event(event) => on_event(event),
+                Incoming::Data(_) | Incoming::DataEnd(_) => {}
+                Incoming::Done(result) => {
+                    return result
+                        .map_err(guest_error)
+                        .with_context(|| format!("{} in the builder VM", self.description))
+                }
+                Incoming::Lost(reason) => return Err(self.lost(reason)),
+            }
+        }
+    }
+
+    /// Like [`finish`](Self::finish) but gives up after `timeout`, cancelling the request.
+    pub async fn finish_within(
+        &mut self,
+        timeout: Duration,
+        on_event: impl FnMut(Event),
+    ) -> anyhow::Result<Response> {
+        match tokio::time::timeout(timeout, self.finish(on_event)).await {
+            Ok(result) => result,
+            Err(_) => {
+                let _ = self.cancel().await;
+                bail!("{} timed out after {timeout:?}", self.description)
+            }
+        }
+    }
+}

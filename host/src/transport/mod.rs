@@ -1,1 +1,252 @@
-//! Host-guest channels.
+//! Host-guest channels: choosing one, wiring it into QEMU, and connecting to the agent.
+//!
+//! A closed set (Cloud Hypervisor style): kernel vhost-vsock, vhost-user-vsock through the
+//! rust-vmm `vhost-device-vsock` daemon, and virtio-serial. Each yields the same byte stream.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::cli::TransportChoice;
+use crate::qemu::{Channel, QemuProcess};
+use vmic_protocol::{AGENT_VSOCK_PORT, SERIAL_PORT_NAME};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    VhostVsock,
+    VhostUserVsock,
+    Serial,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::VhostVsock => "vsock (vhost-vsock)",
+            TransportKind::VhostUserVsock => "vsock (vhost-user, vhost-device-vsock)",
+            TransportKind::Serial => "virtio-serial",
+        }
+    }
+
+    /// The agent's `vmic.transport=` value.
+    fn guest_value(self) -> &'static str {
+        match self {
+            TransportKind::Serial => "serial",
+            TransportKind::VhostVsock | TransportKind::VhostUserVsock => "vsock",
+        }
+    }
+}
+
+/// Name of the vhost-user vsock daemon (crates.io `vhost-device-vsock`).
+pub const VSOCK_DAEMON: &str = "vhost-device-vsock";
+
+/// Whether the kernel's vhost-vsock device can be opened.
+pub fn vhost_vsock_usable() -> bool {
+    fs_err::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/vhost-vsock")
+        .is_ok()
+}
+
+/// The daemon binary: `$VMIC_VSOCK_DAEMON`, on `PATH`, or in `~/.cargo/bin`.
+pub fn vsock_daemon() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("VMIC_VSOCK_DAEMON") {
+        return Some(PathBuf::from(path));
+    }
+    crate::qemu::find_in_path(VSOCK_DAEMON).or_else(|| {
+        let home = std::env::var_os("HOME")?;
+        let path = Path::new(&home).join(".cargo/bin").join(VSOCK_DAEMON);
+        path.is_file().then_some(path)
+    })
+}
+
+/// Pick the transport for `choice`: auto prefers kernel vsock, then vhost-user vsock, then
+/// virtio-serial, which works everywhere (macOS included).
+pub fn select(choice: TransportChoice) -> anyhow::Result<TransportKind> {
+    let vsock = || {
+        if cfg!(target_os = "linux") && vhost_vsock_usable() {
+            Some(TransportKind::VhostVsock)
+        } else if cfg!(target_os = "linux") && vsock_daemon().is_some() {
+            Some(TransportKind::VhostUserVsock)
+        } else {
+            None
+        }
+    };
+    match choice {
+        TransportChoice::Serial => Ok(TransportKind::Serial),
+        TransportChoice::Auto => Ok(vsock().unwrap_or(TransportKind::Serial)),
+        TransportChoice::Vsock => vsock().ok_or_else(|| {
+            crate::report::hinted(
+                "vsock is not available: /dev/vhost-vsock cannot be opened and vhost-device-vsock is not installed",
+                "`cargo install vhost-device-vsock` (or `scripts/setup`), or use `--transport serial`",
+            )
+        }),
+    }
+}
+
+/// A transport set up for one VM: the QEMU channel, the kernel cmdline keys, and the daemon
+/// it needs, if any.
+pub struct Transport {
+    pub kind: TransportKind,
+    pub channel: Channel,
+    /// The host side of vhost-user vsock: `CONNECT <port>` goes here.
+    uds_path: Option<PathBuf>,
+    daemon: Option<QemuProcess>,
+}
+
+impl Transport {
+    /// Prepare `kind` with its sockets under `run_dir` (short path: unix sockets are limited to
+    /// ~107 bytes). Starts the vsock daemon when one is needed; QEMU must start after this.
+    pub async fn prepare(kind: TransportKind, run_dir: &Path) -> anyhow::Result<Transport> {
+        match kind {
+            TransportKind::Serial => Ok(Transport {
+                kind,
+                channel: Channel::Serial {
+                    socket: run_dir.join("agent.sock"),
+                    name: SERIAL_PORT_NAME.to_string(),
+                },
+                uds_path: None,
+                daemon: None,
+            }),
+            TransportKind::VhostVsock => Ok(Transport {
+                kind,
+                // CIDs are host-global; derive one from our PID so parallel vmic runs differ.
+                channel: Channel::VhostVsock {
+                    cid: 3 + std::process::id() % 0x7fff_0000,
+                },
+                uds_path: None,
+                daemon: None,
+            }),
+            TransportKind::VhostUserVsock => {
+                let daemon_binary = vsock_daemon().context("vhost-device-vsock not found")?;
+                let socket = run_dir.join("vhost.sock");
+                let uds_path = run_dir.join("vsock.sock");
+                let argv = vsock_daemon_argv(&socket, &uds_path);
+                let mut daemon = QemuProcess::spawn(&daemon_binary, argv)?;
+                // QEMU connects to the daemon's socket at start-up: wait until it listens.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !socket.exists() {
+                    if Instant::now() > deadline {
+                        daemon.kill().await;
+                        bail!("{VSOCK_DAEMON} did not create {} within 10 s", socket.display());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Transport {
+                    kind,
+                    channel: Channel::VhostUserVsock { socket },
+                    uds_path: Some(uds_path),
+                    daemon: Some(daemon),
+                })
+            }
+        }
+    }
+
+    /// Kernel command-line keys telling the agent which channel to open.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "vmic.transport={} vmic.port={AGENT_VSOCK_PORT}",
+            self.kind.guest_value()
+        )
+    }
+
+    /// Connect to the agent, retrying until it listens or `deadline` passes. The caller races
+    /// this against QEMU exiting.
+    pub async fn connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
+        loop {
+            match self.try_connect().await {
+                Ok(connection) => return Ok(connection),
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(error.context(format!("connecting over {}", self.kind.name())))
+                }
+                Err(error) => {
+                    tracing::trace!("agent not reachable yet: {error:#}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn try_connect(&self) -> anyhow::Result<Connection> {
+        match &self.channel {
+            Channel::Serial { socket, .. } => {
+                let stream = UnixStream::connect(socket).await?;
+                Ok(Connection::from_unix(stream))
+            }
+            Channel::VhostUserVsock { .. } => {
+                let uds = self.uds_path.as_ref().expect("vhost-user transport has a uds path");
+                let stream = UnixStream::connect(uds).await?;
+                let (read, mut write) = stream.into_split();
+                write
+                    .write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())
+                    .await?;
+                let mut reader = BufReader::new(read);
+                let mut line = String::new();
+                // The daemon answers `OK <port>` once the guest accepted; it closes the stream
+                // when nothing listens yet.
+                let read = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
+                    .await
+                    .context("no answer to CONNECT")??;
+                if read == 0 || !line.starts_with("OK ") {
+                    bail!("vsock CONNECT refused ({})", line.trim());
+                }
+                Ok(Connection {
+                    reader: Box::pin(reader),
+                    writer: Box::pin(write),
+                })
+            }
+            Channel::VhostVsock { cid } => {
+                let stream = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(
+                    *cid,
+                    AGENT_VSOCK_PORT,
+                ))
+                .await?;
+                let (read, write) = tokio::io::split(stream);
+                Ok(Connection {
+                    reader: Box::pin(read),
+                    writer: Box::pin(write),
+                })
+            }
+        }
+    }
+
+    /// Stop the daemon (QEMU must be gone first, or it will complain about the lost backend).
+    pub async fn shutdown(&mut self) {
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill().await;
+        }
+    }
+}
+
+/// Argv for `vhost-device-vsock`. 64 KiB TX buffers: 1 MiB ones stalled guest→host transfers.
+pub fn vsock_daemon_argv(socket: &Path, uds_path: &Path) -> Vec<std::ffi::OsString> {
+    vec![
+        "--vm".into(),
+        format!(
+            "guest-cid=3,socket={},uds-path={},tx-buffer-size=65536",
+            socket.display(),
+            uds_path.display()
+        )
+        .into(),
+    ]
+}
+
+/// A connected byte stream to the agent.
+pub struct Connection {
+    pub reader: Pin<Box<dyn AsyncRead + Send>>,
+    pub writer: Pin<Box<dyn AsyncWrite + Send>>,
+}
+
+impl Connection {
+    pub fn from_unix(stream: UnixStream) -> Connection {
+        let (read, write) = stream.into_split();
+        Connection {
+            reader: Box::pin(read),
+            writer: Box::pin(write),
+        }
+    }
+}

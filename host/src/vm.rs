@@ -1,0 +1,228 @@
+//! The builder VM's life: pick accelerator and transport, start QEMU (and the vsock daemon),
+//! wait for the agent's hello, and stop everything on every way out.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::accel::Accel;
+use crate::cli::{AccelChoice, Arch, TransportChoice};
+use crate::guest_image::GuestImage;
+use crate::qemu::{BuilderVm, Disk, QemuProcess};
+use crate::session::Session;
+use crate::transport::{Transport, TransportKind};
+
+/// Options for starting a builder VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub arch: Arch,
+    pub accel: AccelChoice,
+    pub transport: TransportChoice,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub disks: Vec<Disk>,
+    /// Where the console log and sockets go (a fresh temp dir when `None`).
+    pub run_dir: Option<PathBuf>,
+    /// How long to wait for the agent's hello.
+    pub ready_timeout: Duration,
+}
+
+impl VmOptions {
+    pub fn new(arch: Arch) -> VmOptions {
+        VmOptions {
+            arch,
+            accel: AccelChoice::Auto,
+            transport: TransportChoice::Auto,
+            memory_mib: 1024,
+            cpus: default_cpus(),
+            disks: Vec::new(),
+            run_dir: None,
+            ready_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One vCPU per host core, at most 4: TCG runs a thread per vCPU and more only adds contention.
+pub fn default_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32)
+}
+
+/// The agent did not say hello: the console tail usually tells why.
+#[derive(Debug, thiserror::Error)]
+#[error("the builder VM's agent did not become ready: {reason}\nlast console lines ({console}):\n{tail}")]
+pub struct NotReady {
+    pub reason: String,
+    pub console: String,
+    pub tail: String,
+}
+
+/// A running builder VM with a session to its agent. Dropping it kills QEMU and the daemon.
+pub struct RunningVm {
+    pub session: Session,
+    pub accel: Accel,
+    pub transport: TransportKind,
+    pub image: GuestImage,
+    pub ready_after: Duration,
+    pub console_log: PathBuf,
+    qemu: QemuProcess,
+    channel: Transport,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// Last `count` lines of a console log (with carriage returns and escape noise removed).
+pub fn console_tail(path: &Path, count: usize) -> String {
+    let text = fs_err::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(count);
+    lines[start..]
+        .iter()
+        .map(|line| format!("  | {}", line.trim_end_matches('\r')))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl RunningVm {
+    pub async fn start(options: VmOptions) -> anyhow::Result<RunningVm> {
+        let started = Instant::now();
+        let image = crate::guest_image::find(options.arch)?;
+        let qemu_binary = crate::qemu::find_system_binary(options.arch)?;
+        let accel = crate::accel::resolve(options.accel, options.arch, Some(&image.kernel));
+        if accel.is_emulated() {
+            tracing::info!(
+                "no hardware acceleration for {}: the builder VM runs under TCG emulation (slow)",
+                options.arch
+            );
+        }
+        let kind = crate::transport::select(options.transport)?;
+        tracing::info!(transport = kind.name(), accel = accel.name(), "starting builder VM");
+
+        // Unix socket paths are limited to ~107 bytes: keep them in a short temp dir.
+        let temp = tempfile::Builder::new().prefix("vmic-").tempdir()?;
+        let run_dir = options.run_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+        let console_log = run_dir.join("console.log");
+        let channel = Transport::prepare(kind, temp.path()).await?;
+        let vm = BuilderVm {
+            arch: options.arch,
+            accel,
+            memory_mib: options.memory_mib,
+            cpus: options.cpus,
+            kernel: image.kernel.clone(),
+            initramfs: image.initramfs.clone(),
+            cmdline: format!(
+                "console={} panic=-1 quiet loglevel=4 rdinit=/init {}",
+                BuilderVm::console_device(options.arch),
+                channel.cmdline()
+            ),
+            disks: options.disks.clone(),
+            channel: channel.channel.clone(),
+            console_log: console_log.clone(),
+            qmp_socket: temp.path().join("qmp.sock"),
+        };
+        let argv = crate::qemu::builder_argv(&vm);
+        let qemu = QemuProcess::spawn(&qemu_binary, argv)?;
+        let mut running = RunningVmStart {
+            qemu,
+            channel,
+            console_log: console_log.clone(),
+        };
+        let deadline = Instant::now() + options.ready_timeout;
+        let session = running.wait_ready(deadline).await?;
+        let ready_after = started.elapsed();
+        let hello = session.hello();
+        tracing::info!(
+            agent = hello.agent_version,
+            kernel = hello.kernel,
+            arch = hello.arch,
+            seconds = ready_after.as_secs_f64(),
+            "builder VM ready"
+        );
+        let RunningVmStart { qemu, channel, .. } = running;
+        Ok(RunningVm {
+            session,
+            accel,
+            transport: kind,
+            image,
+            ready_after,
+            console_log,
+            qemu,
+            channel,
+            _temp: Some(temp),
+        })
+    }
+
+    /// QEMU's PID (for tests that kill it).
+    pub fn qemu_pid(&self) -> Option<u32> {
+        self.qemu.id()
+    }
+
+    /// Ask the agent to power off and wait for QEMU to exit; kill it if it takes too long.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.session.shutdown().await;
+        let waited = tokio::time::timeout(Duration::from_secs(20), self.qemu.wait()).await;
+        if waited.is_err() {
+            tracing::warn!("builder VM did not power off within 20 s; killing it");
+            self.qemu.kill().await;
+        }
+        self.channel.shutdown().await;
+        Ok(())
+    }
+
+    /// Wait for QEMU to exit (after the agent died or was told to stop), then clean up.
+    pub async fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let result = tokio::time::timeout(timeout, self.qemu.wait()).await;
+        let status = match result {
+            Ok(waited) => waited?.0,
+            Err(_) => {
+                self.qemu.kill().await;
+                self.channel.shutdown().await;
+                anyhow::bail!("the builder VM did not exit within {timeout:?}");
+            }
+        };
+        self.channel.shutdown().await;
+        Ok(status)
+    }
+}
+
+/// The parts that exist before the agent is ready, so that a failure can still clean up.
+struct RunningVmStart {
+    qemu: QemuProcess,
+    channel: Transport,
+    console_log: PathBuf,
+}
+
+impl RunningVmStart {
+    async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<Session> {
+        let connect_and_greet = async {
+            let connection = self.channel.connect(deadline).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(remaining, Session::handshake(connection))
+                .await
+                .context("timed out waiting for the agent's hello")?
+        };
+        let outcome = tokio::select! {
+            session = connect_and_greet => session,
+            exited = self.qemu.wait() => {
+                let reason = match exited {
+                    Ok((status, stderr)) => format!("QEMU exited ({status}) {}", stderr.trim()),
+                    Err(error) => format!("QEMU failed: {error:#}"),
+                };
+                Err(anyhow::anyhow!(reason))
+            }
+        };
+        match outcome {
+            Ok(session) => Ok(session),
+            Err(error) => {
+                self.qemu.kill().await;
+                self.channel.shutdown().await;
+                Err(NotReady {
+                    reason: format!("{error:#}"),
+                    console: self.console_log.display().to_string(),
+                    tail: console_tail(&self.console_log, 30),
+                }
+                .into())
+            }
+        }
+    }
+}
