@@ -1,1 +1,246 @@
-//! VM end-to-end tests.
+//! VM end-to-end tests: boot the real builder VM under QEMU for both arches and both
+//! transports, and drive the real agent. Needs `scripts/setup` (QEMU, guest images).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vmic::cli::{Arch, TransportChoice};
+use vmic::vm::{RunningVm, VmOptions};
+use vmic_protocol::{ExecRequest, Request, Stream};
+
+/// Two cores and TCG: one VM at a time keeps timings sane.
+static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn start(arch: Arch, transport: TransportChoice) -> RunningVm {
+    let mut options = VmOptions::new(arch);
+    options.transport = transport;
+    options.memory_mib = 768;
+    match RunningVm::start(options).await {
+        Ok(vm) => vm,
+        Err(error) => panic!(
+            "builder VM {arch} over {transport:?} failed to start (run scripts/setup first):\n{}",
+            vmic::report::render_error(&error)
+        ),
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs_err::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.contains(") Z "))
+            .unwrap_or(true)
+}
+
+fn sha256_file(path: &Path) -> [u8; 32] {
+    Sha256::digest(fs_err::read(path).expect("read file")).into()
+}
+
+/// Hello, streamed exec, exit codes, 50 MiB both ways with sha256, cancel; then the agent is
+/// killed mid-request and everything must be cleaned up.
+fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
+    let _lock = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    runtime().block_on(async {
+        let vm = start(arch, transport).await;
+        let hello = vm.session.hello().clone();
+        assert_eq!(hello.arch, arch.name());
+        assert_eq!(hello.protocol_version, vmic_protocol::PROTOCOL_VERSION);
+        assert!(!hello.kernel.is_empty());
+        eprintln!("{arch} {transport:?}: ready in {:?} ({})", vm.ready_after, vm.transport.name());
+
+        // Streamed output arrives as events, in order, before the response.
+        let mut request = ExecRequest::new([
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3; do echo line$i; done; echo oops >&2; uname -m",
+        ]);
+        request.stream_output = true;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let result = vm
+            .session
+            .exec(request, |stream, data| match stream {
+                Stream::Stdout => stdout.extend_from_slice(data),
+                Stream::Stderr => stderr.extend_from_slice(data),
+            })
+            .await
+            .expect("exec");
+        assert_eq!(result.code, 0);
+        assert_eq!(
+            String::from_utf8_lossy(&stdout),
+            format!("line1\nline2\nline3\n{}\n", arch.name())
+        );
+        assert_eq!(String::from_utf8_lossy(&stderr), "oops\n");
+
+        let failed = vm.session.run(&["/bin/sh", "-c", "exit 3"]).await;
+        let message = format!("{:#}", failed.expect_err("exit 3 is a failure"));
+        assert!(message.contains("exited with 3"), "{message}");
+
+        let missing = vm.session.run(&["/no/such/program"]).await;
+        let message = format!("{:#}", missing.expect_err("missing program"));
+        assert!(message.contains("/no/such/program"), "{message}");
+
+        // 50 MiB host → guest → host, checked by sha256 on both sides.
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let upload = scratch.path().join("upload.bin");
+        let mut data = vec![0u8; 50 << 20];
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ arch as u64;
+        for byte in data.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        fs_err::write(&upload, &data).expect("write upload");
+        let expected = hex::encode(sha256_file(&upload));
+        let started = Instant::now();
+        vm.session
+            .put_file(&upload, "/tmp/upload.bin", 0o600)
+            .await
+            .expect("put 50 MiB");
+        let put_time = started.elapsed();
+        let guest_sum = vm
+            .session
+            .run(&["sha256sum", "/tmp/upload.bin"])
+            .await
+            .expect("sha256sum in guest");
+        assert!(
+            String::from_utf8_lossy(&guest_sum.stdout).starts_with(&expected),
+            "guest sees a different file"
+        );
+        let download = scratch.path().join("download.bin");
+        let started = Instant::now();
+        let digest = vm
+            .session
+            .get_file("/tmp/upload.bin", &download)
+            .await
+            .expect("get 50 MiB");
+        let get_time = started.elapsed();
+        assert_eq!(hex::encode(digest), expected);
+        assert_eq!(hex::encode(sha256_file(&download)), expected);
+        eprintln!("{arch} {transport:?}: 50 MiB put {put_time:?}, get {get_time:?}");
+
+        // Cancel stops a running request promptly and the session stays usable.
+        let mut handle = vm
+            .session
+            .start(Request::Exec(ExecRequest::new(["sleep", "60"])))
+            .await
+            .expect("start sleep");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        handle.cancel().await.expect("send cancel");
+        let cancelled = handle.finish(|_| {}).await.expect_err("cancelled");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "cancel took {:?}",
+            started.elapsed()
+        );
+        assert!(format!("{cancelled:#}").contains(vmic_protocol::CANCELLED), "{cancelled:#}");
+        vm.session.run(&["true"]).await.expect("session usable after cancel");
+
+        // The serving agent is killed while a request runs: the host reports it, the VM
+        // powers off, and nothing is left behind.
+        let qemu_pid = vm.qemu_pid().expect("qemu pid");
+        let daemon_pid = vm.daemon_pid();
+        let sockets = vm.socket_dir().expect("socket dir");
+        let killed = vm
+            .session
+            .run(&["/bin/sh", "-c", "sleep 0.5; kill -9 $PPID; sleep 30"])
+            .await;
+        let message = format!("{:#}", killed.expect_err("agent was killed"));
+        assert!(message.contains("lost the builder VM's agent"), "{message}");
+        let status = vm
+            .wait_exit(Duration::from_secs(60))
+            .await
+            .expect("VM powers off after the agent dies");
+        eprintln!("{arch} {transport:?}: QEMU exited with {status} after the agent was killed");
+        assert!(!process_alive(qemu_pid), "QEMU still running");
+        if let Some(pid) = daemon_pid {
+            assert!(!process_alive(pid), "vsock daemon still running");
+        }
+        assert!(!sockets.exists(), "socket dir {} left behind", sockets.display());
+    });
+}
+
+/// QEMU dies under a running request: the request fails with a clear error, and cleanup
+/// leaves no process or socket.
+fn qemu_killed(arch: Arch, transport: TransportChoice) {
+    let _lock = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    runtime().block_on(async {
+        let vm = start(arch, transport).await;
+        let qemu_pid = vm.qemu_pid().expect("qemu pid");
+        let daemon_pid = vm.daemon_pid();
+        let sockets = vm.socket_dir().expect("socket dir");
+        let mut handle = vm
+            .session
+            .start(Request::Exec(ExecRequest::new(["sleep", "60"])))
+            .await
+            .expect("start sleep");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // SAFETY: plain kill(2) of a child process we started.
+        unsafe { libc::kill(qemu_pid as i32, libc::SIGKILL) };
+        let started = Instant::now();
+        let error = handle
+            .finish_within(Duration::from_secs(30), |_| {})
+            .await
+            .expect_err("request fails when QEMU dies");
+        let message = format!("{error:#}");
+        assert!(message.contains("lost the builder VM's agent"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(15), "noticed after {:?}", started.elapsed());
+        drop(handle);
+        let _ = vm.wait_exit(Duration::from_secs(10)).await;
+        assert!(!process_alive(qemu_pid), "QEMU still running");
+        if let Some(pid) = daemon_pid {
+            assert!(!process_alive(pid), "vsock daemon still running");
+        }
+        assert!(!sockets.exists(), "socket dir {} left behind", sockets.display());
+    });
+}
+
+#[test]
+fn x86_64_serial_session_and_agent_killed() {
+    session_and_agent_killed(Arch::X86_64, TransportChoice::Serial);
+}
+
+#[test]
+fn x86_64_vsock_session_and_agent_killed() {
+    session_and_agent_killed(Arch::X86_64, TransportChoice::Vsock);
+}
+
+#[test]
+fn aarch64_serial_session_and_agent_killed() {
+    session_and_agent_killed(Arch::Aarch64, TransportChoice::Serial);
+}
+
+#[test]
+fn aarch64_vsock_session_and_agent_killed() {
+    session_and_agent_killed(Arch::Aarch64, TransportChoice::Vsock);
+}
+
+#[test]
+fn x86_64_serial_qemu_killed() {
+    qemu_killed(Arch::X86_64, TransportChoice::Serial);
+}
+
+#[test]
+fn x86_64_vsock_qemu_killed() {
+    qemu_killed(Arch::X86_64, TransportChoice::Vsock);
+}
+
+#[test]
+fn aarch64_serial_qemu_killed() {
+    qemu_killed(Arch::Aarch64, TransportChoice::Serial);
+}
+
+#[test]
+fn aarch64_vsock_qemu_killed() {
+    qemu_killed(Arch::Aarch64, TransportChoice::Vsock);
+}

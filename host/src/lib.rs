@@ -10,6 +10,7 @@ pub mod commands;
 pub mod config;
 pub mod doctor;
 pub mod guest_image;
+pub mod image;
 pub mod qemu;
 pub mod report;
 pub mod session;

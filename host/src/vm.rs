@@ -157,6 +157,16 @@ impl RunningVm {
         self.qemu.id()
     }
 
+    /// The vsock daemon's PID, when the transport has one.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.channel.daemon_pid()
+    }
+
+    /// Where this VM's sockets live (removed when the VM is dropped).
+    pub fn socket_dir(&self) -> Option<PathBuf> {
+        self._temp.as_ref().map(|temp| temp.path().to_path_buf())
+    }
+
     /// Ask the agent to power off and wait for QEMU to exit; kill it if it takes too long.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let _ = self.session.shutdown().await;

@@ -214,6 +214,10 @@ impl Transport {
         }
     }
 
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().and_then(QemuProcess::id)
+    }
+
     /// Stop the daemon (QEMU must be gone first, or it will complain about the lost backend).
     pub async fn shutdown(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
