@@ -1,1 +1,161 @@
-//! CLI tests.
+//! CLI tests: `vmic validate-config` and `vmic schema` as a user runs them.
+
+use std::path::PathBuf;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use serde_json::json;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/config")
+        .join(name)
+}
+
+fn vmic() -> Command {
+    Command::cargo_bin("vmic").expect("the vmic binary is built for tests")
+}
+
+#[test]
+fn validate_config_accepts_the_seed_examples() {
+    for name in [
+        "cloud-init/iso-map.yaml",
+        "cloud-init/iso-list.yaml",
+        "cloud-init/rootfs-map.yaml",
+        "cloud-init/rootfs-list.yaml",
+    ] {
+        let path = fixture(name);
+        vmic()
+            .args([
+                "validate-config",
+                "--output-image-format",
+                "iso",
+                "--config-file",
+            ])
+            .arg(&path)
+            .assert()
+            .success()
+            .stdout("")
+            .stderr(format!("ok: {}\n", path.display()));
+    }
+}
+
+#[test]
+fn validate_config_lists_every_error_with_file_line_column_and_path() {
+    let path = fixture("bad/several-errors.yaml");
+    let file = path.display().to_string();
+    vmic()
+        .args(["validate-config", "--config-file"])
+        .arg(&path)
+        .assert()
+        .code(2)
+        .stdout("")
+        .stderr(format!(
+            "{file}:2:13: os.hostname: invalid host name \"-not-a-label-\": label \
+             \"-not-a-label-\" starts or ends with a hyphen; allowed: DNS labels of 1-63 \
+             letters, digits and hyphens (not at either end), separated by dots\n\
+             {file}:3:3: os.colour: unknown key; allowed here: additionalDirs, additionalFiles, \
+             bootloader, groups, hostname, imageHistory, kernelCommandLine, modules, overlays, \
+             packages, selinux, services, uki, users\n\
+             {file}:8:7: iso.kernelCommandLine.extraCommandLine[1]: empty kernel argument; each \
+             argument must be non-empty text such as `console=ttyS0`\n"
+        ));
+}
+
+#[test]
+fn validate_config_checks_iso_settings_against_the_output_format() {
+    let path = fixture("cloud-init/iso-map.yaml");
+    vmic()
+        .args([
+            "validate-config",
+            "--output-image-format",
+            "raw",
+            "--config-file",
+        ])
+        .arg(&path)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::starts_with(format!(
+            "{}:8:1: iso: `iso` settings need ISO output, but the output format is raw",
+            path.display()
+        )));
+}
+
+#[test]
+fn validate_config_warns_about_settings_the_build_cannot_do_yet() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("cfg.yaml");
+    fs_err::write(
+        &path,
+        "os:\n  hostname: ok\n  services:\n    enable: [sshd]\n",
+    )
+    .expect("write config");
+    vmic()
+        .args(["validate-config", "--config-file"])
+        .arg(&path)
+        .assert()
+        .success()
+        .stderr(format!(
+            "warning: {0}:3:3: os.services: not supported yet: os.services\nok: {0}\n",
+            path.display()
+        ));
+}
+
+#[test]
+fn validate_config_reports_a_missing_file() {
+    vmic()
+        .args(["validate-config", "--config-file", "/nonexistent/vmic.yaml"])
+        .assert()
+        .code(2)
+        .stderr("/nonexistent/vmic.yaml: cannot read the config file: entity not found\n");
+}
+
+fn schema() -> serde_json::Value {
+    let output = vmic().arg("schema").output().expect("run vmic schema");
+    assert!(output.status.success());
+    serde_json::from_slice(&output.stdout).expect("vmic schema prints JSON")
+}
+
+#[test]
+fn schema_is_valid_json_schema_and_checks_configs() {
+    let schema = schema();
+    assert!(
+        jsonschema::meta::is_valid(&schema),
+        "not a valid JSON Schema"
+    );
+    let validator = jsonschema::validator_for(&schema).expect("schema compiles");
+
+    let list_form = json!({
+        "iso": {
+            "additionalFiles": [
+                {"source": "cloud-init-data/user-data", "destination": "/cloud-init-data/user-data"},
+                {"content": "x", "destination": "/x", "permissions": "0644"}
+            ],
+            "kernelCommandLine": {"extraCommandLine": ["ds=nocloud"]}
+        },
+        "os": {"hostname": "vmic", "kernelCommandLine": {"extraCommandLine": "quiet splash"}},
+        "scripts": {"postCustomization": [{"content": "true", "name": "noop"}]},
+        "output": {"image": {"format": "iso", "path": "out.iso"}},
+        "previewFeatures": []
+    });
+    assert!(validator.is_valid(&list_form), "list form rejected");
+
+    let map_form = json!({
+        "os": {"additionalFiles": {
+            "cloud-init-data/user-data": "/var/lib/cloud/seed/nocloud/user-data",
+            "files/a": {"path": "/a", "permissions": "0600"},
+            "files/b": ["/b1", {"path": "/b2"}]
+        }}
+    });
+    assert!(validator.is_valid(&map_form), "map form rejected");
+
+    for bad in [
+        json!({"colour": "blue"}),
+        json!({"iso": {"kernelCommandLine": {"extra": "x"}}}),
+        json!({"os": {"additionalFiles": [{"source": "a", "destination": "/a", "mode": "x"}]}}),
+        json!({"output": {"image": {"format": "zip"}}}),
+        json!({"os": {"hostname": ["a"]}}),
+    ] {
+        assert!(!validator.is_valid(&bad), "accepted {bad}");
+    }
+}

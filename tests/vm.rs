@@ -54,7 +54,11 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
         assert_eq!(hello.arch, arch.name());
         assert_eq!(hello.protocol_version, vmic_protocol::PROTOCOL_VERSION);
         assert!(!hello.kernel.is_empty());
-        eprintln!("{arch} {transport:?}: ready in {:?} ({})", vm.ready_after, vm.transport.name());
+        eprintln!(
+            "{arch} {transport:?}: ready in {:?} ({})",
+            vm.ready_after,
+            vm.transport.name()
+        );
 
         // Streamed output arrives as events, in order, before the response.
         let mut request = ExecRequest::new([
@@ -143,8 +147,14 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
             "cancel took {:?}",
             started.elapsed()
         );
-        assert!(format!("{cancelled:#}").contains(vmic_protocol::CANCELLED), "{cancelled:#}");
-        vm.session.run(&["true"]).await.expect("session usable after cancel");
+        assert!(
+            format!("{cancelled:#}").contains(vmic_protocol::CANCELLED),
+            "{cancelled:#}"
+        );
+        vm.session
+            .run(&["true"])
+            .await
+            .expect("session usable after cancel");
 
         // The serving agent is killed while a request runs: the host reports it, the VM
         // powers off, and nothing is left behind.
@@ -166,7 +176,11 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
         if let Some(pid) = daemon_pid {
             assert!(!process_alive(pid), "vsock daemon still running");
         }
-        assert!(!sockets.exists(), "socket dir {} left behind", sockets.display());
+        assert!(
+            !sockets.exists(),
+            "socket dir {} left behind",
+            sockets.display()
+        );
     });
 }
 
@@ -194,14 +208,22 @@ fn qemu_killed(arch: Arch, transport: TransportChoice) {
             .expect_err("request fails when QEMU dies");
         let message = format!("{error:#}");
         assert!(message.contains("lost the builder VM's agent"), "{message}");
-        assert!(started.elapsed() < Duration::from_secs(15), "noticed after {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "noticed after {:?}",
+            started.elapsed()
+        );
         drop(handle);
         let _ = vm.wait_exit(Duration::from_secs(10)).await;
         assert!(!process_alive(qemu_pid), "QEMU still running");
         if let Some(pid) = daemon_pid {
             assert!(!process_alive(pid), "vsock daemon still running");
         }
-        assert!(!sockets.exists(), "socket dir {} left behind", sockets.display());
+        assert!(
+            !sockets.exists(),
+            "socket dir {} left behind",
+            sockets.display()
+        );
     });
 }
 

@@ -110,7 +110,14 @@ fn run_kvm_probe(arch: Arch, kernel: &Path) -> bool {
     };
     let mut child = match Command::new(&qemu)
         .args(["-accel", "kvm", "-M", machine, "-cpu", "host", "-m", "256"])
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio"])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .args(["-append", &format!("{console} panic=-1 loglevel=4")])
@@ -126,7 +133,10 @@ fn run_kvm_probe(arch: Arch, kernel: &Path) -> bool {
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if line.contains("Unable to mount root") || line.contains("Kernel panic") {
                 let _ = sender.send(true);
                 return;

@@ -54,17 +54,29 @@ pub fn run(_global: &GlobalArgs, args: DoctorArgs) -> Result<(), Failure> {
             arch,
             image.as_ref().ok().map(|image| image.kernel.as_path()),
         );
-        let native = if host == Some(arch) { "native" } else { "cross-arch" };
+        let native = if host == Some(arch) {
+            "native"
+        } else {
+            "cross-arch"
+        };
         report.push(format!("accelerator {arch}: {} ({native})", accel.name()));
     }
     let kvm_node = std::path::Path::new("/dev/kvm").exists();
     report.push(format!(
         "/dev/kvm: {}",
-        if kvm_node { "present (KVM is used only when a probe boot works)" } else { "absent" }
+        if kvm_node {
+            "present (KVM is used only when a probe boot works)"
+        } else {
+            "absent"
+        }
     ));
     report.push(format!(
         "transport vhost-vsock: {}",
-        if crate::transport::vhost_vsock_usable() { "available" } else { "unavailable (/dev/vhost-vsock)" }
+        if crate::transport::vhost_vsock_usable() {
+            "available"
+        } else {
+            "unavailable (/dev/vhost-vsock)"
+        }
     ));
     report.push(format!(
         "transport vhost-user-vsock: {}",
@@ -84,7 +96,9 @@ pub fn run(_global: &GlobalArgs, args: DoctorArgs) -> Result<(), Failure> {
         problems += boot_all(&args).map_err(Failure::Build)?;
     }
     if problems > 0 {
-        return Err(Failure::Build(anyhow::anyhow!("{problems} check(s) failed")));
+        return Err(Failure::Build(anyhow::anyhow!(
+            "{problems} check(s) failed"
+        )));
     }
     Ok(())
 }
@@ -123,7 +137,10 @@ fn boot_all(args: &DoctorArgs) -> anyhow::Result<usize> {
                 Ok(line) => println!("{line}"),
                 Err(error) => {
                     failures += 1;
-                    println!("boot {arch}: FAILED\n{}", crate::report::render_error(&error));
+                    println!(
+                        "boot {arch}: FAILED\n{}",
+                        crate::report::render_error(&error)
+                    );
                 }
             }
         }

@@ -45,10 +45,7 @@ pub fn find(arch: Arch) -> anyhow::Result<GuestImage> {
     };
     let missing = || {
         crate::report::hinted(
-            format!(
-                "no builder VM image for {arch} at {}",
-                dir.display()
-            ),
+            format!("no builder VM image for {arch} at {}", dir.display()),
             format!("build it with `scripts/build-guest-image --arch {arch}` (or `scripts/setup`)"),
         )
     };
@@ -71,7 +68,11 @@ fn load(arch: Arch, dir: &Path) -> anyhow::Result<GuestImage> {
     };
     for file in [&image.kernel, &image.initramfs] {
         if !file.is_file() {
-            anyhow::bail!("guest image {} is incomplete: {} is missing", dir.display(), file.display());
+            anyhow::bail!(
+                "guest image {} is incomplete: {} is missing",
+                dir.display(),
+                file.display()
+            );
         }
     }
     Ok(image)

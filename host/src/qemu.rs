@@ -30,7 +30,8 @@ pub fn system_binary(arch: Arch) -> PathBuf {
     if let Some(path) = std::env::var_os(variable) {
         return PathBuf::from(path);
     }
-    find_in_path(system_binary_name(arch)).unwrap_or_else(|| PathBuf::from(system_binary_name(arch)))
+    find_in_path(system_binary_name(arch))
+        .unwrap_or_else(|| PathBuf::from(system_binary_name(arch)))
 }
 
 /// The emulator, or an error naming the package to install.
@@ -42,7 +43,10 @@ pub fn find_system_binary(arch: Arch) -> anyhow::Result<PathBuf> {
     let install = if cfg!(target_os = "macos") {
         "brew install qemu".to_string()
     } else {
-        format!("apt-get install {} (Debian 12: from bookworm-backports; `scripts/setup` does it)", system_package(arch))
+        format!(
+            "apt-get install {} (Debian 12: from bookworm-backports; `scripts/setup` does it)",
+            system_package(arch)
+        )
     };
     Err(crate::report::hinted(
         format!("{} not found on PATH", system_binary_name(arch)),
@@ -127,17 +131,15 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     };
     push(&["-cpu", cpu]);
     push(&["-smp", &vm.cpus.to_string()]);
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-    ]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     // vhost-user needs guest memory shared with the daemon.
     if matches!(vm.channel, Channel::VhostUserVsock { .. }) {
         push(&[
             "-object",
-            &format!("memory-backend-memfd,id=mem,size={}M,share=on", vm.memory_mib),
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                vm.memory_mib
+            ),
             "-numa",
             "node,memdev=mem",
         ]);
@@ -151,7 +153,10 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     argv.push(os(&vm.cmdline));
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
     push(&["-serial", &format!("file:{}", vm.console_log.display())]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", vm.qmp_socket.display())]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", vm.qmp_socket.display()),
+    ]);
     push(&["-device", "virtio-rng-pci"]);
     for (index, disk) in vm.disks.iter().enumerate() {
         let mut drive = format!(

@@ -201,7 +201,9 @@ impl Session {
 
     /// Run a command and fail unless it exits 0 (its stderr becomes the error).
     pub async fn run(&self, argv: &[&str]) -> anyhow::Result<ExecResult> {
-        let result = self.exec(ExecRequest::new(argv.iter().copied()), |_, _| {}).await?;
+        let result = self
+            .exec(ExecRequest::new(argv.iter().copied()), |_, _| {})
+            .await?;
         if result.code != 0 {
             bail!(
                 "`{}` in the builder VM exited with {}: {}",
@@ -337,7 +339,10 @@ async fn route_messages(
             GuestMessage::Response { id, result } => (id, Incoming::Done(result)),
             GuestMessage::Data { id, chunk } => (id, Incoming::Data(chunk)),
             GuestMessage::DataEnd { id, sha256 } => (id, Incoming::DataEnd(sha256)),
-            GuestMessage::Event { id: Some(id), event } => (id, Incoming::Event(event)),
+            GuestMessage::Event {
+                id: Some(id),
+                event,
+            } => (id, Incoming::Event(event)),
             GuestMessage::Event { id: None, event } => {
                 log_guest_event(&event);
                 continue;
@@ -409,7 +414,9 @@ impl RequestHandle<'_> {
 
     /// Ask the agent to stop this request; its response then reports the cancellation.
     pub async fn cancel(&self) -> anyhow::Result<()> {
-        self.session.send(&HostMessage::Cancel { id: self.id }).await
+        self.session
+            .send(&HostMessage::Cancel { id: self.id })
+            .await
     }
 
     /// Wait for the response, passing events to `on_event`.

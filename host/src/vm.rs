@@ -96,11 +96,18 @@ impl RunningVm {
             );
         }
         let kind = crate::transport::select(options.transport)?;
-        tracing::info!(transport = kind.name(), accel = accel.name(), "starting builder VM");
+        tracing::info!(
+            transport = kind.name(),
+            accel = accel.name(),
+            "starting builder VM"
+        );
 
         // Unix socket paths are limited to ~107 bytes: keep them in a short temp dir.
         let temp = tempfile::Builder::new().prefix("vmic-").tempdir()?;
-        let run_dir = options.run_dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
+        let run_dir = options
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| temp.path().to_path_buf());
         let console_log = run_dir.join("console.log");
         let channel = Transport::prepare(kind, temp.path()).await?;
         let vm = BuilderVm {
@@ -180,7 +187,10 @@ impl RunningVm {
     }
 
     /// Wait for QEMU to exit (after the agent died or was told to stop), then clean up.
-    pub async fn wait_exit(mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub async fn wait_exit(
+        mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let result = tokio::time::timeout(timeout, self.qemu.wait()).await;
         let status = match result {
             Ok(waited) => waited?.0,

@@ -51,7 +51,14 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         .output_image_file
         .clone()
         .or_else(|| {
-            let path = loaded.config.output.as_ref()?.image.as_ref()?.path.clone()?;
+            let path = loaded
+                .config
+                .output
+                .as_ref()?
+                .image
+                .as_ref()?
+                .path
+                .clone()?;
             Some(loaded.dir.join(path))
         })
         .ok_or_else(|| {

@@ -132,7 +132,10 @@ impl Transport {
                 while !socket.exists() {
                     if Instant::now() > deadline {
                         daemon.kill().await;
-                        bail!("{VSOCK_DAEMON} did not create {} within 10 s", socket.display());
+                        bail!(
+                            "{VSOCK_DAEMON} did not create {} within 10 s",
+                            socket.display()
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -178,7 +181,10 @@ impl Transport {
                 Ok(Connection::from_unix(stream))
             }
             Channel::VhostUserVsock { .. } => {
-                let uds = self.uds_path.as_ref().expect("vhost-user transport has a uds path");
+                let uds = self
+                    .uds_path
+                    .as_ref()
+                    .expect("vhost-user transport has a uds path");
                 let stream = UnixStream::connect(uds).await?;
                 let (read, mut write) = stream.into_split();
                 write
@@ -188,9 +194,10 @@ impl Transport {
                 let mut line = String::new();
                 // The daemon answers `OK <port>` once the guest accepted; it closes the stream
                 // when nothing listens yet.
-                let read = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
-                    .await
-                    .context("no answer to CONNECT")??;
+                let read =
+                    tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
+                        .await
+                        .context("no answer to CONNECT")??;
                 if read == 0 || !line.starts_with("OK ") {
                     bail!("vsock CONNECT refused ({})", line.trim());
                 }

@@ -1,0 +1,572 @@
+//! The config file as the user wrote it: serde + schemars types with the Azure Linux Image
+//! Customizer's (AzL-IC) camelCase field names.
+//!
+//! Every struct denies unknown keys. Two fields accept more than one syntax and normalize to one
+//! model type, so configs written either way compare equal: `additionalFiles` (list or map
+//! form, see [`AdditionalFiles`]) and `extraCommandLine` (string or list, see [`KernelArgs`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// The input image (`--image-file` overrides it).
+    pub input: Option<Input>,
+    /// Disk layout changes (not possible with ISO output).
+    pub storage: Option<Storage>,
+    /// Settings of the LiveOS ISO itself (only with ISO output).
+    pub iso: Option<Iso>,
+    /// Customizations applied inside the image's root file system.
+    pub os: Option<Os>,
+    /// Scripts run chrooted inside the image.
+    pub scripts: Option<Scripts>,
+    /// AzL-IC preview features to enable.
+    pub preview_features: Option<Vec<String>>,
+    /// The output image (`--output-image-file`/`--output-image-format` override it).
+    pub output: Option<Output>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Input {
+    pub image: Option<InputImage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InputImage {
+    /// Path of the input image, relative to the config file's directory.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Output {
+    pub image: Option<OutputImage>,
+    /// Extra build artifacts (AzL-IC preview feature `output-artifacts`).
+    pub artifacts: Option<OutputArtifacts>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputImage {
+    /// Output file, relative to the config file's directory.
+    pub path: Option<String>,
+    pub format: Option<ImageFormat>,
+}
+
+/// Output image formats, spelled as on the AzL-IC command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageFormat {
+    Iso,
+    Raw,
+    Qcow2,
+    Vhd,
+    VhdFixed,
+    Vhdx,
+    Cosi,
+}
+
+impl ImageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Iso => "iso",
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vhd => "vhd",
+            ImageFormat::VhdFixed => "vhd-fixed",
+            ImageFormat::Vhdx => "vhdx",
+            ImageFormat::Cosi => "cosi",
+        }
+    }
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutputArtifacts {
+    pub items: Option<Vec<String>>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Storage {
+    pub boot_type: Option<BootType>,
+    pub disks: Option<Vec<Disk>>,
+    pub filesystems: Option<Vec<FileSystem>>,
+    pub verity: Option<Vec<Verity>>,
+    pub reset_partitions_uuids_type: Option<ResetPartitionsUuidsType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootType {
+    Efi,
+    LegacyBios,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResetPartitionsUuidsType {
+    ResetAll,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Disk {
+    pub partition_table_type: Option<String>,
+    pub max_size: Option<String>,
+    pub partitions: Option<Vec<Partition>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Partition {
+    pub id: Option<String>,
+    pub label: Option<String>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub size: Option<String>,
+    #[serde(rename = "type")]
+    pub partition_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSystem {
+    pub device_id: Option<String>,
+    #[serde(rename = "type")]
+    pub filesystem_type: Option<String>,
+    pub mount_point: Option<MountPoint>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MountPoint {
+    pub path: Option<String>,
+    pub options: Option<String>,
+    pub id_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Verity {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub data_device_id: Option<String>,
+    pub hash_device_id: Option<String>,
+    pub corruption_option: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Iso {
+    /// Files copied onto the ISO file system (not into the rootfs).
+    pub additional_files: Option<AdditionalFiles>,
+    /// Kernel arguments appended last to every boot entry of the ISO.
+    pub kernel_command_line: Option<KernelCommandLine>,
+    pub initramfs_type: Option<InitramfsType>,
+    pub kdump_boot_files: Option<KdumpBootFiles>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum InitramfsType {
+    Bootstrap,
+    FullOs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum KdumpBootFiles {
+    None,
+    Keep,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KernelCommandLine {
+    /// Extra kernel arguments: a list, or one string split at whitespace outside quotes.
+    pub extra_command_line: Option<KernelArgs>,
+}
+
+/// Kernel arguments, one per entry, whichever syntax the user wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(with = "KernelArgsSyntax")]
+pub struct KernelArgs(pub Vec<String>);
+
+/// The two spellings of `extraCommandLine`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum KernelArgsSyntax {
+    /// One string, split at whitespace outside quotes.
+    Line(String),
+    /// One argument per entry.
+    List(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for KernelArgs {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match KernelArgsSyntax::deserialize(deserializer)? {
+            KernelArgsSyntax::Line(line) => KernelArgs(split_kernel_args(&line)),
+            KernelArgsSyntax::List(list) => KernelArgs(list),
+        })
+    }
+}
+
+/// Split a kernel command line at ASCII whitespace outside single or double quotes; the quotes
+/// stay in the argument because grub and the kernel interpret them, not vmic.
+pub fn split_kernel_args(line: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    for character in line.chars() {
+        match quote {
+            Some(open) if character == open => {
+                quote = None;
+                current.push(character);
+            }
+            Some(_) => current.push(character),
+            None if character == '"' || character == '\'' => {
+                quote = Some(character);
+                current.push(character);
+            }
+            None if character.is_ascii_whitespace() => {
+                if !current.is_empty() {
+                    args.push(std::mem::take(&mut current));
+                }
+            }
+            None => current.push(character),
+        }
+    }
+    if !current.is_empty() {
+        args.push(current);
+    }
+    args
+}
+
+/// Files to copy, normalized from either the list form
+/// (`[{source|content, destination, permissions}]`) or the map form
+/// (`{ "relative/source": "/destination" }`, whose values may also be `{path, permissions}` or
+/// a list of those, as in AzL-IC's older syntax).
+#[derive(Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[schemars(with = "AdditionalFilesSyntax")]
+pub struct AdditionalFiles(pub Vec<AdditionalFile>);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdditionalFile {
+    /// Source file, relative to the config file's directory. Exclusive with `content`.
+    pub source: Option<String>,
+    /// The file's contents. Exclusive with `source`.
+    pub content: Option<String>,
+    /// Absolute destination path.
+    pub destination: Option<String>,
+    /// Octal permissions as a string, e.g. "0644".
+    pub permissions: Option<String>,
+}
+
+/// The two spellings of `additionalFiles`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum AdditionalFilesSyntax {
+    /// `- {source|content, destination, permissions}`
+    List(Vec<AdditionalFile>),
+    /// `source: destination`
+    Map(AdditionalFilesMap),
+}
+
+/// The map form, in the order written (a sorted map would reorder the entries and make the
+/// two syntaxes compare unequal).
+struct AdditionalFilesMap(Vec<(String, MapDestinations)>);
+
+impl JsonSchema for AdditionalFilesMap {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AdditionalFilesMap".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        BTreeMap::<String, MapDestinations>::json_schema(generator)
+    }
+}
+
+impl<'de> Deserialize<'de> for AdditionalFilesMap {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct OrderedVisitor;
+        impl<'de> Visitor<'de> for OrderedVisitor {
+            type Value = AdditionalFilesMap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map from source file to destination")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(AdditionalFilesMap(entries))
+            }
+        }
+        deserializer.deserialize_map(OrderedVisitor)
+    }
+}
+
+/// A map-form value: one destination path, one `{path, permissions}`, or a list of those.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum MapDestinations {
+    One(MapDestination),
+    Many(Vec<MapDestination>),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum MapDestination {
+    Path(String),
+    File(FileConfig),
+}
+
+/// AzL-IC's older per-destination settings in the map form.
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileConfig {
+    path: Option<String>,
+    permissions: Option<String>,
+}
+
+impl MapDestination {
+    fn into_file(self, source: &str) -> AdditionalFile {
+        let (destination, permissions) = match self {
+            MapDestination::Path(path) => (Some(path), None),
+            MapDestination::File(file) => (file.path, file.permissions),
+        };
+        AdditionalFile {
+            source: Some(source.to_owned()),
+            content: None,
+            destination,
+            permissions,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AdditionalFiles {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match AdditionalFilesSyntax::deserialize(deserializer)? {
+            AdditionalFilesSyntax::List(list) => AdditionalFiles(list),
+            AdditionalFilesSyntax::Map(map) => {
+                let mut files = Vec::new();
+                for (source, destinations) in map.0 {
+                    match destinations {
+                        MapDestinations::One(one) => files.push(one.into_file(&source)),
+                        MapDestinations::Many(many) => {
+                            files.extend(many.into_iter().map(|one| one.into_file(&source)))
+                        }
+                    }
+                }
+                AdditionalFiles(files)
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Os {
+    /// Host name: DNS labels (letters, digits, hyphens) separated by dots.
+    pub hostname: Option<String>,
+    pub packages: Option<Packages>,
+    /// Files copied into the root file system.
+    pub additional_files: Option<AdditionalFiles>,
+    pub additional_dirs: Option<Vec<AdditionalDir>>,
+    pub users: Option<Vec<User>>,
+    pub groups: Option<Vec<Group>>,
+    pub services: Option<Services>,
+    pub modules: Option<Vec<Module>>,
+    /// Kernel arguments added to the image's boot entries.
+    pub kernel_command_line: Option<KernelCommandLine>,
+    pub selinux: Option<Selinux>,
+    pub bootloader: Option<Bootloader>,
+    pub overlays: Option<Vec<Overlay>>,
+    pub uki: Option<Uki>,
+    pub image_history: Option<ImageHistory>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Packages {
+    pub update_existing_packages: Option<bool>,
+    pub install: Option<Vec<String>>,
+    pub remove: Option<Vec<String>>,
+    pub update: Option<Vec<String>>,
+    /// YAML files with a `packages:` list, relative to the config file's directory.
+    pub install_lists: Option<Vec<String>>,
+    pub remove_lists: Option<Vec<String>>,
+    pub update_lists: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdditionalDir {
+    pub source: Option<String>,
+    pub destination: Option<String>,
+    pub new_dir_permissions: Option<String>,
+    pub merged_dir_permissions: Option<String>,
+    pub child_file_permissions: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct User {
+    pub name: Option<String>,
+    pub uid: Option<u32>,
+    pub password: Option<Password>,
+    pub password_expires_days: Option<i64>,
+    pub ssh_public_key_paths: Option<Vec<String>>,
+    pub ssh_public_keys: Option<Vec<String>>,
+    pub primary_group: Option<String>,
+    pub secondary_groups: Option<Vec<String>>,
+    pub startup_command: Option<String>,
+    pub home_directory: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Password {
+    #[serde(rename = "type")]
+    pub password_type: Option<PasswordType>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PasswordType {
+    Locked,
+    PlainText,
+    Hashed,
+    PlainTextFile,
+    HashedFile,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Group {
+    pub name: Option<String>,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Services {
+    pub enable: Option<Vec<String>>,
+    pub disable: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Module {
+    pub name: Option<String>,
+    pub load_mode: Option<ModuleLoadMode>,
+    pub options: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModuleLoadMode {
+    Always,
+    Auto,
+    Disable,
+    Inherit,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Selinux {
+    pub mode: Option<SelinuxMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SelinuxMode {
+    Disabled,
+    Permissive,
+    Enforcing,
+    ForceEnforcing,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Bootloader {
+    pub reset_type: Option<BootloaderResetType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootloaderResetType {
+    HardReset,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Overlay {
+    pub lower_dirs: Option<Vec<String>>,
+    pub upper_dir: Option<String>,
+    pub work_dir: Option<String>,
+    pub mount_point: Option<String>,
+    pub is_initrd_overlay: Option<bool>,
+    pub mount_dependencies: Option<Vec<String>>,
+    pub mount_options: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Uki {
+    /// `auto` or a list of kernel versions.
+    pub kernels: Option<UkiKernels>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum UkiKernels {
+    Auto(String),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageHistory {
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Scripts {
+    pub post_customization: Option<Vec<Script>>,
+    pub finalize_customization: Option<Vec<Script>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Script {
+    /// Script file inside the config file's directory. Exclusive with `content`.
+    pub path: Option<String>,
+    /// Inline script. Exclusive with `path`.
+    pub content: Option<String>,
+    /// Program that runs the script (default `/bin/sh`).
+    pub interpreter: Option<String>,
+    pub arguments: Option<Vec<String>>,
+    pub environment_variables: Option<BTreeMap<String, String>>,
+    /// Name shown in logs.
+    pub name: Option<String>,
+}
