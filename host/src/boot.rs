@@ -1,8 +1,445 @@
 //! `vmic boot`: boot a disk image or ISO under firmware and watch its serial console.
+//!
+//! resolve (image format and arch, firmware, pattern: usage errors, nothing started) →
+//! prepare (temp dir, overlay, firmware variables, argv) → run QEMU, reading the serial console
+//! line by line until the pattern matches, the kernel panics, the VM stops or time runs out.
+//! QEMU never outlives the command: it is killed on every way out.
 
-use crate::cli::{BootArgs, GlobalArgs};
+mod argv;
+mod console;
+mod detect;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use regex::Regex;
+use tokio::io::AsyncReadExt;
+
+pub use self::argv::{boot_argv, overlay_argv, BootMedium, BootVm, FirmwareImages};
+pub use self::console::{clean_line, Console, ConsoleTail, Verdict};
+pub use self::detect::{
+    arch_from_bytes, detect_arch, detect_format, format_from_bytes, ImageFormat,
+};
+
+use crate::accel::Accel;
+use crate::cli::{Arch, BootArgs, Firmware, GlobalArgs};
 use crate::report::Failure;
 
-pub fn run(_global: &GlobalArgs, _args: BootArgs) -> Result<(), Failure> {
-    Err(Failure::Usage(anyhow::anyhow!("not implemented yet")))
+/// `vmic boot`, resolved: every path checked, every choice made.
+#[derive(Debug, Clone)]
+pub struct BootSettings {
+    pub image: PathBuf,
+    pub format: ImageFormat,
+    pub arch: Arch,
+    pub firmware: Firmware,
+    pub accel: Accel,
+    pub expect: Option<Regex>,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+    pub console_log: Option<PathBuf>,
+}
+
+/// How a boot went wrong (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("no console line matched `{pattern}` within {seconds} s")]
+    NoMatch {
+        pattern: String,
+        seconds: u64,
+        #[source]
+        tail: ConsoleTail,
+    },
+    #[error("the VM did not power off within {seconds} s")]
+    StillRunning {
+        seconds: u64,
+        #[source]
+        tail: ConsoleTail,
+    },
+    #[error("the guest kernel panicked: {line}")]
+    KernelPanic {
+        line: String,
+        #[source]
+        tail: ConsoleTail,
+    },
+    #[error("the VM stopped ({status}) before a console line matched `{pattern}`{stderr}")]
+    StoppedWithoutMatch {
+        status: String,
+        pattern: String,
+        stderr: String,
+        #[source]
+        tail: ConsoleTail,
+    },
+    #[error("QEMU failed ({status}){stderr}")]
+    QemuFailed {
+        status: String,
+        stderr: String,
+        #[source]
+        tail: ConsoleTail,
+    },
+    #[error("interrupted; the VM was stopped")]
+    Interrupted,
+}
+
+pub fn run(_global: &GlobalArgs, args: BootArgs) -> Result<(), Failure> {
+    let settings = resolve(&args).map_err(Failure::Usage)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(Failure::Build)?;
+    let matched = runtime.block_on(boot(&settings)).map_err(Failure::Build)?;
+    if let Some(line) = matched {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{line}");
+    }
+    Ok(())
+}
+
+/// Check the command line against the image: all usage errors surface here, before anything
+/// starts.
+pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
+    let image = std::path::absolute(&args.image_file)
+        .with_context(|| format!("cannot resolve {}", args.image_file.display()))?;
+    let format = detect_format(&image)?;
+    let arch = match args.arch {
+        Some(arch) => arch,
+        None => match detect_arch(&image, format) {
+            Some(arch) => arch,
+            None => Arch::host().context(
+                "cannot tell the image's architecture and the host's is unsupported: pass --arch",
+            )?,
+        },
+    };
+    if args.firmware == Firmware::Bios && arch != Arch::X86_64 {
+        anyhow::bail!("--firmware bios is for x86_64 only; {arch} boots with UEFI");
+    }
+    let expect = args
+        .expect
+        .as_deref()
+        .map(Regex::new)
+        .transpose()
+        .context("--expect is not a valid regular expression")?;
+    if args.timeout == 0 {
+        anyhow::bail!("--timeout must be at least 1 second");
+    }
+    if let Some(path) = &args.console_log {
+        fs_err::File::create(path).context("cannot write the --console-log file")?;
+    }
+    let accel = crate::accel::resolve(args.accel, arch, None);
+    tracing::debug!(image = %image.display(), format = format.name(), %arch, accel = accel.name(), "boot settings");
+    Ok(BootSettings {
+        image,
+        format,
+        arch,
+        firmware: args.firmware,
+        accel,
+        expect,
+        timeout: Duration::from_secs(args.timeout),
+        memory_mib: args.memory,
+        console_log: args.console_log.clone(),
+    })
+}
+
+/// A VM ready to start: its temp dir (overlay, firmware variables, console socket) lives as long
+/// as this value.
+struct Prepared {
+    _dir: tempfile::TempDir,
+    binary: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    serial_socket: PathBuf,
+}
+
+fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
+    let binary = crate::qemu::find_system_binary(settings.arch)?;
+    let firmware_files = match settings.firmware {
+        Firmware::Bios => None,
+        Firmware::Uefi => Some(crate::qemu::find_uefi_firmware(settings.arch)?),
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("vmic-boot-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let firmware = match firmware_files {
+        None => {
+            let sercon_port = dir.path().join("sercon-port");
+            fs_err::write(&sercon_port, 0x3f8u16.to_le_bytes())?;
+            FirmwareImages::Bios { sercon_port }
+        }
+        Some(files) => {
+            let vars = dir.path().join("efi-vars.fd");
+            fs_err::copy(&files.vars, &vars)?;
+            FirmwareImages::Uefi {
+                code: files.code,
+                vars,
+            }
+        }
+    };
+    let medium = if settings.format == ImageFormat::Iso {
+        BootMedium::Cdrom {
+            path: settings.image.clone(),
+        }
+    } else {
+        let overlay = dir.path().join("overlay.qcow2");
+        create_overlay(&settings.image, settings.format, &overlay)?;
+        BootMedium::Disk {
+            path: overlay,
+            format: "qcow2".into(),
+        }
+    };
+    let serial_socket = dir.path().join("console.sock");
+    let cpus = std::thread::available_parallelism()
+        .map(|count| count.get().min(4))
+        .unwrap_or(2) as u32;
+    let vm = BootVm {
+        arch: settings.arch,
+        accel: settings.accel,
+        memory_mib: settings.memory_mib,
+        cpus,
+        firmware,
+        medium,
+        serial_socket: serial_socket.clone(),
+    };
+    Ok(Prepared {
+        argv: boot_argv(&vm),
+        _dir: dir,
+        binary,
+        serial_socket,
+    })
+}
+
+fn create_overlay(image: &Path, format: ImageFormat, overlay: &Path) -> anyhow::Result<()> {
+    let qemu_img = detect::qemu_img_binary();
+    let argv = overlay_argv(image, format.qemu_name(), overlay);
+    let output = std::process::Command::new(&qemu_img)
+        .args(&argv)
+        .output()
+        .map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
+                crate::report::hinted("qemu-img not found on PATH", "apt-get install qemu-utils")
+            } else {
+                anyhow::Error::new(error).context(format!("running {}", qemu_img.display()))
+            }
+        })?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "creating the overlay over {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Boot and watch the console. `Ok(Some(line))`: the line that matched `--expect`;
+/// `Ok(None)`: no pattern and the VM powered off cleanly.
+pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
+    let prepared = prepare(settings)?;
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    tracing::info!(
+        "booting {} ({}, {}, {}, {})",
+        settings.image.display(),
+        settings.format.name(),
+        settings.arch,
+        match settings.firmware {
+            Firmware::Uefi => "UEFI",
+            Firmware::Bios => "BIOS",
+        },
+        settings.accel.name()
+    );
+    let mut qemu = crate::qemu::QemuProcess::spawn(&prepared.binary, prepared.argv.clone())?;
+    let mut stream = match connect_console(&mut qemu, &prepared.serial_socket).await? {
+        Some(stream) => stream,
+        None => {
+            let (status, stderr) = qemu.wait().await?;
+            return Err(BootError::QemuFailed {
+                status: status.to_string(),
+                stderr: stderr_suffix(&stderr),
+                tail: ConsoleTail::default(),
+            }
+            .into());
+        }
+    };
+    let mut log = match &settings.console_log {
+        Some(path) => Some(fs_err::File::create(path)?),
+        None => None,
+    };
+    let mut console = Console::new(settings.expect.clone());
+    let pattern = settings
+        .expect
+        .as_ref()
+        .map(|regex| regex.as_str().to_string());
+    let interrupted = interrupted();
+    tokio::pin!(interrupted);
+    let mut buffer = vec![0u8; 16 << 10];
+    let mut panic_line: Option<String> = None;
+    // After a panic, keep reading briefly: the trace that follows says why.
+    let mut panic_deadline = deadline;
+    // A partial line matching `--expect` counts once the console is quiet this long.
+    let mut partial_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let read = tokio::select! {
+            read = stream.read(&mut buffer) => read,
+            _ = sleep_until_some(partial_deadline) => {
+                if let Some(line) = console.partial_match() {
+                    return finish_matched(&mut qemu, started, line).await;
+                }
+                partial_deadline = None;
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline.min(panic_deadline)) => {
+                qemu.kill().await;
+                if let Some(line) = panic_line {
+                    return Err(BootError::KernelPanic { line, tail: console.tail() }.into());
+                }
+                let seconds = settings.timeout.as_secs();
+                return Err(match pattern {
+                    Some(pattern) => BootError::NoMatch { pattern, seconds, tail: console.tail() },
+                    None => BootError::StillRunning { seconds, tail: console.tail() },
+                }.into());
+            }
+            _ = &mut interrupted => {
+                qemu.kill().await;
+                return Err(BootError::Interrupted.into());
+            }
+        };
+        let count = match read {
+            Ok(0) | Err(_) => break,
+            Ok(count) => count,
+        };
+        let bytes = &buffer[..count];
+        if let Some(log) = log.as_mut() {
+            log.write_all(bytes)?;
+        }
+        let (lines, verdict) = console.feed(bytes);
+        for line in &lines {
+            tracing::debug!("console: {line}");
+        }
+        partial_deadline = console
+            .partial_match()
+            .map(|_| tokio::time::Instant::now() + Duration::from_millis(500));
+        match verdict {
+            Some(Verdict::Matched(line)) => {
+                return finish_matched(&mut qemu, started, line).await;
+            }
+            Some(Verdict::Panic(line)) if panic_line.is_none() => {
+                tracing::debug!(
+                    "kernel panic after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                panic_line = Some(line);
+                panic_deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            }
+            _ => {}
+        }
+    }
+    // The console closed: QEMU has exited (the guest powered off or rebooted, -no-reboot).
+    let (status, stderr) = qemu.wait().await?;
+    if let Some(log) = log.as_mut() {
+        log.flush()?;
+    }
+    if let Some(line) = panic_line {
+        return Err(BootError::KernelPanic {
+            line,
+            tail: console.tail(),
+        }
+        .into());
+    }
+    match pattern {
+        Some(pattern) => Err(BootError::StoppedWithoutMatch {
+            status: status.to_string(),
+            pattern,
+            stderr: stderr_suffix(&stderr),
+            tail: console.tail(),
+        }
+        .into()),
+        None if status.success() => {
+            tracing::info!(
+                "the VM powered off after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(None)
+        }
+        None => Err(BootError::QemuFailed {
+            status: status.to_string(),
+            stderr: stderr_suffix(&stderr),
+            tail: console.tail(),
+        }
+        .into()),
+    }
+}
+
+async fn finish_matched(
+    qemu: &mut crate::qemu::QemuProcess,
+    started: Instant,
+    line: String,
+) -> anyhow::Result<Option<String>> {
+    tracing::info!(
+        "matched after {:.1} s: {line}",
+        started.elapsed().as_secs_f64()
+    );
+    qemu.kill().await;
+    Ok(Some(line))
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Connect to QEMU's console socket (QEMU waits for us before starting the guest). `None` if
+/// QEMU exits first.
+async fn connect_console(
+    qemu: &mut crate::qemu::QemuProcess,
+    socket: &Path,
+) -> anyhow::Result<Option<tokio::net::UnixStream>> {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = tokio::net::UnixStream::connect(socket).await {
+            return Ok(Some(stream));
+        }
+        if qemu.try_wait()?.is_some() {
+            return Ok(None);
+        }
+        if Instant::now() > give_up {
+            qemu.kill().await;
+            anyhow::bail!(
+                "QEMU did not open its console socket {} within 30 s",
+                socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resolves on Ctrl-C (or SIGTERM on Unix).
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// QEMU's stderr as a suffix of an error message ("" when empty).
+fn stderr_suffix(stderr: &str) -> String {
+    let stderr = stderr.trim();
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
+    }
 }

@@ -267,3 +267,126 @@ fn set_parent_death_signal(command: &mut tokio::process::Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn set_parent_death_signal(_command: &mut tokio::process::Command) {}
+
+/// UEFI firmware for a VM: the read-only code and the template of its variable store (each VM
+/// gets its own writable copy of the template).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UefiFirmware {
+    pub code: PathBuf,
+    pub vars: PathBuf,
+}
+
+/// The Debian package that provides UEFI firmware for `arch` (named in "not found" hints).
+pub fn uefi_firmware_package(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "ovmf",
+        Arch::Aarch64 => "qemu-efi-aarch64",
+    }
+}
+
+/// Environment variables overriding the firmware paths for `arch` (code, vars).
+pub fn uefi_firmware_variables(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => ("VMIC_OVMF_CODE", "VMIC_OVMF_VARS"),
+        Arch::Aarch64 => ("VMIC_AAVMF_CODE", "VMIC_AAVMF_VARS"),
+    }
+}
+
+/// Known (code, vars) locations: Debian/Ubuntu, Fedora, QEMU's own build, Homebrew.
+fn uefi_firmware_candidates(arch: Arch) -> &'static [(&'static str, &'static str)] {
+    match arch {
+        Arch::X86_64 => &[
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            ),
+            (
+                "/usr/share/OVMF/OVMF_CODE.fd",
+                "/usr/share/OVMF/OVMF_VARS.fd",
+            ),
+            (
+                "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+                "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+            ),
+            (
+                "/usr/share/qemu/edk2-x86_64-code.fd",
+                "/usr/share/qemu/edk2-i386-vars.fd",
+            ),
+            (
+                "/opt/homebrew/share/qemu/edk2-x86_64-code.fd",
+                "/opt/homebrew/share/qemu/edk2-i386-vars.fd",
+            ),
+        ],
+        Arch::Aarch64 => &[
+            (
+                "/usr/share/AAVMF/AAVMF_CODE.fd",
+                "/usr/share/AAVMF/AAVMF_VARS.fd",
+            ),
+            (
+                "/usr/share/edk2/aarch64/QEMU_EFI-pflash.raw",
+                "/usr/share/edk2/aarch64/vars-template-pflash.raw",
+            ),
+            (
+                "/usr/share/qemu/edk2-aarch64-code.fd",
+                "/usr/share/qemu/edk2-arm-vars.fd",
+            ),
+            (
+                "/opt/homebrew/share/qemu/edk2-aarch64-code.fd",
+                "/opt/homebrew/share/qemu/edk2-arm-vars.fd",
+            ),
+        ],
+    }
+}
+
+/// UEFI firmware for `arch`: `$VMIC_OVMF_CODE`/`$VMIC_OVMF_VARS` (x86_64) or
+/// `$VMIC_AAVMF_CODE`/`$VMIC_AAVMF_VARS` (aarch64) when set, else the first known location
+/// holding both files; otherwise an error naming the package to install.
+pub fn find_uefi_firmware(arch: Arch) -> anyhow::Result<UefiFirmware> {
+    let (code_variable, vars_variable) = uefi_firmware_variables(arch);
+    let candidates = uefi_firmware_candidates(arch);
+    let code_override = std::env::var_os(code_variable).map(PathBuf::from);
+    let vars_override = std::env::var_os(vars_variable).map(PathBuf::from);
+    let found = if code_override.is_some() || vars_override.is_some() {
+        let (default_code, default_vars) = candidates[0];
+        vec![UefiFirmware {
+            code: code_override.unwrap_or_else(|| PathBuf::from(default_code)),
+            vars: vars_override.unwrap_or_else(|| PathBuf::from(default_vars)),
+        }]
+    } else {
+        candidates
+            .iter()
+            .map(|(code, vars)| UefiFirmware {
+                code: PathBuf::from(code),
+                vars: PathBuf::from(vars),
+            })
+            .collect()
+    };
+    if let Some(firmware) = found
+        .iter()
+        .find(|firmware| firmware.code.is_file() && firmware.vars.is_file())
+    {
+        return Ok(firmware.clone());
+    }
+    let first = &found[0];
+    let missing = if first.code.is_file() {
+        &first.vars
+    } else {
+        &first.code
+    };
+    let install = if cfg!(target_os = "macos") {
+        "brew install qemu".to_string()
+    } else {
+        format!("apt-get install {}", uefi_firmware_package(arch))
+    };
+    Err(crate::report::hinted(
+        format!("UEFI firmware for {arch} not found: {}", missing.display()),
+        format!("{install} (or point {code_variable} and {vars_variable} at the firmware files)"),
+    ))
+}
+
+impl QemuProcess {
+    /// QEMU's exit status if it has already exited, without waiting.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+}

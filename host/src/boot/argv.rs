@@ -1,0 +1,258 @@
+//! Pure argv builders for `vmic boot`: the VM that boots an image under firmware, and the
+//! throwaway overlay that keeps the image untouched.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::accel::Accel;
+use crate::cli::Arch;
+use crate::qemu::escape_comma;
+
+/// Firmware the VM starts with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirmwareImages {
+    /// SeaBIOS, QEMU's default on x86_64. `sercon_port` is a fw_cfg file holding the serial
+    /// port (0x3f8, little endian) SeaBIOS mirrors its screen to, so that BIOS and boot loader
+    /// messages (which go to the screen, and there is none) reach the serial console.
+    Bios { sercon_port: PathBuf },
+    /// UEFI: read-only code and this VM's own writable copy of the variable store.
+    Uefi { code: PathBuf, vars: PathBuf },
+}
+
+/// What the VM boots from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootMedium {
+    /// A disk (the throwaway qcow2 overlay over the image) on virtio-blk.
+    Disk { path: PathBuf, format: String },
+    /// An ISO as a read-only CD-ROM.
+    Cdrom { path: PathBuf },
+}
+
+/// Everything needed to start the VM: pure data, turned into an argv by [`boot_argv`].
+#[derive(Debug, Clone)]
+pub struct BootVm {
+    pub arch: Arch,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub firmware: FirmwareImages,
+    pub medium: BootMedium,
+    /// Unix socket QEMU listens on for the serial console; QEMU waits for the reader before
+    /// starting the guest, so no output is lost.
+    pub serial_socket: PathBuf,
+}
+
+fn os(value: impl Into<OsString>) -> OsString {
+    value.into()
+}
+
+/// Argv (without the binary) for a VM booting `vm.medium` under `vm.firmware`, its first serial
+/// port on `vm.serial_socket`, no display, no network.
+pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
+    let machine = match vm.arch {
+        Arch::X86_64 => "q35",
+        Arch::Aarch64 => "virt",
+    };
+    let cpu = match (vm.arch, vm.accel) {
+        (_, Accel::Kvm | Accel::Hvf) => "host",
+        (Arch::X86_64, Accel::Tcg) => "max",
+        // pauth-impdef avoids the cost of emulating the architected pointer-auth algorithm.
+        (Arch::Aarch64, Accel::Tcg) => "max,pauth-impdef=on",
+    };
+    push(&[
+        "-machine",
+        machine,
+        "-accel",
+        vm.accel.qemu_arg(),
+        "-cpu",
+        cpu,
+    ]);
+    push(&[
+        "-smp",
+        &vm.cpus.to_string(),
+        "-m",
+        &format!("{}M", vm.memory_mib),
+    ]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    match &vm.firmware {
+        FirmwareImages::Uefi { code, vars } => push(&[
+            "-drive",
+            &format!(
+                "if=pflash,unit=0,format=raw,readonly=on,file={}",
+                escape_comma(code)
+            ),
+            "-drive",
+            &format!("if=pflash,unit=1,format=raw,file={}", escape_comma(vars)),
+        ]),
+        FirmwareImages::Bios { sercon_port } => push(&[
+            "-fw_cfg",
+            &format!("name=etc/sercon-port,file={}", escape_comma(sercon_port)),
+        ]),
+    }
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=console,path={},server=on,wait=on",
+            escape_comma(&vm.serial_socket)
+        ),
+        "-serial",
+        "chardev:console",
+    ]);
+    push(&["-device", "virtio-rng-pci"]);
+    match &vm.medium {
+        BootMedium::Disk { path, format } => push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=disk0,format={format},cache=unsafe",
+                escape_comma(path)
+            ),
+            "-device",
+            "virtio-blk-pci,drive=disk0,bootindex=1",
+        ]),
+        BootMedium::Cdrom { path } => {
+            push(&[
+                "-drive",
+                &format!(
+                    "file={},if=none,id=cd0,format=raw,media=cdrom,readonly=on",
+                    escape_comma(path)
+                ),
+            ]);
+            match vm.arch {
+                // q35's built-in AHCI controller: a CD drive as on real hardware.
+                Arch::X86_64 => push(&["-device", "ide-cd,drive=cd0,bootindex=1"]),
+                // virt has no IDE.
+                Arch::Aarch64 => push(&[
+                    "-device",
+                    "virtio-scsi-pci,id=scsi0",
+                    "-device",
+                    "scsi-cd,drive=cd0,bus=scsi0.0,bootindex=1",
+                ]),
+            }
+        }
+    }
+    argv
+}
+
+/// Argv (without the binary) for `qemu-img create`: a qcow2 overlay at `overlay` whose backing
+/// file is `image` in `format`. QEMU opens the backing file read-only; every guest write lands
+/// in the overlay.
+pub fn overlay_argv(image: &Path, format: &str, overlay: &Path) -> Vec<OsString> {
+    vec![
+        os("create"),
+        os("-q"),
+        os("-f"),
+        os("qcow2"),
+        os("-b"),
+        os(image),
+        os("-F"),
+        os(format),
+        os(overlay),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(argv: &[OsString]) -> String {
+        argv.iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn vm(arch: Arch, firmware: FirmwareImages, medium: BootMedium) -> BootVm {
+        BootVm {
+            arch,
+            accel: Accel::Tcg,
+            memory_mib: 2048,
+            cpus: 2,
+            firmware,
+            medium,
+            serial_socket: PathBuf::from("/tmp/boot/console.sock"),
+        }
+    }
+
+    fn uefi(arch: Arch) -> FirmwareImages {
+        match arch {
+            Arch::X86_64 => FirmwareImages::Uefi {
+                code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
+                vars: PathBuf::from("/tmp/boot/vars.fd"),
+            },
+            Arch::Aarch64 => FirmwareImages::Uefi {
+                code: PathBuf::from("/usr/share/AAVMF/AAVMF_CODE.fd"),
+                vars: PathBuf::from("/tmp/boot/vars.fd"),
+            },
+        }
+    }
+
+    fn disk() -> BootMedium {
+        BootMedium::Disk {
+            path: PathBuf::from("/tmp/boot/overlay.qcow2"),
+            format: "qcow2".into(),
+        }
+    }
+
+    fn cdrom() -> BootMedium {
+        BootMedium::Cdrom {
+            path: PathBuf::from("/images/live,1.iso"),
+        }
+    }
+
+    #[test]
+    fn x86_64_uefi_disk() {
+        insta::assert_snapshot!(render(&boot_argv(&vm(
+            Arch::X86_64,
+            uefi(Arch::X86_64),
+            disk()
+        ))));
+    }
+
+    #[test]
+    fn x86_64_bios_cdrom() {
+        insta::assert_snapshot!(render(&boot_argv(&vm(
+            Arch::X86_64,
+            FirmwareImages::Bios {
+                sercon_port: PathBuf::from("/tmp/boot/sercon-port")
+            },
+            cdrom()
+        ))));
+    }
+
+    #[test]
+    fn aarch64_uefi_cdrom() {
+        insta::assert_snapshot!(render(&boot_argv(&vm(
+            Arch::Aarch64,
+            uefi(Arch::Aarch64),
+            cdrom()
+        ))));
+    }
+
+    #[test]
+    fn aarch64_uefi_disk_under_kvm() {
+        let mut vm = vm(Arch::Aarch64, uefi(Arch::Aarch64), disk());
+        vm.accel = Accel::Kvm;
+        insta::assert_snapshot!(render(&boot_argv(&vm)));
+    }
+
+    #[test]
+    fn overlay_names_the_backing_format() {
+        let argv = overlay_argv(
+            Path::new("/images/disk.vhd"),
+            "vpc",
+            Path::new("/tmp/boot/overlay.qcow2"),
+        );
+        assert_eq!(
+            render(&argv).replace('\n', " "),
+            "create -q -f qcow2 -b /images/disk.vhd -F vpc /tmp/boot/overlay.qcow2"
+        );
+    }
+}
