@@ -11,13 +11,20 @@ use vmic_protocol::{ExecRequest, Request, Stream};
 fn agent_binary() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", "vmic-guest-agent", "--bin", "vmic-agent"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "vmic-guest-agent",
+            "--bin",
+            "vmic-agent",
+        ])
         .current_dir(&root)
         .status()
         .expect("cargo build of the agent");
     assert!(status.success());
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     target.join("debug").join("vmic-agent")
 }
 
@@ -40,7 +47,10 @@ async fn session() -> (Session, tokio::process::Child) {
 #[tokio::test]
 async fn exec_transfer_cancel_and_guest_errors() {
     let (session, mut child) = session().await;
-    assert_eq!(session.hello().protocol_version, vmic_protocol::PROTOCOL_VERSION);
+    assert_eq!(
+        session.hello().protocol_version,
+        vmic_protocol::PROTOCOL_VERSION
+    );
 
     let mut request = ExecRequest::new(["sh", "-c", "echo one; echo two >&2; exit 4"]);
     request.stream_output = true;
@@ -54,7 +64,10 @@ async fn exec_transfer_cancel_and_guest_errors() {
     assert!(seen.contains(&(Stream::Stderr, b"two\n".to_vec())));
 
     // A guest failure arrives with the guest's context chain.
-    let error = session.run(&["/nonexistent/tool", "--flag"]).await.expect_err("missing");
+    let error = session
+        .run(&["/nonexistent/tool", "--flag"])
+        .await
+        .expect_err("missing");
     let rendered = vmic::report::render_error(&error);
     assert!(rendered.contains("/nonexistent/tool"), "{rendered}");
     assert!(rendered.contains("caused by:"), "{rendered}");
@@ -74,7 +87,9 @@ async fn exec_transfer_cancel_and_guest_errors() {
         .await
         .expect("get");
     assert_eq!(fs_err::read(&back).expect("read"), data);
-    let missing = session.get_file("/nonexistent/file", &dir.path().join("x")).await;
+    let missing = session
+        .get_file("/nonexistent/file", &dir.path().join("x"))
+        .await;
     assert!(missing.is_err());
 
     let mut handle = session
@@ -99,5 +114,8 @@ async fn exec_transfer_cancel_and_guest_errors() {
         .finish_within(Duration::from_secs(10), |_| {})
         .await
         .expect_err("agent died");
-    assert!(format!("{error:#}").contains("lost the builder VM's agent"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("lost the builder VM's agent"),
+        "{error:#}"
+    );
 }

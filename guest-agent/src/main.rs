@@ -9,6 +9,9 @@ mod disks;
 mod exec;
 mod files;
 mod init;
+mod iso;
+mod pipeline;
+mod rootfs;
 mod server;
 
 use std::process::ExitCode;

@@ -369,6 +369,7 @@ fn dispatch(request: Request, context: &RequestContext) -> anyhow::Result<Respon
         Request::ListDisks => {
             disks::list(std::path::Path::new(disks::SYS_BLOCK)).map(Response::Disks)
         }
+        Request::BuildIso(build) => crate::iso::build(*build, context).map(Response::Iso),
     }
 }
 
@@ -427,6 +428,7 @@ fn describe(request: &Request) -> String {
         Request::PutFile { path, size, .. } => format!("put {path} ({size} bytes)"),
         Request::GetFile { path } => format!("get {path}"),
         Request::ListDisks => "list disks".into(),
+        Request::BuildIso(build) => format!("build ISO from {}", build.input_serial),
     }
 }
 

@@ -8,9 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "vmic",
     version,
-    about = "Customize Linux disk images into LiveOS ISOs inside a throwaway QEMU builder VM",
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    about = "Customize Linux disk images into LiveOS ISOs inside a throwaway QEMU builder VM"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -21,7 +19,7 @@ pub struct Cli {
 
     /// `customize` is the default subcommand (as in the Azure Linux Image Customizer).
     #[command(flatten)]
-    pub customize: Option<CustomizeArgs>,
+    pub customize: CustomizeArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -66,15 +64,15 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct CustomizeArgs {
     /// Input image: raw, qcow2, vhd, vhdx, or a LiveOS ISO made by vmic.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub image_file: Option<PathBuf>,
 
     /// Config file (YAML or JSON).
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub config_file: Option<PathBuf>,
 
     /// Directory for temporary build files (overlay, sockets, console log).
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub build_dir: Option<PathBuf>,
 
     /// Output file; overrides `output.image.path` in the config.
@@ -87,6 +85,17 @@ pub struct CustomizeArgs {
 
     #[command(flatten)]
     pub vm: VmArgs,
+}
+
+impl CustomizeArgs {
+    /// No customize argument given at all (then `vmic` alone asks for a command).
+    pub fn is_empty(&self) -> bool {
+        self.image_file.is_none()
+            && self.config_file.is_none()
+            && self.build_dir.is_none()
+            && self.output_image_file.is_none()
+            && self.output_image_format.is_none()
+    }
 }
 
 #[derive(Debug, Args, Clone)]

@@ -5,12 +5,14 @@
 
 pub mod accel;
 pub mod boot;
+pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod doctor;
 pub mod guest_image;
 pub mod image;
+pub mod plan;
 pub mod qemu;
 pub mod report;
 pub mod session;

@@ -137,3 +137,92 @@ pub fn init_logging(global: &GlobalArgs) -> anyhow::Result<LoggingGuard> {
 pub fn interactive(global: &GlobalArgs) -> bool {
     global.log_format == LogFormat::Text && std::io::stderr().is_terminal()
 }
+
+/// Step progress for long work: an indicatif spinner per step on a TTY, structured log lines
+/// otherwise. Also records each step's wall time for `--timestamp-file`.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    current: Option<(String, std::time::Instant)>,
+    pub steps: Vec<vmic_protocol::StepTime>,
+    started: std::time::Instant,
+}
+
+impl Progress {
+    pub fn new(interactive: bool) -> Progress {
+        let bar = interactive.then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {prefix:>12.cyan.bold} {msg} [{elapsed}]",
+                )
+                .expect("static template is valid"),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        Progress {
+            bar,
+            current: None,
+            steps: Vec::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Start `step` (ends the previous one).
+    pub fn step(&mut self, step: &str, message: &str) {
+        self.finish_step();
+        tracing::info!(step, "{message}");
+        if let Some(bar) = &self.bar {
+            bar.set_prefix(step.to_string());
+            bar.set_message(message.to_string());
+            bar.reset_elapsed();
+        }
+        self.current = Some((step.to_string(), std::time::Instant::now()));
+    }
+
+    /// Progress within the current step.
+    pub fn update(&mut self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            if total > 0 {
+                bar.set_message(format!("{done}/{total}"));
+            }
+        }
+    }
+
+    /// Record a step timed elsewhere (the guest's).
+    pub fn record(&mut self, step: vmic_protocol::StepTime) {
+        self.steps.push(step);
+    }
+
+    pub fn finish_step(&mut self) {
+        if let Some((step, started)) = self.current.take() {
+            let seconds = started.elapsed().as_secs_f64();
+            if let Some(bar) = &self.bar {
+                bar.println(format!("{step:>14} done in {seconds:.1} s"));
+            }
+            tracing::debug!(step, seconds, "step finished");
+            self.steps.push(vmic_protocol::StepTime { step, seconds });
+        }
+    }
+
+    /// End the display; returns the total wall time.
+    pub fn finish(&mut self) -> f64 {
+        self.finish_step();
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Write the per-step wall times as JSON.
+    pub fn write_timestamps(&self, path: &std::path::Path, total: f64) -> anyhow::Result<()> {
+        let steps: Vec<serde_json::Value> = self
+            .steps
+            .iter()
+            .map(|step| serde_json::json!({ "step": step.step, "seconds": step.seconds }))
+            .collect();
+        let document = serde_json::json!({ "steps": steps, "totalSeconds": total });
+        fs_err::write(path, serde_json::to_vec_pretty(&document)?)?;
+        Ok(())
+    }
+}

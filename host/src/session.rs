@@ -319,6 +319,7 @@ fn describe(request: &Request) -> String {
         Request::GetFile { path } => format!("download of {path}"),
         Request::Ping => "ping".to_string(),
         Request::ListDisks => "disk listing".to_string(),
+        Request::BuildIso(_) => "the ISO build".to_string(),
         Request::Invalid => "invalid request".to_string(),
     }
 }

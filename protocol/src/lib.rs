@@ -34,9 +34,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -54,14 +54,22 @@ pub enum HostMessage {
     /// Never sent: keeps variant 0 (an all-zero body) invalid.
     Invalid,
     Hello(HostHello),
-    Request { id: RequestId, request: Request },
-    Cancel { id: RequestId },
+    Request {
+        id: RequestId,
+        request: Request,
+    },
+    Cancel {
+        id: RequestId,
+    },
     Data {
         id: RequestId,
         #[serde(with = "serde_bytes")]
         chunk: Vec<u8>,
     },
-    DataEnd { id: RequestId, sha256: Sha256 },
+    DataEnd {
+        id: RequestId,
+        sha256: Sha256,
+    },
     Shutdown,
 }
 
@@ -83,7 +91,10 @@ pub enum GuestMessage {
         #[serde(with = "serde_bytes")]
         chunk: Vec<u8>,
     },
-    DataEnd { id: RequestId, sha256: Sha256 },
+    DataEnd {
+        id: RequestId,
+        sha256: Sha256,
+    },
     /// The agent hit a panic or a fatal error and is powering the VM off.
     Fatal(RemoteError),
 }
@@ -111,12 +122,113 @@ pub enum Request {
     /// Run a program (explicit argv, never a shell string).
     Exec(ExecRequest),
     /// Receive a file: the host sends `Data` chunks then `DataEnd` with this id.
-    PutFile { path: String, mode: u32, size: u64 },
+    PutFile {
+        path: String,
+        mode: u32,
+        size: u64,
+    },
     /// Send a file: the agent replies with `Data` chunks, `DataEnd`, then `Response::File`.
-    GetFile { path: String },
+    GetFile {
+        path: String,
+    },
     /// List the virtio disks with their serial strings.
     ListDisks,
+    /// Run the whole disk/ISO → LiveOS ISO pipeline; progress arrives as events.
+    BuildIso(Box<IsoBuild>),
 }
+
+/// Everything the agent needs to turn the input into a LiveOS ISO. Paths of config files are
+/// guest paths under `config_dir`, where the host uploaded them beforehand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoBuild {
+    /// virtio serial of the input disk (a disk image through its overlay, or a vmic ISO).
+    pub input_serial: String,
+    pub input_is_iso: bool,
+    /// virtio serial of the raw disk the ISO is written to, from offset 0.
+    pub output_serial: String,
+    /// Guest directory for work files (a scratch disk the host had formatted and mounted).
+    pub work_dir: String,
+    /// Guest directory holding the uploaded config directory (read-only at `/_imageconfigs`).
+    pub config_dir: String,
+    pub os: OsCustomization,
+    pub post_customization: Vec<Script>,
+    pub finalize_customization: Vec<Script>,
+    pub iso: IsoSettings,
+    pub squashfs: SquashfsSettings,
+    /// Only `iso.*` changed on an ISO input: re-master without rebuilding `rootfs.img`.
+    pub remaster_only: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsCustomization {
+    pub hostname: Option<String>,
+    pub additional_files: Vec<FileCopy>,
+    pub kernel_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoSettings {
+    /// ISO 9660 volume label; the live root is found by it.
+    pub label: String,
+    pub additional_files: Vec<FileCopy>,
+    /// Appended last to every boot entry.
+    pub extra_args: Vec<String>,
+    /// The host's vmic version, recorded on the ISO.
+    pub vmic_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SquashfsSettings {
+    /// mksquashfs `-comp` value.
+    pub compression: String,
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCopy {
+    pub source: FileSource,
+    /// Absolute path in the target (rootfs or ISO file system).
+    pub destination: String,
+    pub permissions: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileSource {
+    /// A guest path (under the uploaded config directory).
+    Path(String),
+    Content(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Script {
+    /// Name shown in progress and errors.
+    pub name: String,
+    /// Path relative to the config directory, or inline content.
+    pub source: FileSource,
+    pub interpreter: Option<String>,
+    pub arguments: Vec<String>,
+    pub environment: Vec<(String, String)>,
+}
+
+/// What the agent produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoOutcome {
+    /// Bytes of ISO at the start of the output disk.
+    pub size: u64,
+    pub sha256: Sha256,
+    pub rootfs_sha256: Sha256,
+    /// Wall time of each pipeline step, in order.
+    pub steps: Vec<StepTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    pub step: String,
+    pub seconds: f64,
+}
+
+// f64 has no Eq; step times are informational, equal when their bits are.
+impl Eq for StepTime {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
@@ -148,6 +260,7 @@ pub enum Response {
     Exec(ExecResult),
     File { size: u64, sha256: Sha256 },
     Disks(Vec<DiskInfo>),
+    Iso(IsoOutcome),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,8 +398,8 @@ impl Message for GuestMessage {
 /// Encode `message` as a complete frame (length prefix + body).
 pub fn encode<M: Message>(message: &M) -> Result<Vec<u8>, ProtocolError> {
     let mut frame = vec![0u8; 4];
-    let frame = postcard::to_extend(message, std::mem::take(&mut frame))
-        .map_err(ProtocolError::Encode)?;
+    let frame =
+        postcard::to_extend(message, std::mem::take(&mut frame)).map_err(ProtocolError::Encode)?;
     let len = frame.len() - 4;
     if len > MAX_FRAME_LEN {
         return Err(ProtocolError::FrameTooLarge(len));
@@ -307,7 +420,9 @@ pub fn decode<M: Message>(body: &[u8]) -> Result<M, ProtocolError> {
     let (message, rest): (M, &[u8]) =
         postcard::take_from_bytes(body).map_err(ProtocolError::Malformed)?;
     if !rest.is_empty() {
-        return Err(ProtocolError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(ProtocolError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     if message.is_invalid() {
         return Err(ProtocolError::InvalidMessage);
@@ -347,7 +462,10 @@ pub fn read_message<M: Message>(reader: &mut impl Read) -> Result<Option<M>, Pro
 
 /// Blocking write of one message as a single `write_all` (so frames never interleave when
 /// writers share a lock).
-pub fn write_message<M: Message>(writer: &mut impl Write, message: &M) -> Result<(), ProtocolError> {
+pub fn write_message<M: Message>(
+    writer: &mut impl Write,
+    message: &M,
+) -> Result<(), ProtocolError> {
     writer.write_all(&encode(message)?)?;
     writer.flush()?;
     Ok(())
@@ -371,7 +489,9 @@ mod tests {
     fn round_trip<M: Message + PartialEq + std::fmt::Debug>(message: M) {
         let frame = encode(&message).expect("encodes");
         let mut reader = &frame[..];
-        let decoded: M = read_message(&mut reader).expect("decodes").expect("one frame");
+        let decoded: M = read_message(&mut reader)
+            .expect("decodes")
+            .expect("one frame");
         assert_eq!(decoded, message);
         assert!(reader.is_empty());
     }

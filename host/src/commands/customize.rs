@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::anyhow;
 
-use crate::cli::{CustomizeArgs, GlobalArgs, OutputFormat};
+use crate::cli::{Arch, CustomizeArgs, GlobalArgs, OutputFormat, VmArgs};
 use crate::config::{self, ValidationContext};
 use crate::image::{self, ImageFormat};
 use crate::report::Failure;
@@ -18,6 +18,7 @@ pub struct CustomizeSettings {
     pub build_dir: PathBuf,
     pub output: PathBuf,
     pub output_format: OutputFormat,
+    pub vm: VmArgs,
 }
 
 pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
@@ -74,12 +75,13 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         build_dir,
         output,
         output_format,
+        vm: args.vm.clone(),
     })
 }
 
-pub fn run(_global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
+pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     let settings = resolve(&args)?;
-    tracing::info!(
+    tracing::debug!(
         input = %settings.input.display(),
         format = settings.input_format.name(),
         output = %settings.output.display(),
@@ -87,18 +89,45 @@ pub fn run(_global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         build_dir = %settings.build_dir.display(),
         "configuration is valid"
     );
-    Err(Failure::Usage(crate::report::hinted(
-        format!(
-            "not supported yet: writing {} output (the build pipeline is not implemented in this version)",
-            match settings.output_format {
-                OutputFormat::Iso => "iso",
-                OutputFormat::Raw => "raw",
-                OutputFormat::Qcow2 => "qcow2",
-                OutputFormat::Vhd => "vhd",
-                OutputFormat::VhdFixed => "vhd-fixed",
-                OutputFormat::Vhdx => "vhdx",
-            }
-        ),
-        "nothing was started and nothing was written; `vmic validate-config` checks configs today",
-    )))
+    if settings.output_format != OutputFormat::Iso {
+        return Err(Failure::Usage(anyhow!(
+            "not supported yet: --output-image-format {} (disk image outputs come later; use iso)",
+            format_name(settings.output_format)
+        )));
+    }
+    // The image's architecture is checked again inside the VM against its binaries.
+    let arch = settings.vm.arch.or(Arch::host()).ok_or_else(|| {
+        Failure::Usage(anyhow!(
+            "cannot tell the architecture: pass --arch x86_64|aarch64"
+        ))
+    })?;
+    let runtime = tokio::runtime::Runtime::new().map_err(|error| Failure::Build(error.into()))?;
+    let mut progress = crate::report::Progress::new(crate::report::interactive(global));
+    let result = runtime.block_on(crate::build::build_iso(&settings, arch, &mut progress));
+    let total = progress.finish();
+    if let Some(path) = &global.timestamp_file {
+        if let Err(error) = progress.write_timestamps(path, total) {
+            tracing::warn!("cannot write {}: {error:#}", path.display());
+        }
+    }
+    let summary = result.map_err(Failure::Build)?;
+    tracing::info!(
+        output = %summary.output.display(),
+        size = summary.size,
+        sha256 = summary.sha256,
+        seconds = total,
+        "LiveOS ISO written"
+    );
+    Ok(())
+}
+
+fn format_name(format: OutputFormat) -> &'static str {
+    match format {
+        OutputFormat::Iso => "iso",
+        OutputFormat::Raw => "raw",
+        OutputFormat::Qcow2 => "qcow2",
+        OutputFormat::Vhd => "vhd",
+        OutputFormat::VhdFixed => "vhd-fixed",
+        OutputFormat::Vhdx => "vhdx",
+    }
 }

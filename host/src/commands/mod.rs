@@ -1,6 +1,6 @@
 //! One function per subcommand; `run` dispatches.
 
-mod customize;
+pub mod customize;
 mod validate;
 
 use crate::cli::{Cli, Command};
@@ -10,12 +10,10 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     let global = cli.global.clone();
     match cli.command {
         Some(Command::Customize(args)) => customize::run(&global, args),
-        None => match cli.customize {
-            Some(args) => customize::run(&global, args),
-            None => Err(Failure::Usage(anyhow::anyhow!(
-                "no command given; see `vmic --help`"
-            ))),
-        },
+        None if cli.customize.is_empty() => Err(Failure::Usage(anyhow::anyhow!(
+            "no command given; see `vmic --help`"
+        ))),
+        None => customize::run(&global, cli.customize),
         Some(Command::ValidateConfig(args)) => validate::run_validate(&global, args),
         Some(Command::Schema) => validate::run_schema(),
         Some(Command::Doctor(args)) => crate::doctor::run(&global, args),

@@ -1,0 +1,450 @@
+//! Argv builders for the external commands of the ISO pipeline, and the small files they
+//! read (dracut config, grub early configs). Pure: running them is the executor's job.
+
+// --- dracut (step 4) ----------------------------------------------------------------------
+
+/// The temporary dracut config written into the image for the LiveOS initrd, removed after.
+pub const DRACUT_LIVE_CONF_PATH: &str = "/etc/dracut.conf.d/99-vmic-liveos.conf";
+
+/// Where the image's dracut keeps `dmsquash-live`; absent: fail with [`DMSQUASH_LIVE_HINT`].
+pub const DMSQUASH_LIVE_MODULE_DIRS: [&str; 1] = ["/usr/lib/dracut/modules.d/90dmsquash-live"];
+
+pub const DMSQUASH_LIVE_HINT: &str =
+    "the image's dracut has no dmsquash-live module: add the package `dracut-live` to \
+     os.packages.install (Debian, Fedora-like and Azure Linux images)";
+
+/// File systems the LiveOS initrd needs. In non-host-only mode dracut installs *only* these
+/// file system modules when the list is set (90kernel-modules), so the ISO's own file system
+/// is named too: older dmsquash-live versions install just `squashfs` and `loop`.
+const LIVE_FILESYSTEMS: &str = "squashfs iso9660";
+
+/// The temporary dracut config (spec step 4): dmsquash-live, the overlay driver, no
+/// host-only, squashfs. Given on the command line as well ([`dracut_argv`]); the file is what
+/// the spec asks for and what an image's own dracut hooks see.
+pub fn dracut_live_conf() -> String {
+    format!(
+        "# Written by vmic for the LiveOS initrd; removed once the initrd is made.\n\
+         add_dracutmodules+=\" dmsquash-live \"\n\
+         add_drivers+=\" overlay \"\n\
+         hostonly=\"no\"\n\
+         filesystems+=\" {LIVE_FILESYSTEMS} \"\n"
+    )
+}
+
+/// `dracut` run chrooted in the image, regenerating `initrd_path` (path inside the image,
+/// the image's own initrd name) for `kernel_version`.
+pub fn dracut_argv(kernel_version: &str, initrd_path: &str) -> Vec<String> {
+    strings([
+        "dracut",
+        "--force",
+        "--no-hostonly",
+        "--add",
+        "dmsquash-live",
+        "--add-drivers",
+        "overlay",
+        "--filesystems",
+        LIVE_FILESYSTEMS,
+        "--kver",
+        kernel_version,
+        initrd_path,
+    ])
+}
+
+// --- mksquashfs (step 5) ------------------------------------------------------------------
+
+/// Compression of the squashfs root (all supported by Debian 12 and Azure Linux 3 kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SquashfsCompression {
+    /// zstd; `level` 1–22 (mksquashfs default 15).
+    Zstd { level: Option<u8> },
+    /// Smallest, slowest.
+    Xz,
+    /// mksquashfs' default; fastest to make.
+    #[default]
+    Gzip,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SquashfsOptions {
+    pub compression: SquashfsCompression,
+    /// `-processors`; `None`: all CPUs.
+    pub processors: Option<u32>,
+    /// Patterns relative to the source (mksquashfs `-wildcards`), e.g. [`ROOTFS_EXCLUDES`].
+    pub excludes: Vec<String>,
+    /// Show mksquashfs' progress bar (`\r`-updated) instead of `-no-progress`.
+    pub progress: bool,
+}
+
+/// What the LiveOS root file system leaves out (spec step 5): `/etc/fstab`, and the content
+/// of `/boot` (the empty directory stays as a mount point). `boot/.*` is needed because with
+/// `-wildcards` `*` does not match dot files (e.g. `.vmlinuz-<v>.hmac`), checked with
+/// squashfs-tools 4.5.1.
+pub const ROOTFS_EXCLUDES: [&str; 3] = ["boot/*", "boot/.*", "etc/fstab"];
+
+/// `mksquashfs SOURCE DEST -noappend -xattrs -comp ... -wildcards -e EXCLUDES...`
+/// (squashfs-tools 4.5.1 as in Debian 12; every flag used exists there). The exclude list
+/// must come last.
+pub fn mksquashfs_argv(source: &str, dest: &str, options: &SquashfsOptions) -> Vec<String> {
+    let mut argv = strings(["mksquashfs", source, dest, "-noappend", "-xattrs", "-comp"]);
+    match options.compression {
+        SquashfsCompression::Zstd { level } => {
+            argv.push("zstd".into());
+            if let Some(level) = level {
+                argv.extend(strings(["-Xcompression-level", &level.to_string()]));
+            }
+        }
+        SquashfsCompression::Xz => argv.push("xz".into()),
+        SquashfsCompression::Gzip => argv.push("gzip".into()),
+    }
+    if let Some(processors) = options.processors {
+        argv.extend(strings(["-processors", &processors.to_string()]));
+    }
+    if !options.progress {
+        argv.push("-no-progress".into());
+    }
+    if !options.excludes.is_empty() {
+        argv.extend(strings(["-wildcards", "-e"]));
+        argv.extend(options.excludes.iter().cloned());
+    }
+    argv
+}
+
+// --- grub images and configs (step 7) -----------------------------------------------------
+
+/// Label of the El Torito EFI FAT image. It must differ from the ISO label, or `search
+/// --label` could pick the FAT partition of a `dd`-written disk.
+pub const EFIBOOT_FAT_LABEL: &str = "VMIC_EFI";
+
+/// Embedded in grub images vmic builds: find the ISO 9660 file system by label and take
+/// grub's modules and config from its `/boot/grub2` (grub's `normal` then reads
+/// `$prefix/grub.cfg`). Like grub-mkrescue's `load.cfg`, but by label rather than by a
+/// timestamp UUID, so the result does not depend on the build time.
+pub fn grub_early_config(label: &str) -> String {
+    format!(
+        "search --no-floppy --label {label} --set=root\n\
+         set prefix=($root)/boot/grub2\n"
+    )
+}
+
+/// The config put at `/EFI/BOOT/grub.cfg` and `/boot/grub2/grub.cfg` inside the El Torito
+/// FAT image: a grub that starts with its root on that FAT (USB boot, `-noprefix` builds,
+/// Debian's signed grub) is sent to the real config on the ISO 9660 file system.
+pub fn grub_redirect_cfg(label: &str) -> String {
+    format!(
+        "# vmic: grub started from the EFI boot partition; the config is on the ISO.\n\
+         search --no-floppy --label {label} --set=root\n\
+         set prefix=($root)/boot/grub2\n\
+         configfile ($root)/boot/grub2/grub.cfg\n"
+    )
+}
+
+/// Modules of the BIOS El Torito core image: enough to find the ISO; the rest (`normal`,
+/// `linux`, ...) is loaded from `/boot/grub2/i386-pc` on the ISO, as grub-mkrescue does.
+pub const BIOS_GRUB_MODULES: [&str; 5] =
+    ["biosdisk", "iso9660", "part_msdos", "part_gpt", "search"];
+
+/// `grub-mkimage` for the BIOS El Torito image (`cdboot.img` + core), with the modules of
+/// the builder VM's `grub-pc-bin` and `early_config` (a file with [`grub_early_config`]).
+pub fn bios_grub_mkimage_argv(output: &str, early_config: &str) -> Vec<String> {
+    let mut argv = strings([
+        "grub-mkimage",
+        "-O",
+        "i386-pc-eltorito",
+        "-d",
+        super::BUILDER_BIOS_MODULES_DIR,
+        "-p",
+        "/boot/grub2",
+        "-c",
+        early_config,
+        "-o",
+        output,
+    ]);
+    argv.extend(strings(BIOS_GRUB_MODULES));
+    argv
+}
+
+// --- the El Torito EFI image (FAT) ---------------------------------------------------------
+
+/// mtools refuses some valid images without this.
+pub const MTOOLS_ENV: [(&str, &str); 1] = [("MTOOLS_SKIP_CHECK", "1")];
+
+/// Size in KiB of a FAT image holding files of these sizes: each file rounded up to 4 KiB
+/// clusters, 16 directory clusters, 1/8 for the FATs and slack, 512 KiB reserve, rounded up
+/// to whole MiB, at least 2 MiB.
+pub fn efiboot_image_size_kib(file_sizes: &[u64]) -> u64 {
+    const CLUSTER: u64 = 4096;
+    let data: u64 = file_sizes
+        .iter()
+        .map(|size| size.div_ceil(CLUSTER) * CLUSTER)
+        .sum::<u64>()
+        + 16 * CLUSTER;
+    let total = data + data / 8 + (512 << 10);
+    (total.div_ceil(1 << 20) * 1024).max(2048)
+}
+
+/// `mkfs.vfat -C` makes the image file (it must not exist) of `size_kib` KiB.
+pub fn mkfs_vfat_argv(image: &str, size_kib: u64) -> Vec<String> {
+    strings([
+        "mkfs.vfat",
+        "-C",
+        "-n",
+        EFIBOOT_FAT_LABEL,
+        image,
+        &size_kib.to_string(),
+    ])
+}
+
+/// `mmd` of `dirs` (absolute in the FAT image, parents first).
+pub fn mmd_argv(image: &str, dirs: &[String]) -> Vec<String> {
+    let mut argv = strings(["mmd", "-i", image]);
+    argv.extend(dirs.iter().map(|d| format!("::{d}")));
+    argv
+}
+
+/// `mcopy` of one host file to `dest` (absolute in the FAT image), overwriting.
+pub fn mcopy_argv(image: &str, source: &str, dest: &str) -> Vec<String> {
+    strings([
+        "mcopy",
+        "-D",
+        "o",
+        "-i",
+        image,
+        source,
+        &format!("::{dest}"),
+    ])
+}
+
+// --- xorriso (step 8) ---------------------------------------------------------------------
+
+/// BIOS boot (x86_64): grub's El Torito core image and the hybrid MBR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BiosBoot {
+    /// Path of the `i386-pc-eltorito` image inside the ISO tree (no leading `/`).
+    pub eltorito_image: String,
+    /// grub's `boot_hybrid.img` in the builder VM.
+    pub boot_hybrid_mbr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XorrisoOptions {
+    /// The staged ISO tree (a directory).
+    pub iso_tree: String,
+    pub output: String,
+    pub label: String,
+    /// Path of the El Torito EFI FAT image inside the ISO tree (no leading `/`).
+    pub efi_boot_image: String,
+    pub bios: Option<BiosBoot>,
+    /// `YYYYMMDDhhmmsscc`: fixes the volume timestamps (reproducible ISOs).
+    pub modification_date: Option<String>,
+}
+
+/// `xorriso -as mkisofs` for the LiveOS ISO.
+///
+/// The recipe is grub-mkrescue's (GRUB `util/grub-mkrescue.c`: `-b
+/// boot/grub/i386-pc/eltorito.img -no-emul-boot -boot-load-size 4 -boot-info-table
+/// --grub2-boot-info --grub2-mbr boot_hybrid.img`, `--efi-boot efi.img -efi-boot-part
+/// --efi-boot-image`, `--protective-msdos-label`), the one reference that makes a single
+/// grub-booted file start as a CD and as a `dd`-written disk under both BIOS and UEFI:
+/// - CD, BIOS: El Torito no-emulation entry → grub's `i386-pc-eltorito` core;
+///   `-boot-info-table` tells it where it was loaded from.
+/// - disk, BIOS: `--grub2-mbr boot_hybrid.img` is the MBR boot code; `--grub2-boot-info`
+///   patches into it the address of the same core image on the ISO.
+/// - CD, UEFI: the alternative El Torito entry (`-e`) is the FAT image with shim + grub.
+/// - disk, UEFI: `-efi-boot-part --efi-boot-image` exposes that FAT image as the EFI System
+///   Partition of a GPT, and `--protective-msdos-label` writes the MBR partition table that
+///   firmware expects next to it.
+///
+/// Debian's live ISOs use `-isohybrid-mbr` with ISOLINUX instead (no ISOLINUX here), Ubuntu's
+/// an appended ESP partition (`-append_partition 2 ... -appended_part_as_gpt`); both need a
+/// separate partition image or ISOLINUX, the grub-mkrescue recipe needs neither. AzL-IC
+/// (`isogenerator.go`) builds UEFI-only ISOs with just `-e`. `-iso-level 3` allows files of
+/// 4 GiB and more (multi-extent), as AzL-IC does.
+pub fn xorriso_argv(options: &XorrisoOptions) -> Vec<String> {
+    let mut argv = strings([
+        "xorriso",
+        "-as",
+        "mkisofs",
+        "-iso-level",
+        "3",
+        "-R",
+        "-J",
+        "-joliet-long",
+        "-V",
+        &options.label,
+        "-o",
+        &options.output,
+    ]);
+    if let Some(date) = &options.modification_date {
+        argv.push(format!("--modification-date={date}"));
+    }
+    if let Some(bios) = &options.bios {
+        argv.extend(strings([
+            "-b",
+            &bios.eltorito_image,
+            "-no-emul-boot",
+            "-boot-load-size",
+            "4",
+            "-boot-info-table",
+            "--grub2-boot-info",
+            "--grub2-mbr",
+            &bios.boot_hybrid_mbr,
+            "-eltorito-alt-boot",
+        ]));
+    }
+    argv.extend(strings([
+        "-e",
+        &options.efi_boot_image,
+        "-no-emul-boot",
+        "-efi-boot-part",
+        "--efi-boot-image",
+        "--protective-msdos-label",
+        &options.iso_tree,
+    ]));
+    argv
+}
+
+fn strings<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    items.into_iter().map(str::to_owned).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(name: &str, argv: &[String]) {
+        insta::with_settings!({prepend_module_to_snapshot => false}, {
+            insta::assert_snapshot!(name, argv.join("\n"));
+        });
+    }
+
+    #[test]
+    fn dracut() {
+        snapshot(
+            "argv_dracut",
+            &dracut_argv(
+                "6.1.0-28-cloud-amd64",
+                "/boot/initrd.img-6.1.0-28-cloud-amd64",
+            ),
+        );
+        insta::with_settings!({prepend_module_to_snapshot => false}, {
+            insta::assert_snapshot!("dracut_live_conf", dracut_live_conf());
+        });
+    }
+
+    #[test]
+    fn mksquashfs() {
+        let rootfs = SquashfsOptions {
+            compression: SquashfsCompression::Zstd { level: Some(19) },
+            processors: Some(4),
+            excludes: ROOTFS_EXCLUDES.iter().map(|e| (*e).to_owned()).collect(),
+            progress: false,
+        };
+        snapshot(
+            "argv_mksquashfs_rootfs",
+            &mksquashfs_argv("/mnt/image", "/build/iso/liveos/rootfs.img", &rootfs),
+        );
+        let plain = mksquashfs_argv("/src", "/out.img", &SquashfsOptions::default());
+        assert_eq!(
+            plain,
+            strings([
+                "mksquashfs",
+                "/src",
+                "/out.img",
+                "-noappend",
+                "-xattrs",
+                "-comp",
+                "gzip",
+                "-no-progress"
+            ])
+        );
+        let xz = mksquashfs_argv(
+            "/src",
+            "/out.img",
+            &SquashfsOptions {
+                compression: SquashfsCompression::Xz,
+                progress: true,
+                ..SquashfsOptions::default()
+            },
+        );
+        assert!(xz.ends_with(&strings(["-comp", "xz"])), "{xz:?}");
+    }
+
+    #[test]
+    fn xorriso_x86_64() {
+        snapshot(
+            "argv_xorriso_x86_64",
+            &xorriso_argv(&XorrisoOptions {
+                iso_tree: "/build/iso".into(),
+                output: "/out/live.iso".into(),
+                label: "CDROM".into(),
+                efi_boot_image: "boot/grub2/efiboot.img".into(),
+                bios: Some(BiosBoot {
+                    eltorito_image: "boot/grub2/i386-pc/eltorito.img".into(),
+                    boot_hybrid_mbr: super::super::BUILDER_BOOT_HYBRID_IMG.into(),
+                }),
+                modification_date: Some("2025010100000000".into()),
+            }),
+        );
+    }
+
+    #[test]
+    fn xorriso_aarch64() {
+        snapshot(
+            "argv_xorriso_aarch64",
+            &xorriso_argv(&XorrisoOptions {
+                iso_tree: "/build/iso".into(),
+                output: "/out/live.iso".into(),
+                label: "CDROM".into(),
+                efi_boot_image: "boot/grub2/efiboot.img".into(),
+                bios: None,
+                modification_date: None,
+            }),
+        );
+    }
+
+    #[test]
+    fn grub_images() {
+        snapshot(
+            "argv_grub_mkimage_bios",
+            &bios_grub_mkimage_argv(
+                "/build/iso/boot/grub2/i386-pc/eltorito.img",
+                "/build/early.cfg",
+            ),
+        );
+        insta::with_settings!({prepend_module_to_snapshot => false}, {
+            insta::assert_snapshot!("grub_early_config", grub_early_config("CDROM"));
+            insta::assert_snapshot!("grub_redirect_cfg", grub_redirect_cfg("CDROM"));
+        });
+    }
+
+    #[test]
+    fn efiboot_image() {
+        let cases = [
+            (&[][..], 2048),
+            (&[950_000, 2_600_000, 4096, 4096][..], 5120),
+            (&[1, 1, 1][..], 2048),
+            (&[4 << 20, 8 << 20][..], 15360),
+        ];
+        for (sizes, expected) in cases {
+            assert_eq!(efiboot_image_size_kib(sizes), expected, "{sizes:?}");
+        }
+        snapshot(
+            "argv_efiboot_image",
+            &[
+                mkfs_vfat_argv("/build/iso/boot/grub2/efiboot.img", 5120),
+                mmd_argv(
+                    "/build/iso/boot/grub2/efiboot.img",
+                    &strings(["/EFI", "/EFI/BOOT", "/boot", "/boot/grub2"]),
+                ),
+                mcopy_argv(
+                    "/build/iso/boot/grub2/efiboot.img",
+                    "/mnt/image/boot/efi/EFI/BOOT/bootx64.efi",
+                    "/EFI/BOOT/BOOTX64.EFI",
+                ),
+            ]
+            .iter()
+            .map(|argv| argv.join(" "))
+            .collect::<Vec<_>>(),
+        );
+    }
+}

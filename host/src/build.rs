@@ -1,0 +1,360 @@
+//! Executing a customize build: disks, builder VM, uploads, the agent's pipeline, and the
+//! atomic hand-over of the output.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+use vmic_protocol::{Event, ExecRequest, Request, Response, Stream};
+
+use crate::cli::Arch;
+use crate::commands::customize::CustomizeSettings;
+use crate::image::ImageFormat;
+use crate::qemu::Disk;
+use crate::report::Progress;
+use crate::vm::{RunningVm, VmOptions};
+
+pub const INPUT_SERIAL: &str = "vmic-input";
+pub const OUTPUT_SERIAL: &str = "vmic-output";
+pub const SCRATCH_SERIAL: &str = "vmic-scratch";
+const GIB: u64 = 1 << 30;
+
+/// `qemu-img create` argv for a throwaway overlay: the input stays byte-identical.
+pub fn overlay_argv(backing: &Path, format: ImageFormat, overlay: &Path) -> Vec<OsString> {
+    vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-b".into(),
+        backing.into(),
+        "-F".into(),
+        format.qemu_format().into(),
+        overlay.into(),
+    ]
+}
+
+fn qemu_img(argv: &[OsString]) -> anyhow::Result<String> {
+    let output = Command::new("qemu-img")
+        .args(argv)
+        .output()
+        .map_err(|error| {
+            crate::report::hinted(
+                format!("cannot run qemu-img: {error}"),
+                "install qemu-utils (`scripts/setup` does it)",
+            )
+        })?;
+    if !output.status.success() {
+        bail!(
+            "qemu-img {} failed: {}",
+            argv.iter()
+                .map(|arg| arg.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Virtual size of an image as QEMU reads it; also proves the file is a readable image of
+/// that format (a truncated qcow2 fails here, before any VM starts).
+pub fn virtual_size(path: &Path, format: ImageFormat) -> anyhow::Result<u64> {
+    let json = qemu_img(&[
+        "info".into(),
+        "--output=json".into(),
+        "-f".into(),
+        format.qemu_format().into(),
+        path.into(),
+    ])
+    .with_context(|| {
+        format!(
+            "{} is not a readable {} image",
+            path.display(),
+            format.name()
+        )
+    })?;
+    let info: serde_json::Value = serde_json::from_str(&json)?;
+    info["virtual-size"]
+        .as_u64()
+        .context("qemu-img info reported no virtual size")
+}
+
+/// A sparse file of `size` bytes: costs no disk until written.
+fn sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
+    let file = fs_err::File::create(path)?;
+    file.set_len(size)?;
+    Ok(())
+}
+
+/// Temp name beside the output, so the final rename is atomic and a failed build leaves
+/// nothing that looks like a finished output.
+pub fn partial_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".to_string());
+    output.with_file_name(format!(".{name}.vmic-partial"))
+}
+
+/// Removes the listed files unless disarmed: the failure path of the build.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What a finished build reports.
+#[derive(Debug)]
+pub struct BuildSummary {
+    pub output: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Disk/ISO → LiveOS ISO.
+pub async fn build_iso(
+    settings: &CustomizeSettings,
+    arch: Arch,
+    progress: &mut Progress,
+) -> anyhow::Result<BuildSummary> {
+    progress.step("Preparing", "disks in the build directory");
+    fs_err::create_dir_all(&settings.build_dir)?;
+    let build_dir = fs_err::canonicalize(&settings.build_dir)?;
+    let input = fs_err::canonicalize(&settings.input)?;
+    let input_size = virtual_size(&input, settings.input_format)?;
+    let output_partial = partial_path(&settings.output);
+    let overlay = build_dir.join("input-overlay.qcow2");
+    let scratch = build_dir.join("scratch.raw");
+    // Removed however the build ends; the partial output too unless renamed into place.
+    let _scratch_files = Cleanup(vec![overlay.clone(), scratch.clone()]);
+    let mut partial_guard = Cleanup(vec![output_partial.clone()]);
+
+    let input_disk = if settings.input_format == ImageFormat::Iso {
+        // An ISO is never written by the pipeline: attach it read-only as it is.
+        Disk {
+            path: input.clone(),
+            format: "raw".into(),
+            serial: INPUT_SERIAL.into(),
+            read_only: true,
+        }
+    } else {
+        qemu_img(&overlay_argv(&input, settings.input_format, &overlay))?;
+        Disk {
+            path: overlay.clone(),
+            format: "qcow2".into(),
+            serial: INPUT_SERIAL.into(),
+            read_only: false,
+        }
+    };
+    // Sparse, so generous sizes cost nothing: the ISO is at most the rootfs plus boot files.
+    sparse_file(&output_partial, input_size + GIB)?;
+    sparse_file(&scratch, 2 * input_size + 2 * GIB)?;
+
+    let mut options = VmOptions::new(arch);
+    options.accel = settings.vm.accel;
+    options.transport = settings.vm.transport;
+    options.memory_mib = 2048;
+    options.run_dir = Some(build_dir.clone());
+    options.disks = vec![
+        input_disk,
+        Disk {
+            path: output_partial.clone(),
+            format: "raw".into(),
+            serial: OUTPUT_SERIAL.into(),
+            read_only: false,
+        },
+        Disk {
+            path: scratch.clone(),
+            format: "raw".into(),
+            serial: SCRATCH_SERIAL.into(),
+            read_only: false,
+        },
+    ];
+    progress.step("Booting", &format!("{arch} builder VM"));
+    let vm = RunningVm::start(options).await?;
+    let result = drive_iso_build(&vm, settings, &build_dir, &input, progress).await;
+    let outcome = match result {
+        Ok(outcome) => {
+            vm.shutdown().await?;
+            outcome
+        }
+        Err(error) => {
+            let tail = crate::vm::console_tail(&vm.console_log, 30);
+            drop(vm);
+            tracing::debug!("builder VM console:\n{tail}");
+            return Err(error);
+        }
+    };
+
+    progress.step("Finishing", "verifying the ISO");
+    let file = fs_err::OpenOptions::new()
+        .write(true)
+        .open(&output_partial)?;
+    file.set_len(outcome.size)?;
+    file.sync_all()?;
+    drop(file);
+    let digest = sha256_file(&output_partial)?;
+    if digest != outcome.sha256 {
+        bail!(
+            "the ISO copied out of the builder VM is corrupted: sha256 {} but the agent wrote {}",
+            hex::encode(digest),
+            hex::encode(outcome.sha256)
+        );
+    }
+    fs_err::rename(&output_partial, &settings.output)?;
+    partial_guard.0.clear();
+    Ok(BuildSummary {
+        output: settings.output.clone(),
+        size: outcome.size,
+        sha256: hex::encode(digest),
+    })
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+async fn drive_iso_build(
+    vm: &RunningVm,
+    settings: &CustomizeSettings,
+    build_dir: &Path,
+    input: &Path,
+    progress: &mut Progress,
+) -> anyhow::Result<vmic_protocol::IsoOutcome> {
+    let session = &vm.session;
+    progress.step("Uploading", "config directory");
+    let disks = match session
+        .start(Request::ListDisks)
+        .await?
+        .finish(|_| {})
+        .await?
+    {
+        Response::Disks(disks) => disks,
+        other => bail!("unexpected answer to ListDisks: {other:?}"),
+    };
+    let scratch = disks
+        .iter()
+        .find(|disk| disk.serial == SCRATCH_SERIAL)
+        .context("the builder VM does not see the scratch disk")?;
+    let device = format!("/dev/{}", scratch.name);
+    session
+        .run(&[
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=1,nodiscard",
+            &device,
+        ])
+        .await?;
+    session.run(&["mkdir", "-p", crate::plan::WORK_DIR]).await?;
+    session
+        .run(&["mount", "-t", "ext4", &device, crate::plan::WORK_DIR])
+        .await?;
+
+    let plan = crate::plan::iso_plan(
+        &settings.config.config,
+        &crate::plan::HostFacts {
+            config_dir: &fs_err::canonicalize(&settings.config.dir)?,
+            input_is_iso: settings.input_format == ImageFormat::Iso,
+            input_serial: INPUT_SERIAL,
+            output_serial: OUTPUT_SERIAL,
+            cpus: vm.cpus,
+            exclude: vec![
+                build_dir.to_path_buf(),
+                input.to_path_buf(),
+                fs_err::canonicalize(settings.output.parent().unwrap_or(Path::new(".")))
+                    .unwrap_or_default()
+                    .join(settings.output.file_name().unwrap_or_default()),
+            ],
+        },
+    )?;
+    for (path, why) in &plan.skipped {
+        tracing::warn!("not copied to /_imageconfigs: {} ({why})", path.display());
+    }
+    let mut directories: Vec<String> = plan
+        .uploads
+        .iter()
+        .filter_map(|upload| Path::new(&upload.guest).parent())
+        .map(|parent| parent.to_string_lossy().into_owned())
+        .collect();
+    directories.sort();
+    directories.dedup();
+    directories.insert(0, crate::plan::GUEST_CONFIG_DIR.to_string());
+    let mut mkdir = vec!["mkdir".to_string(), "-p".to_string()];
+    mkdir.extend(directories);
+    let result = session.exec(ExecRequest::new(mkdir), |_, _| {}).await?;
+    if result.code != 0 {
+        bail!(
+            "creating upload directories: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    for upload in &plan.uploads {
+        session
+            .put_file(&upload.local, &upload.guest, upload.mode)
+            .await
+            .with_context(|| format!("uploading {}", upload.local.display()))?;
+    }
+
+    let mut handle = session
+        .start(Request::BuildIso(Box::new(plan.request)))
+        .await?;
+    let response = handle
+        .finish(|event| match event {
+            Event::Progress { step, done, total } => {
+                if done == 0 && total == 0 {
+                    progress.step(&step, &step_message(&step));
+                } else {
+                    progress.update(done, total);
+                }
+            }
+            Event::Output { stream, data } => {
+                let text = String::from_utf8_lossy(&data);
+                for line in text.lines() {
+                    match stream {
+                        Stream::Stdout => tracing::info!(target: "vmic::guest", "{line}"),
+                        Stream::Stderr => tracing::warn!(target: "vmic::guest", "{line}"),
+                    }
+                }
+            }
+            Event::Log { message, .. } => tracing::info!(target: "vmic::guest", "{message}"),
+            Event::Invalid => {}
+        })
+        .await?;
+    match response {
+        Response::Iso(outcome) => Ok(outcome),
+        other => bail!("unexpected answer to BuildIso: {other:?}"),
+    }
+}
+
+fn step_message(step: &str) -> String {
+    match step {
+        "Mounting" => "image partitions per /etc/fstab",
+        "Customizing" => "os settings and scripts",
+        "Dracut" => "LiveOS initrd with the image's dracut",
+        "Squashing" => "root file system",
+        "Mastering" => "ISO with xorriso",
+        "Copying" => "ISO to the output disk",
+        _ => "",
+    }
+    .to_string()
+}
