@@ -7,7 +7,6 @@
 
 mod argv;
 mod console;
-mod detect;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,12 +18,12 @@ use tokio::io::AsyncReadExt;
 
 pub use self::argv::{boot_argv, overlay_argv, BootMedium, BootVm, FirmwareImages};
 pub use self::console::{clean_line, Console, ConsoleTail, Verdict};
-pub use self::detect::{
+pub use crate::image::{
     arch_from_bytes, detect_arch, detect_format, format_from_bytes, ImageFormat,
 };
 
 use crate::accel::Accel;
-use crate::cli::{Arch, BootArgs, Firmware, GlobalArgs};
+use crate::cli::{Arch, BootArgs, Firmware, GlobalArgs, Media};
 use crate::report::Failure;
 
 /// `vmic boot`, resolved: every path checked, every choice made.
@@ -32,6 +31,8 @@ use crate::report::Failure;
 pub struct BootSettings {
     pub image: PathBuf,
     pub format: ImageFormat,
+    /// Attach as a CD-ROM (else as a disk through a throwaway overlay).
+    pub cdrom: bool,
     pub arch: Arch,
     pub firmware: Firmware,
     pub accel: Accel,
@@ -133,6 +134,11 @@ pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
     Ok(BootSettings {
         image,
         format,
+        cdrom: match args.media {
+            Media::Auto => format == ImageFormat::Iso,
+            Media::Cdrom => true,
+            Media::Disk => false,
+        },
         arch,
         firmware: args.firmware,
         accel,
@@ -177,7 +183,7 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
             }
         }
     };
-    let medium = if settings.format == ImageFormat::Iso {
+    let medium = if settings.cdrom {
         BootMedium::Cdrom {
             path: settings.image.clone(),
         }
@@ -211,7 +217,7 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
 }
 
 fn create_overlay(image: &Path, format: ImageFormat, overlay: &Path) -> anyhow::Result<()> {
-    let qemu_img = detect::qemu_img_binary();
+    let qemu_img = crate::image::qemu_img_binary();
     let argv = overlay_argv(image, format.qemu_name(), overlay);
     let output = std::process::Command::new(&qemu_img)
         .args(&argv)

@@ -21,21 +21,6 @@ pub const OUTPUT_SERIAL: &str = "vmic-output";
 pub const SCRATCH_SERIAL: &str = "vmic-scratch";
 const GIB: u64 = 1 << 30;
 
-/// `qemu-img create` argv for a throwaway overlay: the input stays byte-identical.
-pub fn overlay_argv(backing: &Path, format: ImageFormat, overlay: &Path) -> Vec<OsString> {
-    vec![
-        "create".into(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-b".into(),
-        backing.into(),
-        "-F".into(),
-        format.qemu_format().into(),
-        overlay.into(),
-    ]
-}
-
 fn qemu_img(argv: &[OsString]) -> anyhow::Result<String> {
     let output = Command::new("qemu-img")
         .args(argv)
@@ -66,7 +51,7 @@ pub fn virtual_size(path: &Path, format: ImageFormat) -> anyhow::Result<u64> {
         "info".into(),
         "--output=json".into(),
         "-f".into(),
-        format.qemu_format().into(),
+        format.qemu_name().into(),
         path.into(),
     ])
     .with_context(|| {
@@ -145,7 +130,11 @@ pub async fn build_iso(
             read_only: true,
         }
     } else {
-        qemu_img(&overlay_argv(&input, settings.input_format, &overlay))?;
+        qemu_img(&crate::boot::overlay_argv(
+            &input,
+            settings.input_format.qemu_name(),
+            &overlay,
+        ))?;
         Disk {
             path: overlay.clone(),
             format: "qcow2".into(),

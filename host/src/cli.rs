@@ -172,6 +172,18 @@ pub struct BootArgs {
     /// Copy the serial console to this file.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
+
+    /// Attach the image as a disk or a CD-ROM (auto: ISO 9660 files as CD-ROMs). A hybrid
+    /// ISO attached as a disk boots as it would from a `dd`-written USB stick.
+    #[arg(long, value_enum, default_value_t = Media::Auto)]
+    pub media: Media,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Media {
+    Auto,
+    Disk,
+    Cdrom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]

@@ -1,28 +1,32 @@
-//! Input image formats, detected from content (never from the file name).
+//! What an image file is: its format, from its content (never its extension), and its
+//! architecture, from the names of the UEFI boot loaders it carries. Shared by `customize`
+//! and `boot`.
 
+use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use crate::cli::Arch;
 
+/// Image formats `vmic boot` attaches, with QEMU's name for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
     Raw,
     Qcow2,
-    /// VHD, fixed (footer only) or dynamic (footer copy at offset 0).
-    Vhd,
+    /// VHD, fixed or dynamic (QEMU's `vpc` driver).
+    Vpc,
     Vhdx,
-    /// An ISO 9660 file system (a LiveOS ISO for `customize`, or any bootable ISO for `boot`).
+    /// ISO 9660, booted as a CD-ROM.
     Iso,
 }
 
 impl ImageFormat {
-    /// QEMU's block driver name: always passed explicitly, never probed by QEMU.
-    pub fn qemu_format(self) -> &'static str {
+    /// The QEMU block driver (always given explicitly: QEMU never probes).
+    pub fn qemu_name(self) -> &'static str {
         match self {
             ImageFormat::Raw | ImageFormat::Iso => "raw",
             ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Vhd => "vpc",
+            ImageFormat::Vpc => "vpc",
             ImageFormat::Vhdx => "vhdx",
         }
     }
@@ -31,77 +35,366 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Vhd => "vhd",
+            ImageFormat::Vpc => "vhd",
             ImageFormat::Vhdx => "vhdx",
             ImageFormat::Iso => "iso",
         }
     }
 }
 
-/// Look at the magic numbers of `path`.
-pub fn detect(path: &Path) -> anyhow::Result<ImageFormat> {
-    let mut file = fs_err::File::open(path)?;
-    let size = file.metadata()?.len();
-    let mut head = vec![0u8; 0x8006];
-    let read = read_up_to(&mut file, &mut head)?;
-    head.truncate(read);
-    if head.starts_with(b"QFI\xfb") {
-        return Ok(ImageFormat::Qcow2);
-    }
-    if head.starts_with(b"vhdxfile") {
-        return Ok(ImageFormat::Vhdx);
-    }
-    if head.starts_with(b"conectix") {
-        return Ok(ImageFormat::Vhd);
-    }
-    if head.len() >= 0x8006 && &head[0x8001..0x8006] == b"CD001" {
-        return Ok(ImageFormat::Iso);
-    }
-    if size >= 512 {
-        let mut footer = [0u8; 8];
-        file.seek(SeekFrom::Start(size - 512))?;
-        file.read_exact(&mut footer)
-            .with_context(|| format!("reading the end of {}", path.display()))?;
-        if &footer == b"conectix" {
-            return Ok(ImageFormat::Vhd);
-        }
-    }
-    Ok(ImageFormat::Raw)
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("cannot read image file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image file {} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
 }
 
-fn read_up_to(file: &mut fs_err::File, buffer: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match file.read(&mut buffer[filled..])? {
-            0 => break,
-            n => filled += n,
+/// Where the ISO 9660 primary volume descriptor's "CD001" lies (sector 16, after the type byte).
+const ISO_MAGIC_OFFSET: usize = 0x8001;
+const VHD_FOOTER: usize = 512;
+
+/// Detect the format of the image at `path` from its first bytes and its footer.
+pub fn detect_format(path: &Path) -> Result<ImageFormat, DetectError> {
+    let read_error = |source| DetectError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let metadata = file.metadata().map_err(read_error)?;
+    if !metadata.is_file() {
+        return Err(DetectError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut head = Vec::with_capacity(ISO_MAGIC_OFFSET + 5);
+    (&mut file)
+        .take((ISO_MAGIC_OFFSET + 5) as u64)
+        .read_to_end(&mut head)
+        .map_err(read_error)?;
+    let mut footer = vec![0; VHD_FOOTER];
+    if metadata.len() >= VHD_FOOTER as u64 {
+        file.seek(SeekFrom::End(-(VHD_FOOTER as i64)))
+            .map_err(read_error)?;
+        file.read_exact(&mut footer).map_err(read_error)?;
+    }
+    Ok(format_from_bytes(&head, &footer))
+}
+
+/// The format, given the image's first bytes (at least 0x8006 to recognise an ISO) and its
+/// last 512 bytes.
+pub fn format_from_bytes(head: &[u8], footer: &[u8]) -> ImageFormat {
+    if head.starts_with(b"QFI\xfb") {
+        ImageFormat::Qcow2
+    } else if head.starts_with(b"vhdxfile") {
+        ImageFormat::Vhdx
+    } else if head.starts_with(b"conectix") || footer.starts_with(b"conectix") {
+        // Dynamic VHDs start with a copy of the footer; fixed ones only end with it.
+        ImageFormat::Vpc
+    } else if head.get(ISO_MAGIC_OFFSET..ISO_MAGIC_OFFSET + 5) == Some(b"CD001") {
+        ImageFormat::Iso
+    } else {
+        ImageFormat::Raw
+    }
+}
+
+/// How much of an image is searched for boot loader names when there is no ESP to look in.
+const SCAN_WITHOUT_ESP: u64 = 64 << 20;
+/// At most this much of an ESP is searched.
+const SCAN_ESP_MAX: u64 = 256 << 20;
+
+/// The architecture of the UEFI boot loaders the image carries (`EFI/BOOT/BOOTX64.EFI` or
+/// `BOOTAA64.EFI`), searched in the ESP of a GPT disk or in the start of an ISO.
+/// Best effort: `None` when unreadable, absent or ambiguous.
+pub fn detect_arch(path: &Path, format: ImageFormat) -> Option<Arch> {
+    let reader = RangeReader { path, format };
+    let start = match reader.read(0, 1 << 20) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the image to detect its architecture");
+            return None;
+        }
+    };
+    let (offset, length) = match esp_range(&start) {
+        Some((offset, length)) => (offset, length.min(SCAN_ESP_MAX)),
+        None => (0, SCAN_WITHOUT_ESP),
+    };
+    match reader.read(offset, length) {
+        Ok(bytes) => arch_from_bytes(&bytes),
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the image to detect its architecture");
+            None
         }
     }
-    Ok(filled)
+}
+
+/// The byte range of the EFI System Partition, from the GPT at the start of a disk
+/// (512-byte sectors).
+pub fn esp_range(start: &[u8]) -> Option<(u64, u64)> {
+    const SECTOR: u64 = 512;
+    // C12A7328-F81F-11D2-BA4B-00A0C93EC93B as stored on disk (mixed endian).
+    const ESP_TYPE: [u8; 16] = [
+        0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9,
+        0x3b,
+    ];
+    let header = start.get(512..512 + 92)?;
+    if &header[..8] != b"EFI PART" {
+        return None;
+    }
+    let entries_lba = u64::from_le_bytes(header[72..80].try_into().ok()?);
+    let count = u32::from_le_bytes(header[80..84].try_into().ok()?) as usize;
+    let entry_size = u32::from_le_bytes(header[84..88].try_into().ok()?) as usize;
+    if entry_size < 128 {
+        return None;
+    }
+    let base = usize::try_from(entries_lba.checked_mul(SECTOR)?).ok()?;
+    (0..count.min(256)).find_map(|index| {
+        let entry = start.get(base + index * entry_size..base + index * entry_size + 128)?;
+        if entry[..16] != ESP_TYPE {
+            return None;
+        }
+        let first = u64::from_le_bytes(entry[32..40].try_into().ok()?);
+        let last = u64::from_le_bytes(entry[40..48].try_into().ok()?);
+        (last >= first).then(|| (first * SECTOR, (last - first + 1) * SECTOR))
+    })
+}
+
+/// The architecture whose default boot loader name appears in `bytes`: FAT 8.3 directory
+/// entries (`BOOTX64 EFI`) or ISO 9660 names (`BOOTX64.EFI`), in any case.
+pub fn arch_from_bytes(bytes: &[u8]) -> Option<Arch> {
+    let pattern = regex::bytes::Regex::new(r"(?i-u)BOOT(X64|AA64)[ .]?EFI")
+        .expect("the boot loader name pattern is valid");
+    let (mut x86_64, mut aarch64) = (false, false);
+    for captures in pattern.captures_iter(bytes) {
+        match captures[1].to_ascii_uppercase().as_slice() {
+            b"X64" => x86_64 = true,
+            _ => aarch64 = true,
+        }
+    }
+    match (x86_64, aarch64) {
+        (true, false) => Some(Arch::X86_64),
+        (false, true) => Some(Arch::Aarch64),
+        _ => None,
+    }
+}
+
+/// Reads byte ranges of an image's guest-visible content: directly for raw images and ISOs
+/// (and fixed VHDs), through `qemu-img dd` for the others.
+struct RangeReader<'a> {
+    path: &'a Path,
+    format: ImageFormat,
+}
+
+impl RangeReader<'_> {
+    fn read(&self, offset: u64, length: u64) -> anyhow::Result<Vec<u8>> {
+        match self.format {
+            ImageFormat::Raw | ImageFormat::Iso => {
+                let mut file = fs_err::File::open(self.path)?;
+                file.seek(SeekFrom::Start(offset))?;
+                let mut bytes = Vec::new();
+                file.take(length).read_to_end(&mut bytes)?;
+                Ok(bytes)
+            }
+            _ => self.read_through_qemu_img(offset, length),
+        }
+    }
+
+    fn read_through_qemu_img(&self, offset: u64, length: u64) -> anyhow::Result<Vec<u8>> {
+        const BLOCK: u64 = 64 << 10;
+        let first_block = offset / BLOCK;
+        let blocks = (offset + length).div_ceil(BLOCK) - first_block;
+        let dir = tempfile::tempdir()?;
+        let out = dir.path().join("range.raw");
+        let argv = qemu_img_dd_argv(self.path, self.format, &out, BLOCK, first_block, blocks);
+        let output = std::process::Command::new(qemu_img_binary())
+            .args(&argv)
+            .output()?;
+        if !output.status.success() {
+            anyhow::bail!(
+                "qemu-img dd failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let bytes = fs_err::read(&out)?;
+        let skip = usize::try_from(offset - first_block * BLOCK)?;
+        let end = usize::try_from(length)?
+            .saturating_add(skip)
+            .min(bytes.len());
+        Ok(bytes.get(skip..end).unwrap_or_default().to_vec())
+    }
+}
+
+/// `qemu-img`: the one next to the emulator on `PATH`.
+pub fn qemu_img_binary() -> PathBuf {
+    crate::qemu::find_in_path("qemu-img").unwrap_or_else(|| PathBuf::from("qemu-img"))
+}
+
+/// Argv (without the binary) copying `blocks` blocks of `block` bytes from `first_block` of the
+/// guest-visible content of `input` to the raw file `out`.
+pub fn qemu_img_dd_argv(
+    input: &Path,
+    format: ImageFormat,
+    out: &Path,
+    block: u64,
+    first_block: u64,
+    blocks: u64,
+) -> Vec<OsString> {
+    let mut input_arg = OsString::from("if=");
+    input_arg.push(input);
+    let mut out_arg = OsString::from("of=");
+    out_arg.push(out);
+    vec![
+        "dd".into(),
+        "-f".into(),
+        format.qemu_name().into(),
+        "-O".into(),
+        "raw".into(),
+        format!("bs={block}").into(),
+        format!("skip={first_block}").into(),
+        format!("count={blocks}").into(),
+        input_arg,
+        out_arg,
+    ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn detect_bytes(bytes: &[u8]) -> ImageFormat {
-        let file = tempfile::NamedTempFile::new().expect("temp file");
-        fs_err::write(file.path(), bytes).expect("write");
-        detect(file.path()).expect("detect")
+    fn head_with(offset: usize, magic: &[u8]) -> Vec<u8> {
+        let mut head = vec![0u8; ISO_MAGIC_OFFSET + 5];
+        head[offset..offset + magic.len()].copy_from_slice(magic);
+        head
     }
 
     #[test]
-    fn formats_are_detected_from_magic() {
-        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03"), ImageFormat::Qcow2);
-        assert_eq!(detect_bytes(b"vhdxfile"), ImageFormat::Vhdx);
-        assert_eq!(detect_bytes(b"conectix"), ImageFormat::Vhd);
-        let mut fixed_vhd = vec![0u8; 4096];
-        fixed_vhd[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
-        assert_eq!(detect_bytes(&fixed_vhd), ImageFormat::Vhd);
-        let mut iso = vec![0u8; 0x9000];
-        iso[0x8001..0x8006].copy_from_slice(b"CD001");
-        assert_eq!(detect_bytes(&iso), ImageFormat::Iso);
-        assert_eq!(detect_bytes(&[0u8; 1024]), ImageFormat::Raw);
-        assert_eq!(detect_bytes(b""), ImageFormat::Raw);
+    fn formats_are_recognised_by_content() {
+        let empty_footer = vec![0u8; 512];
+        let mut vhd_footer = vec![0u8; 512];
+        vhd_footer[..8].copy_from_slice(b"conectix");
+        let cases: &[(&str, Vec<u8>, &[u8], ImageFormat)] = &[
+            (
+                "qcow2",
+                head_with(0, b"QFI\xfb"),
+                &empty_footer,
+                ImageFormat::Qcow2,
+            ),
+            (
+                "vhdx",
+                head_with(0, b"vhdxfile"),
+                &empty_footer,
+                ImageFormat::Vhdx,
+            ),
+            (
+                "dynamic vhd",
+                head_with(0, b"conectix"),
+                &empty_footer,
+                ImageFormat::Vpc,
+            ),
+            (
+                "fixed vhd",
+                head_with(0, b"\xeb\x63\x90"),
+                &vhd_footer,
+                ImageFormat::Vpc,
+            ),
+            (
+                "iso",
+                head_with(0x8001, b"CD001"),
+                &empty_footer,
+                ImageFormat::Iso,
+            ),
+            (
+                "isohybrid",
+                {
+                    let mut head = head_with(0x8001, b"CD001");
+                    head[510..512].copy_from_slice(b"\x55\xaa");
+                    head
+                },
+                &empty_footer,
+                ImageFormat::Iso,
+            ),
+            (
+                "raw",
+                head_with(510, b"\x55\xaa"),
+                &empty_footer,
+                ImageFormat::Raw,
+            ),
+            ("short raw", vec![0u8; 100], &[], ImageFormat::Raw),
+        ];
+        for (name, head, footer, expected) in cases {
+            assert_eq!(format_from_bytes(head, footer), *expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn qemu_names_are_explicit() {
+        assert_eq!(ImageFormat::Vpc.qemu_name(), "vpc");
+        assert_eq!(ImageFormat::Iso.qemu_name(), "raw");
+    }
+
+    #[test]
+    fn arch_comes_from_the_boot_loader_name() {
+        let cases: &[(&[u8], Option<Arch>)] = &[
+            (b"....BOOTX64 EFI ....", Some(Arch::X86_64)),
+            (b"....bootx64.efi;1...", Some(Arch::X86_64)),
+            (b"....BOOTAA64EFI ....", Some(Arch::Aarch64)),
+            (b"..EFI/BOOT/BOOTAA64.EFI", Some(Arch::Aarch64)),
+            (b"BOOTX64 EFI BOOTAA64EFI", None),
+            (b"nothing here", None),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(
+                arch_from_bytes(bytes),
+                *expected,
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[test]
+    fn esp_is_found_in_a_gpt() {
+        let mut disk = vec![0u8; 1 << 20];
+        disk[512..520].copy_from_slice(b"EFI PART");
+        disk[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        disk[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
+        disk[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        // Entry 0: a Linux file system; entry 1: the ESP from sector 2048, 64 MiB.
+        let linux: [u8; 16] = [
+            0xaf, 0x3d, 0xc6, 0x0f, 0x83, 0x84, 0x72, 0x47, 0x8e, 0x79, 0x3d, 0x69, 0xd8, 0x47,
+            0x7d, 0xe4,
+        ];
+        let esp: [u8; 16] = [
+            0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+            0xc9, 0x3b,
+        ];
+        let entry = |index: usize| 1024 + index * 128;
+        disk[entry(0)..entry(0) + 16].copy_from_slice(&linux);
+        disk[entry(1)..entry(1) + 16].copy_from_slice(&esp);
+        disk[entry(1) + 32..entry(1) + 40].copy_from_slice(&2048u64.to_le_bytes());
+        disk[entry(1) + 40..entry(1) + 48].copy_from_slice(&(2048u64 + 131071).to_le_bytes());
+        assert_eq!(esp_range(&disk), Some((2048 * 512, 64 << 20)));
+        assert_eq!(esp_range(&vec![0u8; 4096]), None);
+    }
+
+    #[test]
+    fn qemu_img_dd_reads_guest_content() {
+        let argv = qemu_img_dd_argv(
+            Path::new("/in/disk.vhdx"),
+            ImageFormat::Vhdx,
+            Path::new("/tmp/out.raw"),
+            65536,
+            16,
+            1024,
+        );
+        let argv: Vec<_> = argv.iter().map(|arg| arg.to_string_lossy()).collect();
+        assert_eq!(
+            argv.join(" "),
+            "dd -f vhdx -O raw bs=65536 skip=16 count=1024 if=/in/disk.vhdx of=/tmp/out.raw"
+        );
     }
 }

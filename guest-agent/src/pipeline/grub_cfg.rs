@@ -15,11 +15,16 @@
 //! their values are only known when grub runs.
 
 /// The dracut LiveOS args (spec step 6), appended after the image's args.
-pub const LIVE_ARGS: [&str; 5] = [
+///
+/// Unlike the spec's list (and AzL-IC's), no `rd.live.overlay=1`: upstream dracut (Debian,
+/// Fedora) reads its value as the device of a persistent overlay, does not find device "1",
+/// and then waits at the console for Enter, forever (`systemd-ask-password --timeout=0`).
+/// Azure Linux's dracut avoids that with its own `rd.live.overlay.nouserconfirmprompt`
+/// patch. Without the arg both keep the RAM overlay that `rd.live.overlay.overlayfs` asks for.
+pub const LIVE_ARGS: [&str; 4] = [
     "rd.live.image",
     "rd.live.dir=liveos",
     "rd.live.squashimg=rootfs.img",
-    "rd.live.overlay=1",
     "rd.live.overlay.overlayfs",
 ];
 
@@ -675,7 +680,7 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             vec![
                 "linux /boot/vmlinuz-6.1.0-28-cloud-amd64 rw console=ttyS0,115200 net.ifnames=0 \
                  root=live:LABEL=CDROM rd.live.image rd.live.dir=liveos \
-                 rd.live.squashimg=rootfs.img rd.live.overlay=1 rd.live.overlay.overlayfs \
+                 rd.live.squashimg=rootfs.img rd.live.overlay.overlayfs \
                  selinux=0 ds=nocloud quiet loglevel=3"
                     .to_owned()
             ]

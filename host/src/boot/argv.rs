@@ -125,17 +125,14 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
                     escape_comma(path)
                 ),
             ]);
-            match vm.arch {
-                // q35's built-in AHCI controller: a CD drive as on real hardware.
-                Arch::X86_64 => push(&["-device", "ide-cd,drive=cd0,bootindex=1"]),
-                // virt has no IDE.
-                Arch::Aarch64 => push(&[
-                    "-device",
-                    "virtio-scsi-pci,id=scsi0",
-                    "-device",
-                    "scsi-cd,drive=cd0,bus=scsi0.0,bootindex=1",
-                ]),
-            }
+            // A virtio-scsi CD drive on both arches: virt has no IDE, and cloud kernels
+            // (Debian's `cloud` flavour) have no AHCI driver for q35's built-in controller.
+            push(&[
+                "-device",
+                "virtio-scsi-pci,id=scsi0",
+                "-device",
+                "scsi-cd,drive=cd0,bus=scsi0.0,bootindex=1",
+            ]);
         }
     }
     argv

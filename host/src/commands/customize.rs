@@ -30,8 +30,8 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
     let input = required(&args.image_file, "--image-file")?;
     let config_path = required(&args.config_file, "--config-file")?;
     let build_dir = required(&args.build_dir, "--build-dir")?;
-    let input_format = image::detect(&input).map_err(|error| {
-        Failure::Usage(error.context(format!("cannot read the input image {}", input.display())))
+    let input_format = image::detect_format(&input).map_err(|error| {
+        Failure::Usage(anyhow::Error::new(error).context("cannot use the input image"))
     })?;
     let ctx = ValidationContext {
         output_format: args.output_image_format,
