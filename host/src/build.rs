@@ -74,6 +74,60 @@ fn sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Bytes free for unprivileged writes on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a valid out pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("checking free space in {}", dir.display()));
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// Refuse to start when the build directory or the output's directory clearly lack room:
+/// failing after minutes of TCG work is worse than failing now. The estimates follow the
+/// input's allocated bytes: the scratch disk holds the squashfs (about half of that) plus the
+/// ISO tree and the ISO; the overlay takes what customization writes.
+fn check_space(input: &Path, build_dir: &Path, output_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    const MIB: u64 = 1 << 20;
+    let allocated = fs_err::metadata(input)?.blocks() * 512;
+    let build_need = allocated + allocated / 5 + 256 * MIB;
+    let output_need = allocated * 7 / 10 + 64 * MIB;
+    let same_fs = fs_err::metadata(build_dir)?.dev() == fs_err::metadata(output_dir)?.dev();
+    let checks: Vec<(&Path, u64, &str)> = if same_fs {
+        vec![(
+            build_dir,
+            build_need + output_need,
+            "build directory (also holds the output)",
+        )]
+    } else {
+        vec![
+            (build_dir, build_need, "build directory"),
+            (output_dir, output_need, "output directory"),
+        ]
+    };
+    for (dir, need, what) in checks {
+        let free = free_bytes(dir)?;
+        if free < need {
+            return Err(crate::report::hinted(
+                format!(
+                    "not enough space in the {what} {}: {} MiB free, about {} MiB needed",
+                    dir.display(),
+                    free / MIB,
+                    need / MIB
+                ),
+                "free some space or pass --build-dir on a larger file system",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Temp name beside the output, so the final rename is atomic and a failed build leaves
 /// nothing that looks like a finished output.
 pub fn partial_path(output: &Path) -> PathBuf {
@@ -115,6 +169,11 @@ pub async fn build_iso(
     let input = fs_err::canonicalize(&settings.input)?;
     let input_size = virtual_size(&input, settings.input_format)?;
     let output_partial = partial_path(&settings.output);
+    let output_dir = match settings.output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    check_space(&input, &build_dir, &output_dir)?;
     let overlay = build_dir.join("input-overlay.qcow2");
     let scratch = build_dir.join("scratch.raw");
     // Removed however the build ends; the partial output too unless renamed into place.

@@ -152,7 +152,10 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     argv.push(os("-append"));
     argv.push(os(&vm.cmdline));
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
-    push(&["-serial", &format!("file:{}", vm.console_log.display())]);
+    push(&[
+        "-serial",
+        &format!("file:{}", escape_comma(&vm.console_log)),
+    ]);
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", vm.qmp_socket.display()),
@@ -160,7 +163,9 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     push(&["-device", "virtio-rng-pci"]);
     for (index, disk) in vm.disks.iter().enumerate() {
         let mut drive = format!(
-            "file={},if=none,id=disk{index},format={},cache=unsafe,discard=unmap",
+            // Errors go to the guest (EIO/ENOSPC), which reports them; QEMU's default would pause
+            // the VM on a full host disk and the build would hang.
+            "file={},if=none,id=disk{index},format={},cache=unsafe,discard=unmap,werror=report,rerror=report",
             escape_comma(&disk.path),
             disk.format
         );
@@ -388,5 +393,67 @@ impl QemuProcess {
     /// QEMU's exit status if it has already exited, without waiting.
     pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
         Ok(self.child.try_wait()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(arch: Arch, channel: Channel) -> BuilderVm {
+        BuilderVm {
+            arch,
+            accel: Accel::Tcg,
+            memory_mib: 2048,
+            cpus: 2,
+            kernel: "/cache/guest/kernel".into(),
+            initramfs: "/cache/guest/initramfs".into(),
+            cmdline: "console=ttyS0 vmic.transport=serial".into(),
+            disks: vec![
+                Disk {
+                    path: "/build/input,1.qcow2".into(),
+                    format: "qcow2".into(),
+                    serial: "vmic-input".into(),
+                    read_only: false,
+                },
+                Disk {
+                    path: "/out/.x.iso.vmic-partial".into(),
+                    format: "raw".into(),
+                    serial: "vmic-output".into(),
+                    read_only: true,
+                },
+            ],
+            channel,
+            console_log: "/build/console.log".into(),
+            qmp_socket: "/tmp/vmic-x/qmp.sock".into(),
+        }
+    }
+
+    fn render(argv: Vec<OsString>) -> String {
+        argv.iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn builder_argv_x86_64_serial() {
+        insta::assert_snapshot!(render(builder_argv(&vm(
+            Arch::X86_64,
+            Channel::Serial {
+                socket: "/tmp/vmic-x/agent.sock".into(),
+                name: "org.vmic.agent.0".into(),
+            },
+        ))));
+    }
+
+    #[test]
+    fn builder_argv_aarch64_vhost_user_vsock() {
+        insta::assert_snapshot!(render(builder_argv(&vm(
+            Arch::Aarch64,
+            Channel::VhostUserVsock {
+                socket: "/tmp/vmic-x/vhost.sock".into(),
+            },
+        ))));
     }
 }

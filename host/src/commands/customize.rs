@@ -33,6 +33,7 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
     let input_format = image::detect_format(&input).map_err(|error| {
         Failure::Usage(anyhow::Error::new(error).context("cannot use the input image"))
     })?;
+    image::check_integrity(&input, input_format).map_err(Failure::Usage)?;
     let ctx = ValidationContext {
         output_format: args.output_image_format,
         input_is_iso: Some(input_format == ImageFormat::Iso),
