@@ -261,6 +261,53 @@ pub fn qemu_img_dd_argv(
     ]
 }
 
+/// Refuse an input QEMU would read wrongly: a qcow2/vhdx whose metadata points past the end
+/// of the file (truncated) or is corrupt, or a raw image shorter than a sector. Checked on the
+/// host before any VM starts, so the error names the file and nothing is left behind.
+pub fn check_integrity(path: &Path, format: ImageFormat) -> anyhow::Result<()> {
+    match format {
+        ImageFormat::Qcow2 | ImageFormat::Vhdx => {
+            let output = std::process::Command::new(qemu_img_binary())
+                .args(["check", "--output=json", "-f", format.qemu_name()])
+                .arg(path)
+                .output()
+                .map_err(|error| {
+                    crate::report::hinted(
+                        format!("cannot run qemu-img: {error}"),
+                        "install qemu-utils (`scripts/setup` does it)",
+                    )
+                })?;
+            let report: serde_json::Value =
+                serde_json::from_slice(&output.stdout).unwrap_or_default();
+            let count = |key: &str| report[key].as_u64().unwrap_or(0);
+            let (corruptions, errors) = (count("corruptions"), count("check-errors"));
+            if report.is_null() || corruptions > 0 || errors > 0 {
+                let first = String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                anyhow::bail!(
+                    "{} is a damaged {} image ({corruptions} corruptions, {errors} check errors; e.g. {first}): it may be truncated or partly copied",
+                    path.display(),
+                    format.name()
+                );
+            }
+            Ok(())
+        }
+        ImageFormat::Raw | ImageFormat::Iso | ImageFormat::Vpc => {
+            let size = fs_err::metadata(path)?.len();
+            if size < 512 * 34 {
+                anyhow::bail!(
+                    "{} is {size} bytes: too small to be a partitioned disk image",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,52 +443,5 @@ mod tests {
             argv.join(" "),
             "dd -f vhdx -O raw bs=65536 skip=16 count=1024 if=/in/disk.vhdx of=/tmp/out.raw"
         );
-    }
-}
-
-/// Refuse an input QEMU would read wrongly: a qcow2/vhdx whose metadata points past the end
-/// of the file (truncated) or is corrupt, or a raw image shorter than a sector. Checked on the
-/// host before any VM starts, so the error names the file and nothing is left behind.
-pub fn check_integrity(path: &Path, format: ImageFormat) -> anyhow::Result<()> {
-    match format {
-        ImageFormat::Qcow2 | ImageFormat::Vhdx => {
-            let output = std::process::Command::new(qemu_img_binary())
-                .args(["check", "--output=json", "-f", format.qemu_name()])
-                .arg(path)
-                .output()
-                .map_err(|error| {
-                    crate::report::hinted(
-                        format!("cannot run qemu-img: {error}"),
-                        "install qemu-utils (`scripts/setup` does it)",
-                    )
-                })?;
-            let report: serde_json::Value =
-                serde_json::from_slice(&output.stdout).unwrap_or_default();
-            let count = |key: &str| report[key].as_u64().unwrap_or(0);
-            let (corruptions, errors) = (count("corruptions"), count("check-errors"));
-            if report.is_null() || corruptions > 0 || errors > 0 {
-                let first = String::from_utf8_lossy(&output.stderr)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string();
-                anyhow::bail!(
-                    "{} is a damaged {} image ({corruptions} corruptions, {errors} check errors; e.g. {first}): it may be truncated or partly copied",
-                    path.display(),
-                    format.name()
-                );
-            }
-            Ok(())
-        }
-        ImageFormat::Raw | ImageFormat::Iso | ImageFormat::Vpc => {
-            let size = fs_err::metadata(path)?.len();
-            if size < 512 * 34 {
-                anyhow::bail!(
-                    "{} is {size} bytes: too small to be a partitioned disk image",
-                    path.display()
-                );
-            }
-            Ok(())
-        }
     }
 }
