@@ -189,16 +189,14 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
         }
     } else {
         let overlay = dir.path().join("overlay.qcow2");
-        create_overlay(&settings.image, settings.format, &overlay)?;
+        crate::image::create_overlay(&settings.image, settings.format, &overlay)?;
         BootMedium::Disk {
             path: overlay,
             format: "qcow2".into(),
         }
     };
     let serial_socket = dir.path().join("console.sock");
-    let cpus = std::thread::available_parallelism()
-        .map(|count| count.get().min(4))
-        .unwrap_or(2) as u32;
+    let cpus = crate::vm::default_cpus();
     let vm = BootVm {
         arch: settings.arch,
         accel: settings.accel,
@@ -214,29 +212,6 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
         binary,
         serial_socket,
     })
-}
-
-fn create_overlay(image: &Path, format: ImageFormat, overlay: &Path) -> anyhow::Result<()> {
-    let qemu_img = crate::image::qemu_img_binary();
-    let argv = overlay_argv(image, format.qemu_name(), overlay);
-    let output = std::process::Command::new(&qemu_img)
-        .args(&argv)
-        .output()
-        .map_err(|error| {
-            if error.kind() == std::io::ErrorKind::NotFound {
-                crate::report::hinted("qemu-img not found on PATH", "apt-get install qemu-utils")
-            } else {
-                anyhow::Error::new(error).context(format!("running {}", qemu_img.display()))
-            }
-        })?;
-    if !output.status.success() {
-        anyhow::bail!(
-            "creating the overlay over {} failed: {}",
-            image.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Boot and watch the console. `Ok(Some(line))`: the line that matched `--expect`;

@@ -3,7 +3,6 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
@@ -22,15 +21,7 @@ pub const SCRATCH_SERIAL: &str = "vmic-scratch";
 const GIB: u64 = 1 << 30;
 
 fn qemu_img(argv: &[OsString]) -> anyhow::Result<String> {
-    let output = Command::new("qemu-img")
-        .args(argv)
-        .output()
-        .map_err(|error| {
-            crate::report::hinted(
-                format!("cannot run qemu-img: {error}"),
-                "install qemu-utils (`scripts/setup` does it)",
-            )
-        })?;
+    let output = crate::image::run_qemu_img(argv)?;
     if !output.status.success() {
         bail!(
             "qemu-img {} failed: {}",
@@ -189,11 +180,7 @@ pub async fn build_iso(
             read_only: true,
         }
     } else {
-        qemu_img(&crate::boot::overlay_argv(
-            &input,
-            settings.input_format.qemu_name(),
-            &overlay,
-        ))?;
+        crate::image::create_overlay(&input, settings.input_format, &overlay)?;
         Disk {
             path: overlay.clone(),
             format: "qcow2".into(),

@@ -197,6 +197,20 @@ pub enum OutputFormat {
     Vhdx,
 }
 
+impl OutputFormat {
+    /// The spelling on the command line and in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::Iso => "iso",
+            OutputFormat::Raw => "raw",
+            OutputFormat::Qcow2 => "qcow2",
+            OutputFormat::Vhd => "vhd",
+            OutputFormat::VhdFixed => "vhd-fixed",
+            OutputFormat::Vhdx => "vhdx",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
 pub enum Arch {
     #[value(name = "x86_64", alias = "amd64")]

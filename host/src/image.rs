@@ -233,6 +233,36 @@ pub fn qemu_img_binary() -> PathBuf {
     crate::qemu::find_in_path("qemu-img").unwrap_or_else(|| PathBuf::from("qemu-img"))
 }
 
+/// A throwaway qcow2 overlay over `image`: the VM writes there, the image stays byte-identical.
+pub fn create_overlay(image: &Path, format: ImageFormat, overlay: &Path) -> anyhow::Result<()> {
+    let output = run_qemu_img(&crate::boot::overlay_argv(
+        image,
+        format.qemu_name(),
+        overlay,
+    ))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "creating the overlay over {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Run `qemu-img` with `argv`; a missing binary is an error naming the package.
+pub fn run_qemu_img<S: AsRef<std::ffi::OsStr>>(argv: &[S]) -> anyhow::Result<std::process::Output> {
+    std::process::Command::new(qemu_img_binary())
+        .args(argv)
+        .output()
+        .map_err(|error| {
+            crate::report::hinted(
+                format!("cannot run qemu-img: {error}"),
+                "install qemu-utils (`scripts/setup` does it)",
+            )
+        })
+}
+
 /// Argv (without the binary) copying `blocks` blocks of `block` bytes from `first_block` of the
 /// guest-visible content of `input` to the raw file `out`.
 pub fn qemu_img_dd_argv(
@@ -267,16 +297,13 @@ pub fn qemu_img_dd_argv(
 pub fn check_integrity(path: &Path, format: ImageFormat) -> anyhow::Result<()> {
     match format {
         ImageFormat::Qcow2 | ImageFormat::Vhdx => {
-            let output = std::process::Command::new(qemu_img_binary())
-                .args(["check", "--output=json", "-f", format.qemu_name()])
-                .arg(path)
-                .output()
-                .map_err(|error| {
-                    crate::report::hinted(
-                        format!("cannot run qemu-img: {error}"),
-                        "install qemu-utils (`scripts/setup` does it)",
-                    )
-                })?;
+            let output = run_qemu_img(&[
+                std::ffi::OsStr::new("check"),
+                "--output=json".as_ref(),
+                "-f".as_ref(),
+                format.qemu_name().as_ref(),
+                path.as_os_str(),
+            ])?;
             let report: serde_json::Value =
                 serde_json::from_slice(&output.stdout).unwrap_or_default();
             let count = |key: &str| report[key].as_u64().unwrap_or(0);

@@ -93,7 +93,7 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     if settings.output_format != OutputFormat::Iso {
         return Err(Failure::Usage(anyhow!(
             "not supported yet: --output-image-format {} (disk image outputs come later; use iso)",
-            format_name(settings.output_format)
+            settings.output_format.name()
         )));
     }
     // The image's architecture is checked again inside the VM against its binaries.
@@ -120,15 +120,4 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         "LiveOS ISO written"
     );
     Ok(())
-}
-
-fn format_name(format: OutputFormat) -> &'static str {
-    match format {
-        OutputFormat::Iso => "iso",
-        OutputFormat::Raw => "raw",
-        OutputFormat::Qcow2 => "qcow2",
-        OutputFormat::Vhd => "vhd",
-        OutputFormat::VhdFixed => "vhd-fixed",
-        OutputFormat::Vhdx => "vhdx",
-    }
 }

@@ -542,7 +542,7 @@ impl Rules<'_> {
         let Some(format) = effective_output_format(config, ctx) else {
             return;
         };
-        let format_name = format_name(format);
+        let format_name = format.name();
         if format == OutputFormat::Iso {
             let storage = config.storage.as_ref();
             if storage.is_some_and(|storage| storage.disks.is_some()) {
@@ -591,17 +591,6 @@ impl Rules<'_> {
                 );
             }
         }
-    }
-}
-
-fn format_name(format: OutputFormat) -> &'static str {
-    match format {
-        OutputFormat::Iso => "iso",
-        OutputFormat::Raw => "raw",
-        OutputFormat::Qcow2 => "qcow2",
-        OutputFormat::Vhd => "vhd",
-        OutputFormat::VhdFixed => "vhd-fixed",
-        OutputFormat::Vhdx => "vhdx",
     }
 }
 
