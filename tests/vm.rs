@@ -266,3 +266,93 @@ fn aarch64_serial_qemu_killed() {
 fn aarch64_vsock_qemu_killed() {
     qemu_killed(Arch::Aarch64, TransportChoice::Vsock);
 }
+
+mod failures {
+    //! The builder VM's clear errors, through the `vmic` binary.
+
+    use std::path::Path;
+
+    use assert_cmd::Command;
+
+    /// A config and a small raw "disk" that pass validation, so the run reaches the VM.
+    fn inputs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let image = dir.join("disk.raw");
+        fs_err::write(&image, vec![0u8; 1 << 20]).expect("write image");
+        let config = dir.join("config.yaml");
+        fs_err::write(&config, "os:\n  hostname: probe\n").expect("write config");
+        (image, config)
+    }
+
+    fn customize(dir: &Path) -> Command {
+        let (image, config) = inputs(dir);
+        let mut command = Command::cargo_bin("vmic").expect("vmic binary");
+        command
+            .args(["customize", "--arch", "x86_64", "--transport", "serial"])
+            .arg("--image-file")
+            .arg(&image)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--build-dir")
+            .arg(dir.join("build"))
+            .arg("--output-image-file")
+            .arg(dir.join("out.iso"))
+            .args(["--output-image-format", "iso"]);
+        command
+    }
+
+    fn stderr_of(command: &mut Command, code: i32) -> String {
+        let output = command.output().expect("run vmic");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(code), "{stderr}");
+        stderr
+    }
+
+    #[test]
+    fn missing_qemu_names_the_package() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr = stderr_of(
+            customize(dir.path()).env("VMIC_QEMU_X86_64", "/nonexistent/qemu-system-x86_64"),
+            1,
+        );
+        assert!(stderr.contains("qemu-system-x86"), "{stderr}");
+        assert!(!dir.path().join("out.iso").exists());
+    }
+
+    #[test]
+    fn missing_guest_image_names_the_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr = stderr_of(
+            customize(dir.path()).env("VMIC_GUEST_IMAGE_DIR", dir.path().join("none")),
+            1,
+        );
+        assert!(
+            stderr.contains("scripts/build-guest-image --arch x86_64"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn a_vm_without_agent_shows_the_console_tail() {
+        let _lock = super::ONE_VM_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The real kernel with an empty initramfs: no /init, so the kernel panics and QEMU
+        // exits; the error must say the agent never came and show why.
+        let real = vmic::guest_image::find(vmic::cli::Arch::X86_64).expect("guest image");
+        let fake = dir.path().join("images/x86_64");
+        fs_err::create_dir_all(&fake).expect("mkdir");
+        fs_err::copy(&real.kernel, fake.join("kernel")).expect("kernel");
+        fs_err::write(fake.join("initramfs"), b"").expect("initramfs");
+        fs_err::copy(real.dir.join("manifest.json"), fake.join("manifest.json")).expect("manifest");
+        let stderr = stderr_of(
+            customize(dir.path()).env("VMIC_GUEST_IMAGE_DIR", dir.path().join("images")),
+            1,
+        );
+        assert!(stderr.contains("did not become ready"), "{stderr}");
+        assert!(stderr.contains("last console lines"), "{stderr}");
+        assert!(stderr.contains("Kernel panic"), "{stderr}");
+        assert!(!dir.path().join("out.iso").exists());
+        assert!(!dir.path().join(".out.iso.vmic-partial").exists());
+    }
+}
