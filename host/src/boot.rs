@@ -400,7 +400,7 @@ async fn connect_console(
 }
 
 /// Resolves on Ctrl-C (or SIGTERM on Unix).
-async fn interrupted() {
+pub async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -104,7 +104,14 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     })?;
     let runtime = tokio::runtime::Runtime::new().map_err(|error| Failure::Build(error.into()))?;
     let mut progress = crate::report::Progress::new(crate::report::interactive(global));
-    let result = runtime.block_on(crate::build::build_iso(&settings, arch, &mut progress));
+    // On Ctrl-C or SIGTERM the build future is dropped: QEMU is killed and the scratch
+    // files and the partial output are removed by their guards.
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = crate::build::build_iso(&settings, arch, &mut progress) => result,
+            () = crate::boot::interrupted() => Err(anyhow!("interrupted; the build was stopped and its files removed")),
+        }
+    });
     let total = progress.finish();
     if let Some(path) = &global.timestamp_file {
         if let Err(error) = progress.write_timestamps(path, total) {
