@@ -148,7 +148,10 @@ struct Mounts(Vec<PathBuf>);
 
 impl Mounts {
     fn mount(&mut self, build: &Build<'_>, argv: Vec<String>, target: &Path) -> anyhow::Result<()> {
-        fs_create_dir_all(target)?;
+        // A file is a mount point for a bind-mounted file; anything else needs a directory.
+        if !target.is_file() {
+            fs_create_dir_all(target)?;
+        }
         build.run(&argv, None)?;
         self.0.push(target.to_path_buf());
         Ok(())
@@ -227,7 +230,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
 
     let rootfs_sha256 = if request.remaster_only {
         let record = record.as_ref().expect("remastering needs an ISO input");
-        remaster_tree(&mut build, &request, record, &tree, &user_args)?
+        remaster_tree(&mut build, &mut mounts, &request, record, &tree, &user_args)?
     } else {
         let root = match &record {
             Some(_) => unpack_iso(&mut build, &work, arch)?,
@@ -309,11 +312,14 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
             record.render()?.as_bytes(),
             0o644,
         )?;
+        if request.input_is_iso {
+            copy_input_iso_extras(&tree)?;
+        }
         mounts.unmount_below(Path::new(IMAGE_ROOT));
         rootfs_sha256
     };
 
-    copy_additional_files(&tree, &request.iso.additional_files)?;
+    copy_additional_files(&tree, &request.iso.additional_files).context("iso.additionalFiles")?;
     let iso_file = work.join("out.iso");
     let options = argv::XorrisoOptions {
         iso_tree: tree.to_string_lossy().into_owned(),
@@ -334,6 +340,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
 
     build.step("Copying")?;
     let (size, sha256) = copy_to_disk(&iso_file, &output)?;
+    mounts.unmount_below(&work);
     mounts.unmount_below(Path::new("/mnt"));
     build.end_step();
     let rootfs_sha256 = hex_to_digest(&rootfs_sha256)?;
@@ -387,6 +394,7 @@ fn mount_input_iso(
 /// ISO → ISO with only `iso.*` changes: the ISO's own files, a new grub.cfg, same rootfs.
 fn remaster_tree(
     build: &mut Build<'_>,
+    mounts: &mut Mounts,
     request: &IsoBuild,
     record: &iso_record::IsoSettingsRecord,
     tree: &Path,
@@ -400,7 +408,24 @@ fn remaster_tree(
             request.iso.label
         );
     }
-    copy_tree(Path::new(INPUT_ISO), tree)?;
+    // rootfs.img is most of the ISO: bind-mount it into the tree instead of copying it (under
+    // TCG the copy alone costs seconds, and re-mastering must stay cheap).
+    let rootfs_in_iso = pipeline::ISO_ROOTFS_IMG.trim_start_matches('/');
+    copy_tree_except(Path::new(INPUT_ISO), tree, &[Path::new(rootfs_in_iso)])?;
+    let rootfs = tree.join(rootfs_in_iso);
+    fs_create_dir_all(rootfs.parent().expect("rootfs has a parent"))?;
+    std::fs::File::create(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    let mut argv = strings(["mount", "--bind", "-o", "ro"]);
+    argv.push(
+        Path::new(INPUT_ISO)
+            .join(rootfs_in_iso)
+            .to_string_lossy()
+            .into_owned(),
+    );
+    argv.push(rootfs.to_string_lossy().into_owned());
+    mounts
+        .mount(build, argv, &rootfs)
+        .context("binding the input ISO's rootfs.img into the new ISO tree")?;
     let grub = std::fs::read_to_string(tree.join(pipeline::ISO_GRUB_CFG.trim_start_matches('/')))
         .context("reading the input ISO's grub.cfg")?;
     let rewritten = grub_cfg::rewrite_for_iso(
@@ -1027,23 +1052,72 @@ fn populate_tree(
     Ok(())
 }
 
+/// ISO → ISO with a rebuilt rootfs: the input ISO's own files (its `iso.additionalFiles`, e.g.
+/// a cloud-init seed) stay on the new ISO, as they do when re-mastering. What vmic generates
+/// (`/boot`, `/EFI`, `/liveos`, the settings record, the boot catalog) is made anew instead.
+fn copy_input_iso_extras(tree: &Path) -> anyhow::Result<()> {
+    const GENERATED: [&str; 5] = ["boot", "EFI", "liveos", "vmic", "boot.catalog"];
+    let input = Path::new(INPUT_ISO);
+    for entry in std::fs::read_dir(input).with_context(|| format!("reading {}", input.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if GENERATED.iter().any(|generated| name == *generated) {
+            continue;
+        }
+        let target = tree.join(&name);
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            copy_tree_entry(&entry, &target)?;
+        }
+    }
+    Ok(())
+}
+
 /// Recursive copy of regular files, directories and symlinks (the ISO tree has no others).
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    copy_tree_except(from, to, &[])
+}
+
+/// [`copy_tree`] leaving out the paths in `except` (relative to `from`).
+fn copy_tree_except(from: &Path, to: &Path, except: &[&Path]) -> anyhow::Result<()> {
+    copy_tree_below(from, to, Path::new(""), except)
+}
+
+fn copy_tree_below(
+    from: &Path,
+    to: &Path,
+    relative: &Path,
+    except: &[&Path],
+) -> anyhow::Result<()> {
     fs_create_dir_all(to)?;
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
         let meta = entry.file_type()?;
         let target = to.join(entry.file_name());
-        if meta.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if meta.is_symlink() {
-            let link = std::fs::read_link(entry.path())?;
-            let _ = std::fs::remove_file(&target);
-            std::os::unix::fs::symlink(link, &target)?;
-        } else if meta.is_file() {
-            std::fs::copy(entry.path(), &target)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
+        let inside = relative.join(entry.file_name());
+        if except.contains(&inside.as_path()) {
+            continue;
         }
+        if meta.is_dir() {
+            copy_tree_below(&entry.path(), &target, &inside, except)?;
+        } else {
+            copy_tree_entry(&entry, &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copy one non-directory entry: a symlink as a symlink, a regular file's content.
+fn copy_tree_entry(entry: &std::fs::DirEntry, target: &Path) -> anyhow::Result<()> {
+    let meta = entry.file_type()?;
+    if meta.is_symlink() {
+        let link = std::fs::read_link(entry.path())?;
+        let _ = std::fs::remove_file(target);
+        std::os::unix::fs::symlink(link, target)?;
+    } else if meta.is_file() {
+        std::fs::copy(entry.path(), target)
+            .with_context(|| format!("copying {}", entry.path().display()))?;
     }
     Ok(())
 }

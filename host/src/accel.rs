@@ -86,14 +86,22 @@ fn probe_key(arch: Arch, kernel: &Path) -> String {
     let mut hasher = Sha256::new();
     let host_release = fs_err::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     hasher.update(host_release.as_bytes());
-    for path in [crate::qemu::system_binary(arch), kernel.to_path_buf()] {
-        hasher.update(path.to_string_lossy().as_bytes());
-        if let Ok(meta) = fs_err::metadata(&path) {
-            hasher.update(meta.len().to_le_bytes());
-            if let Ok(modified) = meta.modified() {
-                hasher.update(format!("{modified:?}").as_bytes());
-            }
+    let qemu = crate::qemu::system_binary(arch);
+    hasher.update(qemu.to_string_lossy().as_bytes());
+    if let Ok(meta) = fs_err::metadata(&qemu) {
+        hasher.update(meta.len().to_le_bytes());
+        if let Ok(modified) = meta.modified() {
+            hasher.update(format!("{modified:?}").as_bytes());
         }
+    }
+    // The kernel by content, not path: a rebuilt guest image (new agent) keeps its kernel,
+    // and must not pay for the probe again.
+    if let Ok(mut file) = fs_err::File::open(kernel) {
+        use std::io::Read;
+        let mut head = vec![0u8; 1 << 20];
+        let read = file.read(&mut head).unwrap_or(0);
+        hasher.update(&head[..read]);
+        hasher.update(file.metadata().map(|m| m.len()).unwrap_or(0).to_le_bytes());
     }
     hex::encode(&hasher.finalize()[..8])
 }

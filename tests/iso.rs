@@ -1,0 +1,681 @@
+//! `vmic customize --output-image-format iso` end to end: real builder VMs make LiveOS ISOs from
+//! the test images of `scripts/make-test-image`, and `vmic boot` boots them.
+//!
+//! What a booted ISO shows comes from the test image's marker service, which prints
+//! `VMIC-TEST-BOOTED host=… cmdline=…` and every line of `/etc/vmic-test/*` to the serial
+//! console. The configs under `tests/fixtures/iso/` add `vmic-probe.service`, which runs before
+//! the marker and records facts of the running LiveOS (`/etc/fstab` absent, the file from
+//! `iso.additionalFiles` under `/run/initramfs/live/`, ...) in `/etc/vmic-test/probe`.
+//!
+//! Every customize run goes through [`customize`], which checks that the input file is
+//! byte-for-byte unchanged afterwards. VMs run one at a time ([`common::VM_LOCK`]); the ISO of
+//! `live.yaml` from the x86_64 qcow2 image is built once and shared by the tests that boot it
+//! in several ways or re-customize it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use common::{lock, manifest, run, sha256_of, test_image, vmic, VM_LOCK};
+
+/// The ISO args of `live.yaml`, which must end the kernel command line in this order.
+const LIVE_ISO_ARGS: [&str; 2] = ["vmic.first=1", "vmic.second=2"];
+
+fn fixture(name: &str) -> PathBuf {
+    common::repo().join("tests/fixtures").join(name)
+}
+
+/// Work space under the target dir (ISOs and overlays are too big for a small /tmp).
+fn work_dir() -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("iso-tests");
+    std::fs::create_dir_all(&base).expect("creating the ISO tests' work dir");
+    tempfile::tempdir_in(base).expect("temp dir")
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// One `vmic customize` run.
+struct Customized {
+    code: Option<i32>,
+    stderr: String,
+    seconds: f64,
+    /// The `--timestamp-file` document.
+    timestamps: serde_json::Value,
+}
+
+impl Customized {
+    fn total_seconds(&self) -> f64 {
+        self.timestamps["totalSeconds"]
+            .as_f64()
+            .expect("the timestamp file has totalSeconds")
+    }
+}
+
+/// Run `vmic customize` to an ISO in a fresh build dir (or `build_dir`), asserting that the
+/// input is unchanged whatever happened.
+fn customize(
+    input: &Path,
+    config: &Path,
+    output: &Path,
+    build_dir: Option<&Path>,
+    extra: &[&str],
+) -> Customized {
+    let before = sha256_of(input);
+    let work = work_dir();
+    let build_dir = build_dir.map_or_else(|| work.path().join("build"), Path::to_path_buf);
+    let timestamps = work.path().join("timestamps.json");
+    let _vm = lock(&VM_LOCK);
+    let started = Instant::now();
+    let result = vmic()
+        .arg("customize")
+        .arg("--image-file")
+        .arg(input)
+        .arg("--config-file")
+        .arg(config)
+        .arg("--build-dir")
+        .arg(&build_dir)
+        .arg("--output-image-file")
+        .arg(output)
+        .args(["--output-image-format", "iso", "--timestamp-file"])
+        .arg(&timestamps)
+        .args(extra)
+        .output()
+        .expect("running vmic customize");
+    let seconds = started.elapsed().as_secs_f64();
+    drop(_vm);
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert_eq!(
+        sha256_of(input),
+        before,
+        "customize left the input {} unchanged",
+        input.display()
+    );
+    let timestamps = std::fs::read_to_string(&timestamps)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    eprintln!(
+        "customize {} with {} -> exit {:?} after {seconds:.1} s",
+        input.display(),
+        config.display(),
+        result.status.code()
+    );
+    Customized {
+        code: result.status.code(),
+        stderr,
+        seconds,
+        timestamps,
+    }
+}
+
+/// `customize` that must succeed and leave exactly the output behind.
+fn build_iso(input: &Path, config: &Path, output: &Path, extra: &[&str]) -> Customized {
+    let built = customize(input, config, output, None, extra);
+    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
+    assert!(output.is_file(), "{} was written", output.display());
+    assert_no_partial(output);
+    let pvd = run("xorriso", &["-indev", path_str(output), "-pvd_info"]);
+    assert!(pvd.contains("Volume Id    : CDROM"), "{pvd}");
+    let eltorito = run(
+        "xorriso",
+        &["-indev", path_str(output), "-report_el_torito", "plain"],
+    );
+    assert!(eltorito.contains("UEFI  y"), "UEFI El Torito: {eltorito}");
+    built
+}
+
+/// `customize` that must fail with `code`, leaving no output and no partial output.
+fn fail_iso(input: &Path, config: &Path, code: i32, extra: &[&str]) -> String {
+    let work = work_dir();
+    let output = work.path().join("out.iso");
+    let failed = customize(input, config, &output, None, extra);
+    assert_eq!(
+        failed.code,
+        Some(code),
+        "customize exits {code}:\n{}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains("error: "),
+        "an error is reported:\n{}",
+        failed.stderr
+    );
+    assert!(!output.exists(), "no output is left after a failure");
+    assert_no_partial(&output);
+    eprintln!("{}", failed.stderr);
+    failed.stderr
+}
+
+fn assert_no_partial(output: &Path) {
+    let name = output.file_name().expect("output has a name");
+    let partial = output.with_file_name(format!(".{}.vmic-partial", name.to_string_lossy()));
+    assert!(
+        !partial.exists(),
+        "the partial output {} is gone",
+        partial.display()
+    );
+}
+
+/// What the marker service printed on one boot of an ISO.
+#[derive(Debug)]
+struct Booted {
+    host: String,
+    cmdline: Vec<String>,
+    /// `(path, line)` per `VMIC-TEST-FILE` line.
+    files: Vec<(String, String)>,
+}
+
+impl Booted {
+    /// The lines of one file of `/etc/vmic-test/`.
+    fn file(&self, name: &str) -> Vec<&str> {
+        let path = format!("/etc/vmic-test/{name}");
+        self.files
+            .iter()
+            .filter(|(file, _)| *file == path)
+            .map(|(_, line)| line.as_str())
+            .collect()
+    }
+
+    /// `key=value` from the probe's file.
+    fn probe(&self, key: &str) -> Option<&str> {
+        self.file("probe")
+            .into_iter()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    fn count_arg(&self, predicate: impl Fn(&str) -> bool) -> usize {
+        self.cmdline.iter().filter(|arg| predicate(arg)).count()
+    }
+
+    fn position(&self, arg: &str) -> Option<usize> {
+        self.cmdline.iter().position(|a| a == arg)
+    }
+}
+
+/// Parse the marker's lines out of a console log.
+fn parse_marker(console: &str) -> Option<Booted> {
+    let mut lines = console.lines().filter_map(|line| {
+        let at = line.find("VMIC-TEST-")?;
+        Some(line[at..].trim_end().to_string())
+    });
+    let booted = lines.find(|line| line.starts_with("VMIC-TEST-BOOTED "))?;
+    let rest = booted.strip_prefix("VMIC-TEST-BOOTED host=")?;
+    let (host, cmdline) = rest.split_once(" cmdline=")?;
+    let mut files = Vec::new();
+    for line in lines {
+        if line == "VMIC-TEST-END" {
+            return Some(Booted {
+                host: host.to_string(),
+                cmdline: cmdline.split_whitespace().map(str::to_string).collect(),
+                files,
+            });
+        }
+        if let Some(entry) = line.strip_prefix("VMIC-TEST-FILE ") {
+            let (path, text) = entry
+                .split_once(": ")
+                .unwrap_or((entry.trim_end_matches(':'), ""));
+            files.push((path.to_string(), text.to_string()));
+        }
+    }
+    None
+}
+
+/// Boot `image` with `vmic boot` until the marker's last line; returns what it printed.
+fn boot(image: &Path, firmware: &str, media: &str, timeout: u64) -> Booted {
+    let work = work_dir();
+    let log = work.path().join("console.log");
+    let _vm = lock(&VM_LOCK);
+    let started = Instant::now();
+    let output = vmic()
+        .args(["boot", "--expect", "^VMIC-TEST-END", "--timeout"])
+        .arg(timeout.to_string())
+        .args(["--firmware", firmware, "--media", media, "--image-file"])
+        .arg(image)
+        .arg("--console-log")
+        .arg(&log)
+        .output()
+        .expect("running vmic boot");
+    let seconds = started.elapsed().as_secs_f64();
+    drop(_vm);
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    assert!(
+        output.status.success(),
+        "vmic boot {} ({firmware}, {media}) failed after {seconds:.1} s:\n{}\nconsole tail:\n{}",
+        image.display(),
+        String::from_utf8_lossy(&output.stderr),
+        tail(&console, 60)
+    );
+    eprintln!(
+        "boot {} ({firmware}, {media}): VMIC-TEST-END after {seconds:.1} s",
+        image.display()
+    );
+    parse_marker(&console).unwrap_or_else(|| {
+        panic!(
+            "the console log has the marker's lines:\n{}",
+            tail(&console, 60)
+        )
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Everything `live.yaml` must show on a booted ISO; `iso_args` are the ISO's user args, which
+/// end the command line in order.
+fn assert_live_iso(booted: &Booted, iso_args: &[&str]) {
+    let cmdline = booted.cmdline.join(" ");
+    assert_eq!(booted.host, "vmic-iso-test", "os.hostname applies");
+    assert_eq!(
+        booted.count_arg(|arg| arg.starts_with("root=live:")),
+        1,
+        "one live root: {cmdline}"
+    );
+    assert_eq!(
+        booted.count_arg(|arg| arg.starts_with("root=")),
+        1,
+        "the image's root= is replaced: {cmdline}"
+    );
+    for arg in ["rd.live.image", "selinux=0", "vmic.os=1"] {
+        assert_eq!(booted.count_arg(|a| a == arg), 1, "{arg} once: {cmdline}");
+    }
+    assert_eq!(
+        booted.count_arg(|arg| arg.starts_with("rd.live.dir=")),
+        1,
+        "{cmdline}"
+    );
+    assert_eq!(
+        booted.count_arg(|arg| arg.starts_with("enforcing=") || arg.starts_with("security=")),
+        0,
+        "{cmdline}"
+    );
+    let last = &booted.cmdline[booted.cmdline.len().saturating_sub(iso_args.len())..];
+    assert_eq!(
+        last, iso_args,
+        "the ISO's user args come last, in order: {cmdline}"
+    );
+    let os_arg = booted.position("vmic.os=1").expect("os arg present");
+    let live_arg = booted.position("rd.live.image").expect("live arg present");
+    let first_iso_arg = booted.position(iso_args[0]).expect("ISO arg present");
+    assert!(
+        os_arg < first_iso_arg && live_arg < first_iso_arg,
+        "os and LiveOS args come before the ISO args: {cmdline}"
+    );
+    assert_eq!(
+        booted.file("os-extra"),
+        ["from os.additionalFiles"],
+        "os.additionalFiles: {booted:?}"
+    );
+    assert_eq!(booted.file("image"), ["variant=minimal"], "{booted:?}");
+    assert_eq!(booted.probe("fstab"), Some("absent"), "{booted:?}");
+    assert_eq!(
+        booted.probe("live-file"),
+        Some("from iso.additionalFiles"),
+        "iso.additionalFiles under /run/initramfs/live/: {booted:?}"
+    );
+    assert_eq!(
+        booted.probe("boot-entries"),
+        Some("0"),
+        "rootfs.img has no /boot: {booted:?}"
+    );
+    assert_eq!(booted.probe("root-fstype"), Some("overlay"), "{booted:?}");
+}
+
+/// The x86_64 qcow2 image with `live.yaml` as an ISO, built once for all the tests that use it.
+fn shared_live_iso() -> &'static (PathBuf, f64) {
+    static ISO: OnceLock<(PathBuf, f64)> = OnceLock::new();
+    ISO.get_or_init(|| {
+        let image = test_image("x86_64", "minimal", false);
+        // Kept for the whole test process; replaced by the next run.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("iso-tests/shared");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the shared ISO's dir");
+        let iso = dir.join("live-qcow2.iso");
+        let built = build_iso(
+            &image.join("disk.qcow2"),
+            &fixture("iso/live.yaml"),
+            &iso,
+            &[],
+        );
+        let steps = &built.timestamps["steps"];
+        eprintln!(
+            "live ISO from qcow2: {:.1} s wall, {:.1} s total per --timestamp-file, steps {steps}",
+            built.seconds,
+            built.total_seconds()
+        );
+        (iso, built.total_seconds())
+    })
+}
+
+/// `rootfs.img` of an ISO, extracted on the host with xorriso.
+fn rootfs_sha256(iso: &Path) -> String {
+    let work = work_dir();
+    let rootfs = work.path().join("rootfs.img");
+    run(
+        "xorriso",
+        &[
+            "-osirrox",
+            "on",
+            "-indev",
+            path_str(iso),
+            "-extract",
+            "/liveos/rootfs.img",
+            path_str(&rootfs),
+        ],
+    );
+    sha256_of(&rootfs)
+}
+
+#[test]
+fn x86_64_qcow2_to_iso_boots_under_uefi_and_bios_and_from_a_disk() {
+    let (iso, _) = shared_live_iso();
+    assert_live_iso(&boot(iso, "uefi", "cdrom", 600), &LIVE_ISO_ARGS);
+    assert_live_iso(&boot(iso, "bios", "cdrom", 600), &LIVE_ISO_ARGS);
+    // As `dd` to a USB stick would: the ISO at the start of a bigger disk.
+    let work = work_dir();
+    let disk = work.path().join("usb.raw");
+    std::fs::copy(iso, &disk).expect("copying the ISO to a disk file");
+    run("truncate", &["-s", "1G", path_str(&disk)]);
+    assert_live_iso(&boot(&disk, "uefi", "disk", 600), &LIVE_ISO_ARGS);
+}
+
+fn check_format(file: &str) {
+    let image = test_image("x86_64", "minimal", false);
+    let work = work_dir();
+    let iso = work.path().join("live.iso");
+    build_iso(&image.join(file), &fixture("iso/live.yaml"), &iso, &[]);
+    assert_live_iso(&boot(&iso, "uefi", "cdrom", 600), &LIVE_ISO_ARGS);
+    assert_live_iso(&boot(&iso, "bios", "cdrom", 600), &LIVE_ISO_ARGS);
+}
+
+#[test]
+fn x86_64_raw_to_iso_boots_under_uefi_and_bios() {
+    check_format("disk.raw");
+}
+
+#[test]
+fn x86_64_vhd_to_iso_boots_under_uefi_and_bios() {
+    check_format("disk.vhd");
+}
+
+#[test]
+fn x86_64_vhdx_to_iso_boots_under_uefi_and_bios() {
+    check_format("disk.vhdx");
+}
+
+#[test]
+fn aarch64_qcow2_to_iso_boots_under_aavmf() {
+    let image = test_image("aarch64", "minimal", false);
+    let work = work_dir();
+    let iso = work.path().join("live.iso");
+    let built = build_iso(
+        &image.join("disk.qcow2"),
+        &fixture("iso/live.yaml"),
+        &iso,
+        &["--arch", "aarch64"],
+    );
+    eprintln!("aarch64 ISO: {:.1} s", built.seconds);
+    let booted = boot(&iso, "uefi", "cdrom", 1200);
+    assert_live_iso(&booted, &LIVE_ISO_ARGS);
+    assert!(
+        booted
+            .cmdline
+            .iter()
+            .any(|arg| arg.starts_with("console=ttyAMA0")),
+        "{booted:?}"
+    );
+}
+
+fn check_cloud_init_example(config: &str) {
+    let image = test_image("x86_64", "cloud-init", false);
+    let work = work_dir();
+    let iso = work.path().join("cloud-init.iso");
+    build_iso(
+        &image.join("disk.qcow2"),
+        &fixture(&format!("config/cloud-init/{config}")),
+        &iso,
+        &[],
+    );
+    let booted = boot(&iso, "uefi", "cdrom", 900);
+    assert_eq!(booted.count_arg(|arg| arg == "ds=nocloud"), 1, "{booted:?}");
+    assert_eq!(booted.file("image"), ["variant=cloud-init"], "{booted:?}");
+    // The user-data's hostname and write_files (both applied before multi-user.target).
+    assert_eq!(booted.host, "vmic-cloud-init", "{booted:?}");
+    assert_eq!(
+        booted.file("cloud-init"),
+        ["cloud-init applied the user-data"],
+        "{booted:?}"
+    );
+}
+
+#[test]
+fn cloud_init_example_1_seed_on_the_iso() {
+    check_cloud_init_example("iso-map.yaml");
+}
+
+#[test]
+fn cloud_init_example_2_seed_in_the_rootfs() {
+    check_cloud_init_example("rootfs-map.yaml");
+}
+
+#[test]
+fn iso_to_iso_with_iso_changes_only_keeps_rootfs_img() {
+    let (input, full_seconds) = shared_live_iso();
+    let work = work_dir();
+    let output = work.path().join("remastered.iso");
+    let remastered = build_iso(input, &fixture("iso/remaster.yaml"), &output, &[]);
+    eprintln!(
+        "re-mastered in {:.1} s ({:.1} s per --timestamp-file) vs {full_seconds:.1} s for the full build",
+        remastered.seconds,
+        remastered.total_seconds()
+    );
+    assert_eq!(
+        rootfs_sha256(&output),
+        rootfs_sha256(input),
+        "rootfs.img is not rebuilt"
+    );
+    assert!(
+        remastered.total_seconds() <= full_seconds / 10.0,
+        "re-mastering takes ≤ 10% of the full build: {:.1} s vs {full_seconds:.1} s",
+        remastered.total_seconds()
+    );
+    let booted = boot(&output, "uefi", "cdrom", 600);
+    // The recorded ISO args stay, the new one follows; nothing doubles.
+    assert_live_iso(&booted, &["vmic.first=1", "vmic.second=2", "vmic.third=3"]);
+    assert_eq!(
+        booted.probe("live-file-2"),
+        Some("added by a later iso-only change"),
+        "{booted:?}"
+    );
+}
+
+#[test]
+fn iso_to_iso_with_an_os_change_rebuilds_rootfs_img() {
+    let (input, _) = shared_live_iso();
+    let work = work_dir();
+    let output = work.path().join("rebuilt.iso");
+    build_iso(input, &fixture("iso/rebuild.yaml"), &output, &[]);
+    assert_ne!(
+        rootfs_sha256(&output),
+        rootfs_sha256(input),
+        "rootfs.img is rebuilt"
+    );
+    let booted = boot(&output, "uefi", "cdrom", 600);
+    // The first build's settings stay (hostname, files, ISO args), the new file is there.
+    assert_live_iso(&booted, &LIVE_ISO_ARGS);
+    assert_eq!(
+        booted.file("os-later"),
+        ["added by a later os change"],
+        "{booted:?}"
+    );
+}
+
+fn minimal_qcow2() -> PathBuf {
+    test_image("x86_64", "minimal", false).join("disk.qcow2")
+}
+
+#[test]
+fn missing_grub_cfg_is_named() {
+    let stderr = fail_iso(&minimal_qcow2(), &fixture("iso/no-grub-cfg.yaml"), 1, &[]);
+    assert!(stderr.contains("/boot/grub2/grub.cfg"), "{stderr}");
+}
+
+#[test]
+fn missing_shim_is_named_with_its_package() {
+    let stderr = fail_iso(&minimal_qcow2(), &fixture("iso/no-shim.yaml"), 1, &[]);
+    assert!(stderr.contains("bootx64.efi"), "{stderr}");
+    assert!(stderr.contains("shim"), "names the package: {stderr}");
+}
+
+#[test]
+fn dracut_without_dmsquash_live_names_dracut_live() {
+    let stderr = fail_iso(
+        &minimal_qcow2(),
+        &fixture("iso/no-dmsquash-live.yaml"),
+        1,
+        &[],
+    );
+    assert!(stderr.contains("dmsquash-live"), "{stderr}");
+    assert!(stderr.contains("dracut-live"), "{stderr}");
+}
+
+#[test]
+fn a_failing_script_shows_its_stderr() {
+    let stderr = fail_iso(
+        &minimal_qcow2(),
+        &fixture("iso/failing-script.yaml"),
+        1,
+        &[],
+    );
+    assert!(stderr.contains("fails"), "names the script: {stderr}");
+    assert!(stderr.contains("exit code 3"), "{stderr}");
+    assert!(stderr.contains("boom-on-stderr"), "{stderr}");
+}
+
+#[test]
+fn an_input_that_is_not_a_disk_image_is_refused() {
+    let work = work_dir();
+    let input = work.path().join("random.img");
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", input.display()),
+            "bs=1M",
+            "count=16",
+            "status=none",
+        ],
+    );
+    let stderr = fail_iso(&input, &fixture("iso/plain.yaml"), 1, &[]);
+    assert!(stderr.contains("not a disk image"), "{stderr}");
+}
+
+#[test]
+fn a_truncated_qcow2_is_refused_naming_it() {
+    let work = work_dir();
+    let input = work.path().join("truncated.qcow2");
+    run(
+        "dd",
+        &[
+            &format!("if={}", minimal_qcow2().display()),
+            &format!("of={}", input.display()),
+            "bs=1M",
+            "count=10",
+            "status=none",
+        ],
+    );
+    let stderr = fail_iso(&input, &fixture("iso/plain.yaml"), 2, &[]);
+    assert!(stderr.contains(path_str(&input)), "{stderr}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+}
+
+#[test]
+fn an_iso_not_made_by_vmic_is_refused() {
+    let work = work_dir();
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(&tree).expect("mkdir");
+    std::fs::write(tree.join("hello.txt"), "not a LiveOS\n").expect("write");
+    let input = work.path().join("foreign.iso");
+    run(
+        "xorriso",
+        &["-as", "mkisofs", "-o", path_str(&input), path_str(&tree)],
+    );
+    let stderr = fail_iso(&input, &fixture("iso/plain.yaml"), 1, &[]);
+    assert!(stderr.contains("not made by vmic"), "{stderr}");
+}
+
+/// A small tmpfs, unmounted (and its mount point removed) however the test ends.
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_build_dir_without_space_is_refused() {
+    let work = work_dir();
+    let build_dir = work.path().join("small");
+    std::fs::create_dir_all(&build_dir).expect("mkdir");
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64m",
+            "tmpfs",
+            path_str(&build_dir),
+        ],
+    );
+    let _mount = TmpfsMount(build_dir.clone());
+    let input = minimal_qcow2();
+    let before = sha256_of(&input);
+    let output = work.path().join("out.iso");
+    let failed = customize(
+        &input,
+        &fixture("iso/plain.yaml"),
+        &output,
+        Some(&build_dir),
+        &[],
+    );
+    // Not a usage or config error: the machine lacks room (like a missing QEMU, exit 1).
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(
+        failed
+            .stderr
+            .contains("not enough space in the build directory"),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains(path_str(&build_dir)),
+        "{}",
+        failed.stderr
+    );
+    assert!(!output.exists());
+    assert_no_partial(&output);
+    assert_eq!(sha256_of(&input), before);
+    assert!(failed.seconds < 30.0, "refused before any VM work");
+}
+
+#[test]
+fn the_test_images_are_the_ones_these_tests_expect() {
+    for (arch, variant, boot_partition) in [
+        ("x86_64", "minimal", false),
+        ("x86_64", "minimal", true),
+        ("x86_64", "cloud-init", false),
+        ("aarch64", "minimal", false),
+    ] {
+        let manifest = manifest(&test_image(arch, variant, boot_partition));
+        assert_eq!(manifest["arch"], arch);
+        assert_eq!(manifest["variant"], variant);
+        assert_eq!(manifest["boot_partition"], boot_partition);
+    }
+}
