@@ -1123,18 +1123,8 @@ fn copy_tree_entry(entry: &std::fs::DirEntry, target: &Path) -> anyhow::Result<(
 }
 
 fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 4 << 20];
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hasher.finalize().into())
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(vmic_protocol::sha256_reader(file)?)
 }
 
 /// Write the ISO at the start of the output disk, hashing as it goes.

@@ -5,7 +5,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use sha2::{Digest, Sha256};
 use vmic_protocol::{Event, ExecRequest, Request, Response, Stream};
 
 use crate::cli::Arch;
@@ -253,18 +252,8 @@ pub async fn build_iso(
 }
 
 fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
-    use std::io::Read;
-    let mut file = fs_err::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hasher.finalize().into())
+    let file = fs_err::File::open(path)?;
+    Ok(vmic_protocol::sha256_reader(file)?)
 }
 
 async fn drive_iso_build(

@@ -477,6 +477,23 @@ pub fn sha256(data: &[u8]) -> Sha256 {
     Hasher::digest(data).into()
 }
 
+/// SHA-256 of everything `reader` yields (files and disks on both ends of the hand-over).
+pub fn sha256_reader(mut reader: impl Read) -> io::Result<Sha256> {
+    use sha2::{Digest, Sha256 as Hasher};
+    let mut hasher = Hasher::new();
+    let mut buffer = vec![0u8; 4 << 20];
+    loop {
+        let read = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher.finalize().into())
+}
+
 /// Hex form of a digest, for messages.
 pub fn hex_digest(digest: &Sha256) -> String {
     hex::encode(digest)
