@@ -768,38 +768,19 @@ fn mount_chroot(
     config_dir: &Path,
 ) -> anyhow::Result<()> {
     let target = |path: &str| scoped_join(root, path);
-    mounts.mount(
-        build,
-        strings(["mount", "-t", "proc", "proc"])
-            .into_iter()
-            .chain([target("/proc")?.to_string_lossy().into_owned()])
-            .collect(),
-        &target("/proc")?,
-    )?;
-    mounts.mount(
-        build,
-        strings(["mount", "-t", "sysfs", "sysfs"])
-            .into_iter()
-            .chain([target("/sys")?.to_string_lossy().into_owned()])
-            .collect(),
-        &target("/sys")?,
-    )?;
-    mounts.mount(
-        build,
-        strings(["mount", "--bind", "/dev"])
-            .into_iter()
-            .chain([target("/dev")?.to_string_lossy().into_owned()])
-            .collect(),
-        &target("/dev")?,
-    )?;
-    mounts.mount(
-        build,
-        strings(["mount", "-t", "tmpfs", "tmpfs"])
-            .into_iter()
-            .chain([target("/run")?.to_string_lossy().into_owned()])
-            .collect(),
-        &target("/run")?,
-    )?;
+    // What programs in the chroot (scripts, dracut) need, as data: mount argv prefix, target.
+    const CHROOT_MOUNTS: [(&[&str], &str); 4] = [
+        (&["mount", "-t", "proc", "proc"], "/proc"),
+        (&["mount", "-t", "sysfs", "sysfs"], "/sys"),
+        (&["mount", "--bind", "/dev"], "/dev"),
+        (&["mount", "-t", "tmpfs", "tmpfs"], "/run"),
+    ];
+    for (prefix, path) in CHROOT_MOUNTS {
+        let mountpoint = target(path)?;
+        let mut argv: Vec<String> = prefix.iter().map(|arg| arg.to_string()).collect();
+        argv.push(mountpoint.to_string_lossy().into_owned());
+        mounts.mount(build, argv, &mountpoint)?;
+    }
     let configs = target(IMAGE_CONFIGS)?;
     let mut argv = strings(["mount", "--bind"]);
     argv.push(config_dir.to_string_lossy().into_owned());
