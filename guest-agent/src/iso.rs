@@ -196,13 +196,22 @@ fn fs_create_dir_all(path: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
 }
 
-/// `/dev/<name>` of the virtio disk with this serial.
-fn disk_by_serial(serial: &str) -> anyhow::Result<PathBuf> {
+/// A virtio disk of the builder VM.
+struct Disk {
+    device: PathBuf,
+    size_bytes: u64,
+}
+
+/// The virtio disk with this serial.
+fn disk_by_serial(serial: &str) -> anyhow::Result<Disk> {
     let disks = crate::disks::list(Path::new(crate::disks::SYS_BLOCK))?;
     disks
-        .iter()
+        .into_iter()
         .find(|disk| disk.serial == serial)
-        .map(|disk| PathBuf::from("/dev").join(&disk.name))
+        .map(|disk| Disk {
+            device: PathBuf::from("/dev").join(&disk.name),
+            size_bytes: disk.size_bytes,
+        })
         .ok_or_else(|| anyhow!("no disk with serial {serial} in the builder VM"))
 }
 
@@ -212,7 +221,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
     let arch = vm_arch();
     let work = PathBuf::from(&request.work_dir);
     let tree = work.join("iso");
-    let input = disk_by_serial(&request.input_serial)?;
+    let input = disk_by_serial(&request.input_serial)?.device;
     let output = disk_by_serial(&request.output_serial)?;
     let mut mounts = Mounts::default();
 
@@ -1109,20 +1118,17 @@ fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
 }
 
 /// Write the ISO at the start of the output disk, hashing as it goes.
-fn copy_to_disk(iso: &Path, disk: &Path) -> anyhow::Result<(u64, [u8; 32])> {
+fn copy_to_disk(iso: &Path, disk: &Disk) -> anyhow::Result<(u64, [u8; 32])> {
     let mut source = std::fs::File::open(iso)?;
     let size = source.metadata()?.len();
-    let mut target = std::fs::OpenOptions::new()
-        .write(true)
-        .open(disk)
-        .with_context(|| format!("opening the output disk {}", disk.display()))?;
-    let capacity = crate::disks::list(Path::new(crate::disks::SYS_BLOCK))?
-        .into_iter()
-        .find(|d| Path::new("/dev").join(&d.name) == disk)
-        .map_or(u64::MAX, |d| d.size_bytes);
+    let capacity = disk.size_bytes;
     if size > capacity {
         bail!("the ISO ({size} bytes) does not fit on the output disk ({capacity} bytes)");
     }
+    let mut target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.device)
+        .with_context(|| format!("opening the output disk {}", disk.device.display()))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 4 << 20];
     loop {

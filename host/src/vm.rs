@@ -71,15 +71,15 @@ pub struct RunningVm {
     _temp: Option<tempfile::TempDir>,
 }
 
-/// Last `count` lines of a console log (with carriage returns and escape noise removed).
+/// Last `count` lines of a console log, cleaned like `vmic boot`'s (escapes and `\r` removed).
 pub fn console_tail(path: &Path, count: usize) -> String {
-    let text = fs_err::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
+    let bytes = fs_err::read(path).unwrap_or_default();
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let lines: Vec<&[u8]> = bytes.split(|&byte| byte == b'\n').collect();
     let start = lines.len().saturating_sub(count);
     lines[start..]
         .iter()
-        .map(|line| format!("  | {}", line.trim_end_matches('\r')))
+        .map(|line| format!("  | {}", crate::boot::clean_line(line)))
         .collect::<Vec<_>>()
         .join("\n")
 }
