@@ -77,22 +77,6 @@ pub enum ChannelError {
 }
 
 impl Channel {
-    /// Open the channel; for vsock this blocks until the host connects.
-    pub fn open(spec: ChannelSpec) -> Result<Channel, ChannelError> {
-        match spec {
-            ChannelSpec::Stdio => {
-                let reader = io::stdin().as_fd().try_clone_to_owned();
-                let writer = io::stdout().as_fd().try_clone_to_owned();
-                Ok(Channel {
-                    reader: reader.map_err(ChannelError::Duplicate)?.into(),
-                    writer: writer.map_err(ChannelError::Duplicate)?.into(),
-                })
-            }
-            ChannelSpec::Serial => Channel::from_file(open_serial(Path::new(VIRTIO_PORTS))?),
-            ChannelSpec::Vsock { port } => Channel::from_file(accept_vsock(port)?),
-        }
-    }
-
     /// One bidirectional file (a port, a socket) as a channel.
     pub fn from_file(file: File) -> Result<Channel, ChannelError> {
         let writer = file.try_clone().map_err(ChannelError::Duplicate)?;
@@ -100,6 +84,57 @@ impl Channel {
             reader: file,
             writer,
         })
+    }
+}
+
+/// Hands out channels. For vsock the listener stays open so that a host connection that
+/// dropped before the handshake (its CONNECT answer came too late) can be replaced by the
+/// next one instead of leaving the agent unreachable.
+pub enum Opener {
+    Once(Option<ChannelSpec>),
+    Vsock { listener: OwnedFd, port: u32 },
+}
+
+impl Opener {
+    pub fn new(spec: ChannelSpec) -> Result<Opener, ChannelError> {
+        match spec {
+            ChannelSpec::Vsock { port } => Ok(Opener::Vsock {
+                listener: listen_vsock(port)?,
+                port,
+            }),
+            other => Ok(Opener::Once(Some(other))),
+        }
+    }
+
+    /// Whether another channel can follow a failed one.
+    pub fn can_retry(&self) -> bool {
+        matches!(self, Opener::Vsock { .. })
+    }
+
+    /// The next channel; for vsock this blocks until the host connects.
+    pub fn next(&mut self) -> Result<Channel, ChannelError> {
+        match self {
+            Opener::Once(spec) => match spec.take() {
+                Some(ChannelSpec::Stdio) => {
+                    let reader = io::stdin().as_fd().try_clone_to_owned();
+                    let writer = io::stdout().as_fd().try_clone_to_owned();
+                    Ok(Channel {
+                        reader: reader.map_err(ChannelError::Duplicate)?.into(),
+                        writer: writer.map_err(ChannelError::Duplicate)?.into(),
+                    })
+                }
+                Some(ChannelSpec::Serial) => {
+                    Channel::from_file(open_serial(Path::new(VIRTIO_PORTS))?)
+                }
+                Some(ChannelSpec::Vsock { port }) => {
+                    Channel::from_file(accept_vsock(&listen_vsock(port)?, port)?)
+                }
+                None => Err(ChannelError::Duplicate(io::Error::other(
+                    "this channel can be opened only once",
+                ))),
+            },
+            Opener::Vsock { listener, port } => Channel::from_file(accept_vsock(listener, *port)?),
+        }
     }
 }
 
@@ -182,8 +217,8 @@ fn make_char_device(path: &Path, device: &str) -> Result<(), ChannelError> {
     Ok(())
 }
 
-/// Listen on `port` (any CID), accept exactly one connection and close the listener.
-fn accept_vsock(port: u32) -> Result<File, ChannelError> {
+/// Listen on `port` (any CID).
+fn listen_vsock(port: u32) -> Result<OwnedFd, ChannelError> {
     let error = |operation, source| ChannelError::Vsock {
         operation,
         port,
@@ -227,6 +262,12 @@ fn accept_vsock(port: u32) -> Result<File, ChannelError> {
     if unsafe { libc::listen(raw, 1) } != 0 {
         return Err(error("listen", io::Error::last_os_error()));
     }
+    Ok(listener)
+}
+
+/// Accept one connection on a listening vsock socket.
+fn accept_vsock(listener: &OwnedFd, port: u32) -> Result<File, ChannelError> {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(listener);
     loop {
         // SAFETY: `raw` is a listening socket; a null address means "don't report the peer".
         let fd = unsafe {
@@ -243,7 +284,11 @@ fn accept_vsock(port: u32) -> Result<File, ChannelError> {
         }
         let source = io::Error::last_os_error();
         if source.kind() != io::ErrorKind::Interrupted {
-            return Err(error("accept a connection", source));
+            return Err(ChannelError::Vsock {
+                operation: "accept a connection",
+                port,
+                source,
+            });
         }
     }
 }

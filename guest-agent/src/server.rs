@@ -15,7 +15,7 @@ use vmic_protocol::{
     ProtocolError, RemoteError, Request, RequestId, Response, Sha256, CANCELLED, PROTOCOL_VERSION,
 };
 
-use crate::channel::{Channel, ChannelSpec};
+use crate::channel::{Channel, ChannelSpec, Opener};
 use crate::init::Note;
 use crate::{console, disks, exec, files};
 
@@ -186,16 +186,34 @@ fn lock(registry: &Registry) -> std::sync::MutexGuard<'_, HashMap<RequestId, Act
 
 /// Open the channel and serve until the host says `Shutdown` or goes away.
 pub fn run(spec: ChannelSpec, notes: Vec<Note>) -> anyhow::Result<()> {
-    let channel = Channel::open(spec).with_context(|| format!("opening the {spec}"))?;
-    serve(channel, notes)
+    let mut opener = Opener::new(spec).with_context(|| format!("opening the {spec}"))?;
+    crate::console!("waiting for the host on the {spec}");
+    loop {
+        let channel = opener
+            .next()
+            .with_context(|| format!("opening the {spec}"))?;
+        match greet(channel) {
+            Ok((reader, writer)) => return serve_session(reader, writer, notes),
+            // A vsock connection the host gave up on before its Hello: take the next one.
+            Err(error) if opener.can_retry() => {
+                crate::console!("{error:#}; waiting for another connection");
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Serve one session on an open channel.
-pub fn serve(channel: Channel, notes: Vec<Note>) -> anyhow::Result<()> {
+#[cfg(test)]
+fn serve(channel: Channel, notes: Vec<Note>) -> anyhow::Result<()> {
+    let (reader, writer) = greet(channel)?;
+    serve_session(reader, writer, notes)
+}
+
+/// Exchange Hellos on a fresh channel.
+fn greet(channel: Channel) -> anyhow::Result<(File, Writer)> {
     let Channel { mut reader, writer } = channel;
     let writer = Writer::new(writer);
-    *PANIC_WRITER.lock().unwrap_or_else(PoisonError::into_inner) = Some(writer.clone());
-
     writer
         .send(&GuestMessage::Hello(GuestHello {
             protocol_version: PROTOCOL_VERSION,
@@ -208,6 +226,11 @@ pub fn serve(channel: Channel, notes: Vec<Note>) -> anyhow::Result<()> {
         fatal(&writer, &error);
         return Err(error);
     }
+    Ok((reader, writer))
+}
+
+fn serve_session(mut reader: File, writer: Writer, notes: Vec<Note>) -> anyhow::Result<()> {
+    *PANIC_WRITER.lock().unwrap_or_else(PoisonError::into_inner) = Some(writer.clone());
     for note in notes {
         writer.event(
             None,

@@ -161,7 +161,7 @@ impl Transport {
     /// this against QEMU exiting.
     pub async fn connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
         loop {
-            match self.try_connect().await {
+            match self.try_connect(deadline).await {
                 Ok(connection) => return Ok(connection),
                 Err(error) if Instant::now() >= deadline => {
                     return Err(error.context(format!("connecting over {}", self.kind.name())))
@@ -174,7 +174,7 @@ impl Transport {
         }
     }
 
-    async fn try_connect(&self) -> anyhow::Result<Connection> {
+    async fn try_connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
         match &self.channel {
             Channel::Serial { socket, .. } => {
                 let stream = UnixStream::connect(socket).await?;
@@ -193,11 +193,14 @@ impl Transport {
                 let mut reader = BufReader::new(read);
                 let mut line = String::new();
                 // The daemon answers `OK <port>` once the guest accepted; it closes the stream
-                // when nothing listens yet.
-                let read =
-                    tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
-                        .await
-                        .context("no answer to CONNECT")??;
+                // when nothing listens yet. A guest slowed down by emulation may answer late;
+                // giving up early would drop a connection the agent already accepted.
+                let patience = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(2));
+                let read = tokio::time::timeout(patience, reader.read_line(&mut line))
+                    .await
+                    .context("no answer to CONNECT")??;
                 if read == 0 || !line.starts_with("OK ") {
                     bail!("vsock CONNECT refused ({})", line.trim());
                 }
