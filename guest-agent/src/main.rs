@@ -4,10 +4,14 @@
 //! server ends, however it ends. Otherwise it serves directly on the channel named by its
 //! arguments (`--stdio` is what host-side tests use).
 
+mod build;
 mod channel;
+mod customize;
+mod disk;
 mod disks;
 mod exec;
 mod files;
+mod image;
 mod init;
 mod iso;
 mod pipeline;

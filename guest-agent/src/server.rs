@@ -393,6 +393,9 @@ fn dispatch(request: Request, context: &RequestContext) -> anyhow::Result<Respon
             disks::list(std::path::Path::new(disks::SYS_BLOCK)).map(Response::Disks)
         }
         Request::BuildIso(build) => crate::iso::build(*build, context).map(Response::Iso),
+        Request::CustomizeDisk(build) => {
+            crate::disk::customize(*build, context).map(Response::Disk)
+        }
     }
 }
 
@@ -452,6 +455,7 @@ fn describe(request: &Request) -> String {
         Request::GetFile { path } => format!("get {path}"),
         Request::ListDisks => "list disks".into(),
         Request::BuildIso(build) => format!("build ISO from {}", build.input_serial),
+        Request::CustomizeDisk(build) => format!("customize disk {}", build.input_serial),
     }
 }
 

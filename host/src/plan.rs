@@ -213,6 +213,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> std::io::Result<IsoPl
             hostname: os.and_then(|os| os.hostname.clone()),
             additional_files: file_copies(os.and_then(|os| os.additional_files.as_ref())),
             kernel_args: kernel_args(os.and_then(|os| os.kernel_command_line.as_ref())),
+            ..OsCustomization::default()
         },
         post_customization: scripts(
             script_config.and_then(|s| s.post_customization.as_ref()),

@@ -320,6 +320,7 @@ fn describe(request: &Request) -> String {
         Request::Ping => "ping".to_string(),
         Request::ListDisks => "disk listing".to_string(),
         Request::BuildIso(_) => "the ISO build".to_string(),
+        Request::CustomizeDisk(_) => "the disk customization".to_string(),
         Request::Invalid => "invalid request".to_string(),
     }
 }

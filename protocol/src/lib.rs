@@ -34,9 +34,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 2;
+pub const MIN_PROTOCOL_VERSION: u32 = 3;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -135,6 +135,27 @@ pub enum Request {
     ListDisks,
     /// Run the whole disk/ISO → LiveOS ISO pipeline; progress arrives as events.
     BuildIso(Box<IsoBuild>),
+    /// Customize a disk image in place (writes land in the host's overlay, which the host
+    /// then converts to the output format).
+    CustomizeDisk(Box<DiskBuild>),
+}
+
+/// Everything the agent needs to customize a disk image in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskBuild {
+    /// virtio serial of the input disk (through its writable overlay).
+    pub input_serial: String,
+    pub work_dir: String,
+    pub config_dir: String,
+    pub os: OsCustomization,
+    pub post_customization: Vec<Script>,
+    pub finalize_customization: Vec<Script>,
+}
+
+/// What a disk customization did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskOutcome {
+    pub steps: Vec<StepTime>,
 }
 
 /// Everything the agent needs to turn the input into a LiveOS ISO. Paths of config files are
@@ -164,6 +185,122 @@ pub struct OsCustomization {
     pub hostname: Option<String>,
     pub additional_files: Vec<FileCopy>,
     pub kernel_args: Vec<String>,
+    pub packages: PackageChanges,
+    pub additional_dirs: Vec<DirCopy>,
+    pub groups: Vec<GroupSpec>,
+    pub users: Vec<UserSpec>,
+    pub services: ServiceChanges,
+    pub modules: Vec<ModuleSpec>,
+    /// Disk outputs only (the ISO always boots with `selinux=0`).
+    pub selinux_mode: Option<SelinuxMode>,
+}
+
+/// `os.packages`, with the `*Lists` files already read by the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageChanges {
+    pub update_existing: bool,
+    pub remove: Vec<String>,
+    pub install: Vec<String>,
+    pub update: Vec<String>,
+    /// Extra package sources uploaded by the host (`--package-source`).
+    pub sources: Vec<PackageSource>,
+    /// Use only `sources`, not the repositories the image is configured with.
+    pub disable_base_repos: bool,
+}
+
+impl PackageChanges {
+    pub fn is_empty(&self) -> bool {
+        !self.update_existing
+            && self.remove.is_empty()
+            && self.install.is_empty()
+            && self.update.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PackageSource {
+    /// A guest directory holding package files (.deb or .rpm).
+    Directory(String),
+    /// A guest path of a repository definition (apt `.list`/`.sources`, dnf `.repo`).
+    RepoFile(String),
+}
+
+/// `os.additionalDirs`: a directory tree copied into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirCopy {
+    /// Guest path of the uploaded source directory.
+    pub source: String,
+    /// Absolute path in the image.
+    pub destination: String,
+    /// Mode of directories the copy creates.
+    pub new_dir_permissions: Option<u32>,
+    /// Mode set on directories that already existed.
+    pub merged_dir_permissions: Option<u32>,
+    /// Mode of every copied file.
+    pub child_file_permissions: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSpec {
+    pub name: String,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSpec {
+    pub name: String,
+    pub uid: Option<u32>,
+    pub password: Option<PasswordSpec>,
+    pub password_expires_days: Option<i64>,
+    /// Public keys, those of `sshPublicKeyPaths` already read by the host.
+    pub ssh_public_keys: Vec<String>,
+    pub primary_group: Option<String>,
+    pub secondary_groups: Vec<String>,
+    pub startup_command: Option<String>,
+    pub home_directory: Option<String>,
+}
+
+/// A user's password; `*-file` variants were read by the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PasswordSpec {
+    Locked,
+    /// A crypt(3) hash, written as is.
+    Hashed(String),
+    /// Hashed in the image with its own `chpasswd`.
+    PlainText(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceChanges {
+    pub enable: Vec<String>,
+    pub disable: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleSpec {
+    pub name: String,
+    pub load_mode: ModuleLoadMode,
+    pub options: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModuleLoadMode {
+    /// Loaded at every boot (`modules-load.d`).
+    Always,
+    /// Loaded when hardware asks for it (remove from `modules-load.d`, un-blacklist).
+    Auto,
+    /// Never loaded (`blacklist` + `install NAME /bin/false` in `modprobe.d`).
+    Disable,
+    /// Leave the load configuration alone (options only).
+    Inherit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelinuxMode {
+    Disabled,
+    Permissive,
+    Enforcing,
+    ForceEnforcing,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +398,7 @@ pub enum Response {
     File { size: u64, sha256: Sha256 },
     Disks(Vec<DiskInfo>),
     Iso(IsoOutcome),
+    Disk(DiskOutcome),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

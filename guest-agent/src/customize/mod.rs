@@ -1,0 +1,219 @@
+//! Customizing a mounted image: `os.*` settings, then the chroot the scripts run in. Shared by
+//! the ISO and the disk pipelines.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use vmic_protocol::{FileCopy, FileSource, OsCustomization, Script};
+
+use crate::build::{fs_create_dir_all, output_tail, strings, Build, Mounts};
+
+mod dirs;
+mod modules;
+mod packages;
+mod selinux;
+mod services;
+mod users;
+use crate::pipeline;
+use crate::rootfs::scoped_join;
+
+/// The config directory inside the image while scripts run.
+pub(crate) const IMAGE_CONFIGS: &str = "/_imageconfigs";
+
+pub(crate) fn write_file(root: &Path, path: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let target = scoped_join(root, path)?;
+    if let Some(parent) = target.parent() {
+        fs_create_dir_all(parent)?;
+    }
+    std::fs::write(&target, data).with_context(|| format!("writing {path}"))?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the permissions of {path}"))?;
+    Ok(())
+}
+
+pub(crate) fn copy_additional_files(root: &Path, files: &[FileCopy]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for file in files {
+        let (data, default_mode) = match &file.source {
+            FileSource::Content(content) => (content.as_bytes().to_vec(), 0o644),
+            FileSource::Path(source) => {
+                let data = std::fs::read(source).with_context(|| format!("reading {source}"))?;
+                let mode = std::fs::metadata(source)?.permissions().mode() & 0o7777;
+                (data, mode)
+            }
+        };
+        write_file(
+            root,
+            &file.destination,
+            &data,
+            file.permissions.unwrap_or(default_mode),
+        )
+        .with_context(|| format!("adding {}", file.destination))?;
+    }
+    Ok(())
+}
+
+/// Mount the chroot, apply `os.*` in AzL-IC's order, then run the scripts. The chroot mounts
+/// are returned still mounted: the ISO pipeline runs dracut in them next.
+pub(crate) fn customize_image(
+    build: &Build<'_>,
+    root: &Path,
+    config_dir: &Path,
+    os: &OsCustomization,
+    post_customization: &[Script],
+    finalize_customization: &[Script],
+) -> anyhow::Result<Mounts> {
+    let mut chroot_mounts = Mounts::default();
+    mount_chroot(build, &mut chroot_mounts, root, config_dir)?;
+    packages::apply(build, root, &os.packages).context("os.packages")?;
+    if let Some(hostname) = &os.hostname {
+        write_file(
+            root,
+            "/etc/hostname",
+            format!("{hostname}\n").as_bytes(),
+            0o644,
+        )?;
+        build.log(format!("hostname set to {hostname}"));
+    }
+    dirs::copy_additional_dirs(root, &os.additional_dirs).context("os.additionalDirs")?;
+    copy_additional_files(root, &os.additional_files).context("os.additionalFiles")?;
+    users::apply_groups(build, root, &os.groups).context("os.groups")?;
+    users::apply_users(build, root, &os.users).context("os.users")?;
+    services::apply(build, root, &os.services).context("os.services")?;
+    modules::apply(root, &os.modules).context("os.modules")?;
+    if !os.kernel_args.is_empty() {
+        let path = scoped_join(root, pipeline::IMAGE_GRUB_CFG)?;
+        let text = std::fs::read_to_string(&path).context("reading /boot/grub2/grub.cfg")?;
+        std::fs::write(&path, append_kernel_args(&text, &os.kernel_args))?;
+    }
+    if let Some(mode) = os.selinux_mode {
+        selinux::apply(build, root, mode).context("os.selinux")?;
+    }
+    run_scripts(build, root, post_customization)?;
+    run_scripts(build, root, finalize_customization)?;
+    Ok(chroot_mounts)
+}
+
+/// Append `args` to every `linux`/`linuxefi` line that lacks them (os.kernelCommandLine).
+fn append_kernel_args(grub_cfg: &str, args: &[String]) -> String {
+    let mut out = String::with_capacity(grub_cfg.len());
+    for line in grub_cfg.split_inclusive('\n') {
+        let body = line.trim_end_matches('\n');
+        let first = body.split_whitespace().next().unwrap_or("");
+        if first == "linux" || first == "linuxefi" {
+            let present: Vec<&str> = body.split_whitespace().collect();
+            let mut body = body.to_string();
+            for arg in args {
+                if !present.contains(&arg.as_str()) {
+                    body.push(' ');
+                    body.push_str(arg);
+                }
+            }
+            out.push_str(&body);
+            if line.ends_with('\n') {
+                out.push('\n');
+            }
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// Mount what programs in the chroot need, and the config directory read-only.
+pub(crate) fn mount_chroot(
+    build: &Build<'_>,
+    mounts: &mut Mounts,
+    root: &Path,
+    config_dir: &Path,
+) -> anyhow::Result<()> {
+    let target = |path: &str| scoped_join(root, path);
+    // What programs in the chroot (scripts, dracut) need, as data: mount argv prefix, target.
+    const CHROOT_MOUNTS: [(&[&str], &str); 4] = [
+        (&["mount", "-t", "proc", "proc"], "/proc"),
+        (&["mount", "-t", "sysfs", "sysfs"], "/sys"),
+        (&["mount", "--bind", "/dev"], "/dev"),
+        (&["mount", "-t", "tmpfs", "tmpfs"], "/run"),
+    ];
+    for (prefix, path) in CHROOT_MOUNTS {
+        let mountpoint = target(path)?;
+        let mut argv: Vec<String> = prefix.iter().map(|arg| arg.to_string()).collect();
+        argv.push(mountpoint.to_string_lossy().into_owned());
+        mounts.mount(build, argv, &mountpoint)?;
+    }
+    let configs = target(IMAGE_CONFIGS)?;
+    let mut argv = strings(["mount", "--bind"]);
+    argv.push(config_dir.to_string_lossy().into_owned());
+    argv.push(configs.to_string_lossy().into_owned());
+    mounts.mount(build, argv, &configs)?;
+    let mut argv = strings(["mount", "-o", "remount,bind,ro"]);
+    argv.push(configs.to_string_lossy().into_owned());
+    build.run(&argv, None)?;
+    Ok(())
+}
+
+pub(crate) fn remove_config_mountpoint(root: &Path) {
+    if let Ok(path) = scoped_join(root, IMAGE_CONFIGS) {
+        let _ = std::fs::remove_dir(path);
+    }
+}
+
+pub(crate) fn run_scripts(
+    build: &Build<'_>,
+    root: &Path,
+    scripts: &[Script],
+) -> anyhow::Result<()> {
+    for (index, script) in scripts.iter().enumerate() {
+        build.context.cancel.check()?;
+        build.log(format!("running script {}", script.name));
+        let temp = format!("/tmp/.vmic-script-{index}");
+        let path_in_image = match &script.source {
+            FileSource::Path(relative) => format!("{IMAGE_CONFIGS}/{relative}"),
+            FileSource::Content(content) => {
+                write_file(root, &temp, content.as_bytes(), 0o700)?;
+                temp.clone()
+            }
+        };
+        let mut argv = vec![script
+            .interpreter
+            .clone()
+            .unwrap_or_else(|| "/bin/sh".to_string())];
+        argv.push(path_in_image);
+        argv.extend(script.arguments.iter().cloned());
+        let result = build.run_unchecked(&argv, Some(root), script.environment.clone());
+        if matches!(script.source, FileSource::Content(_)) {
+            if let Ok(path) = scoped_join(root, &temp) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let result = result.with_context(|| format!("script {}", script.name))?;
+        for line in String::from_utf8_lossy(&result.stdout).lines() {
+            build.log(format!("{}: {line}", script.name));
+        }
+        if result.code != 0 {
+            bail!(
+                "script {} failed with exit code {}{}",
+                script.name,
+                result.code,
+                output_tail(&result)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_kernel_args_are_appended_once_to_linux_lines() {
+        let cfg = "menuentry x {\n  linux /boot/vmlinuz-1 root=UUID=a ro quiet\n  initrd /boot/initrd.img-1\n}\n";
+        let args = vec!["ds=nocloud".to_string(), "quiet".to_string()];
+        let once = append_kernel_args(cfg, &args);
+        assert!(once.contains("linux /boot/vmlinuz-1 root=UUID=a ro quiet ds=nocloud\n"));
+        assert_eq!(append_kernel_args(&once, &args), once);
+        assert!(once.contains("  initrd /boot/initrd.img-1\n"));
+    }
+}

@@ -1,0 +1,44 @@
+//! Customizing a disk image in place: mount it per its fstab, apply the customizations, and
+//! unmount cleanly. The writes land in the host's qcow2 overlay; the host converts that to the
+//! output format, so the input image is never touched.
+
+use std::path::{Path, PathBuf};
+
+use vmic_protocol::{DiskBuild, DiskOutcome};
+
+use crate::build::{disk_by_serial, Build, Mounts};
+use crate::customize::{customize_image, remove_config_mountpoint};
+use crate::image::{check_arch, mount_image, IMAGE_ROOT};
+use crate::iso::vm_arch;
+use crate::server::RequestContext;
+
+pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result<DiskOutcome> {
+    let mut build = Build::new(context);
+    let input = disk_by_serial(&request.input_serial)?.device;
+    let mut mounts = Mounts::default();
+
+    build.step("Mounting")?;
+    let root = mount_image(&build, &mut mounts, &input)?;
+    check_arch(&root, vm_arch())?;
+
+    build.step("Customizing")?;
+    let mut chroot_mounts = customize_image(
+        &build,
+        &root,
+        Path::new(&request.config_dir),
+        &request.os,
+        &request.post_customization,
+        &request.finalize_customization,
+    )?;
+    chroot_mounts.unmount_below(&root);
+    drop(chroot_mounts);
+    remove_config_mountpoint(&root);
+
+    build.step("Unmounting")?;
+    mounts.unmount_below(&PathBuf::from(IMAGE_ROOT));
+    // SAFETY: sync(2) takes no arguments; every write must reach the overlay before the host
+    // converts it.
+    unsafe { libc::sync() };
+    build.end_step();
+    Ok(DiskOutcome { steps: build.steps })
+}

@@ -1,0 +1,220 @@
+//! Mounting a disk image's file systems the way the image itself would: find the partition
+//! holding `/etc/fstab` (blkid, no udev) and mount the rest per that fstab.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::build::{strings, Build, Mounts};
+use crate::pipeline::{fstab, Arch};
+use crate::rootfs::scoped_join;
+
+/// Where the image's partitions are mounted.
+pub(crate) const IMAGE_ROOT: &str = "/mnt/root";
+/// Where candidate root partitions are probed.
+const PROBE: &str = "/mnt/probe";
+
+/// Find the root partition (the one with `/etc/fstab`) and mount everything per its fstab.
+pub(crate) fn mount_image(
+    build: &Build<'_>,
+    mounts: &mut Mounts,
+    disk: &Path,
+) -> anyhow::Result<PathBuf> {
+    let partitions = probe_partitions(build, disk)?;
+    if partitions.is_empty() {
+        bail!(
+            "the input has no partitions with a file system: it is not a disk image vmic can read (expected a GPT/MBR disk with the root file system on a partition)"
+        );
+    }
+    let root_partition = find_root_partition(build, &partitions)?;
+    let root = PathBuf::from(IMAGE_ROOT);
+    let fstab_text = {
+        let mut probe = Mounts::default();
+        let mut argv = strings(["mount", "-o", "ro"]);
+        argv.push(root_partition.device.clone());
+        argv.push(PROBE.to_string());
+        probe.mount(build, argv, Path::new(PROBE))?;
+        std::fs::read_to_string(Path::new(PROBE).join("etc/fstab"))
+            .context("reading the image's /etc/fstab")?
+    };
+    let plan = fstab::mount_plan(&fstab_text).context("the image's /etc/fstab")?;
+    if !plan.iter().any(|entry| entry.mountpoint == "/") {
+        bail!("the image's /etc/fstab has no entry for /");
+    }
+    for entry in &plan {
+        let device = match entry.mountpoint.as_str() {
+            // The partition we found the fstab on is the root, whatever fstab calls it.
+            "/" => root_partition.device.clone(),
+            _ => resolve_device(&partitions, &entry.spec).ok_or_else(|| {
+                anyhow!(
+                    "/etc/fstab line {}: no partition matches {:?} (mount point {})",
+                    entry.line,
+                    entry.spec,
+                    entry.mountpoint
+                )
+            })?,
+        };
+        let target = scoped_join(&root, &entry.mountpoint)?;
+        let mut argv = strings(["mount"]);
+        if let Some(fstype) = &entry.fstype {
+            argv.extend(strings(["-t", fstype]));
+        }
+        if !entry.options.is_empty() {
+            argv.push("-o".into());
+            argv.push(entry.options.join(","));
+        }
+        argv.push(device);
+        argv.push(target.to_string_lossy().into_owned());
+        mounts.mount(build, argv, &target).with_context(|| {
+            format!("mounting {} (fstab line {})", entry.mountpoint, entry.line)
+        })?;
+    }
+    Ok(root)
+}
+
+#[derive(Debug, Clone, Default)]
+struct Partition {
+    device: String,
+    uuid: Option<String>,
+    label: Option<String>,
+    part_uuid: Option<String>,
+    part_label: Option<String>,
+    fs_type: Option<String>,
+}
+
+/// Partitions of `disk` with what `blkid` says about each (there is no udev to ask).
+fn probe_partitions(build: &Build<'_>, disk: &Path) -> anyhow::Result<Vec<Partition>> {
+    let name = disk
+        .file_name()
+        .context("disk path has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let mut devices: Vec<String> = std::fs::read_dir(Path::new("/sys/block").join(&name))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|entry| entry.starts_with(&name))
+        .map(|entry| format!("/dev/{entry}"))
+        .collect();
+    devices.sort_by_key(|device| {
+        let number: String = device
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        number
+            .chars()
+            .rev()
+            .collect::<String>()
+            .parse::<u32>()
+            .unwrap_or(0)
+    });
+    let mut partitions = Vec::new();
+    for device in devices {
+        // blkid exits 2 when it finds nothing on a partition: not an error here.
+        let mut argv = strings(["blkid", "-p", "-o", "export"]);
+        argv.push(device.clone());
+        let result = build.run_unchecked(&argv, None, Vec::new())?;
+        let mut partition = Partition {
+            device,
+            ..Partition::default()
+        };
+        for line in String::from_utf8_lossy(&result.stdout).lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let value = Some(value.to_string());
+            match key {
+                "UUID" => partition.uuid = value,
+                "LABEL" => partition.label = value,
+                "PART_ENTRY_UUID" | "PARTUUID" => partition.part_uuid = value,
+                "PART_ENTRY_NAME" | "PARTLABEL" => partition.part_label = value,
+                "TYPE" => partition.fs_type = value,
+                _ => {}
+            }
+        }
+        if partition.fs_type.is_some() {
+            partitions.push(partition);
+        }
+    }
+    Ok(partitions)
+}
+
+fn find_root_partition(build: &Build<'_>, partitions: &[Partition]) -> anyhow::Result<Partition> {
+    for partition in partitions {
+        let linux_fs = matches!(
+            partition.fs_type.as_deref(),
+            Some("ext4" | "ext3" | "ext2" | "xfs" | "btrfs")
+        );
+        if !linux_fs {
+            continue;
+        }
+        let mut probe = Mounts::default();
+        let mut argv = strings(["mount", "-o", "ro"]);
+        argv.push(partition.device.clone());
+        argv.push(PROBE.to_string());
+        if probe.mount(build, argv, Path::new(PROBE)).is_err() {
+            continue;
+        }
+        if Path::new(PROBE).join("etc/fstab").is_file() {
+            return Ok(partition.clone());
+        }
+    }
+    bail!(
+        "no partition of the input holds a root file system with /etc/fstab (found: {})",
+        partitions
+            .iter()
+            .map(|p| format!("{} {}", p.device, p.fs_type.as_deref().unwrap_or("?")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn resolve_device(partitions: &[Partition], spec: &fstab::DeviceSpec) -> Option<String> {
+    use fstab::DeviceSpec;
+    let same =
+        |a: &Option<String>, b: &str| a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(b));
+    partitions
+        .iter()
+        .find(|p| match spec {
+            DeviceSpec::Uuid(uuid) => same(&p.uuid, uuid),
+            DeviceSpec::Label(label) => p.label.as_deref() == Some(label.as_str()),
+            DeviceSpec::PartUuid(uuid) => same(&p.part_uuid, uuid),
+            DeviceSpec::PartLabel(label) => p.part_label.as_deref() == Some(label.as_str()),
+            // Device names in the image's world mean nothing here.
+            DeviceSpec::Path(_) => false,
+        })
+        .map(|p| p.device.clone())
+}
+
+/// The image's binaries must match the builder VM, which runs them in the chroot.
+pub(crate) fn check_arch(root: &Path, arch: Arch) -> anyhow::Result<()> {
+    for candidate in ["/usr/bin/env", "/bin/sh", "/usr/bin/sh"] {
+        let Ok(path) = scoped_join(root, candidate) else {
+            continue;
+        };
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let mut header = [0u8; 20];
+        if file.read_exact(&mut header).is_err() || &header[..4] != b"\x7fELF" {
+            continue;
+        }
+        let machine = u16::from_le_bytes([header[18], header[19]]);
+        let image_arch = match machine {
+            0x3e => Arch::X86_64,
+            0xb7 => Arch::Aarch64,
+            other => bail!("the image's binaries are for an unsupported machine type {other:#x}"),
+        };
+        if image_arch != arch {
+            bail!(
+                "the image is {} but the builder VM is {}: pass --arch {}",
+                image_arch.name(),
+                arch.name(),
+                image_arch.name()
+            );
+        }
+        return Ok(());
+    }
+    Ok(())
+}
