@@ -382,11 +382,10 @@ fn make_rootfs_squashfs(
     dest: &Path,
     request: &IsoBuild,
 ) -> anyhow::Result<()> {
-    let compression = match request.squashfs.compression.as_str() {
-        "xz" => argv::SquashfsCompression::Xz,
-        "gzip" => argv::SquashfsCompression::Gzip,
-        _ => argv::SquashfsCompression::Zstd { level: None },
-    };
+    let compression =
+        argv::SquashfsCompression::parse(&request.squashfs.compression, &kernel_configs(root))
+            .map_err(|error| anyhow!(error))?;
+    build.log(format!("squashfs compression: {compression:?}"));
     let options = argv::SquashfsOptions {
         compression,
         processors: Some(request.squashfs.threads.max(1)),
@@ -401,6 +400,21 @@ fn make_rootfs_squashfs(
         None,
     )?;
     Ok(())
+}
+
+/// The image's kernel build configs (`/boot/config-*`), for what its kernels can read.
+fn kernel_configs(root: &Path) -> Vec<String> {
+    let Ok(boot) = scoped_join(root, "/boot") else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(boot) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("config-"))
+        .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+        .collect()
 }
 
 /// Copy every entry of the plan into the ISO tree and make the generated boot images.

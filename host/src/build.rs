@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use vmic_protocol::{Event, ExecRequest, Request, Response, Stream};
 
-use crate::cli::Arch;
+use crate::cli::{Arch, OutputFormat};
 use crate::commands::customize::CustomizeSettings;
 use crate::image::ImageFormat;
 use crate::qemu::Disk;
@@ -147,8 +147,8 @@ pub struct BuildSummary {
     pub sha256: String,
 }
 
-/// Disk/ISO → LiveOS ISO.
-pub async fn build_iso(
+/// Run the build the settings ask for: a LiveOS ISO or a customized disk image.
+pub async fn build(
     settings: &CustomizeSettings,
     arch: Arch,
     progress: &mut Progress,
@@ -169,6 +169,7 @@ pub async fn build_iso(
     // Removed however the build ends; the partial output too unless renamed into place.
     let _scratch_files = Cleanup(vec![overlay.clone(), scratch.clone()]);
     let mut partial_guard = Cleanup(vec![output_partial.clone()]);
+    let iso_output = settings.output_format == OutputFormat::Iso;
 
     let input_disk = if settings.input_format == ImageFormat::Iso {
         // An ISO is never written by the pipeline: attach it read-only as it is.
@@ -187,33 +188,52 @@ pub async fn build_iso(
             read_only: false,
         }
     };
-    // Sparse, so generous sizes cost nothing: the ISO is at most the rootfs plus boot files.
-    sparse_file(&output_partial, input_size + GIB)?;
+    // Sparse, so generous sizes cost nothing: the ISO is at most the rootfs plus boot files;
+    // packages and ISO work files land on the scratch disk.
     sparse_file(&scratch, 2 * input_size + 2 * GIB)?;
+    let mut disks = vec![input_disk];
+    if iso_output {
+        sparse_file(&output_partial, input_size + GIB)?;
+        disks.push(Disk {
+            path: output_partial.clone(),
+            format: "raw".into(),
+            serial: OUTPUT_SERIAL.into(),
+            read_only: false,
+        });
+    }
+    disks.push(Disk {
+        path: scratch.clone(),
+        format: "raw".into(),
+        serial: SCRATCH_SERIAL.into(),
+        read_only: false,
+    });
 
     let mut options = VmOptions::new(arch);
     options.accel = settings.vm.accel;
     options.transport = settings.vm.transport;
     options.memory_mib = 2048;
     options.run_dir = Some(build_dir.clone());
-    options.disks = vec![
-        input_disk,
-        Disk {
-            path: output_partial.clone(),
-            format: "raw".into(),
-            serial: OUTPUT_SERIAL.into(),
-            read_only: false,
-        },
-        Disk {
-            path: scratch.clone(),
-            format: "raw".into(),
-            serial: SCRATCH_SERIAL.into(),
-            read_only: false,
-        },
-    ];
+    options.disks = disks;
+    options.network = settings
+        .config
+        .config
+        .os
+        .as_ref()
+        .and_then(|os| os.packages.as_ref())
+        .is_some_and(|packages| {
+            crate::plan::needs_network(
+                crate::plan::packages_changed(packages),
+                settings.disable_base_image_repos,
+            )
+        });
+    if options.network {
+        tracing::info!(
+            "the builder VM gets user-mode networking for the image's package repositories"
+        );
+    }
     progress.step("Booting", &format!("{arch} builder VM"));
     let vm = RunningVm::start(options).await?;
-    let result = drive_iso_build(&vm, settings, &build_dir, &input, progress).await;
+    let result = drive_build(&vm, settings, &build_dir, &input, progress).await;
     let outcome = match result {
         Ok(outcome) => {
             vm.shutdown().await?;
@@ -227,28 +247,78 @@ pub async fn build_iso(
         }
     };
 
-    progress.step("Finishing", "verifying the ISO");
-    let file = fs_err::OpenOptions::new()
-        .write(true)
-        .open(&output_partial)?;
-    file.set_len(outcome.size)?;
-    file.sync_all()?;
-    drop(file);
-    let digest = sha256_file(&output_partial)?;
-    if digest != outcome.sha256 {
-        bail!(
-            "the ISO copied out of the builder VM is corrupted: sha256 {} but the agent wrote {}",
-            hex::encode(digest),
-            hex::encode(outcome.sha256)
-        );
-    }
+    let (size, digest) = match outcome {
+        Response::Iso(outcome) => {
+            progress.step("Finishing", "verifying the ISO");
+            let file = fs_err::OpenOptions::new()
+                .write(true)
+                .open(&output_partial)?;
+            file.set_len(outcome.size)?;
+            file.sync_all()?;
+            drop(file);
+            let digest = sha256_file(&output_partial)?;
+            if digest != outcome.sha256 {
+                bail!(
+                    "the ISO copied out of the builder VM is corrupted: sha256 {} but the agent wrote {}",
+                    hex::encode(digest),
+                    hex::encode(outcome.sha256)
+                );
+            }
+            (outcome.size, digest)
+        }
+        Response::Disk(_) => {
+            progress.step(
+                "Converting",
+                &format!("customized disk to {}", settings.output_format.name()),
+            );
+            convert_overlay(&overlay, &output_partial, settings.output_format)?;
+            let size = fs_err::metadata(&output_partial)?.len();
+            (size, sha256_file(&output_partial)?)
+        }
+        other => bail!("unexpected answer to the build request: {other:?}"),
+    };
     fs_err::rename(&output_partial, &settings.output)?;
     partial_guard.0.clear();
     Ok(BuildSummary {
         output: settings.output.clone(),
-        size: outcome.size,
+        size,
         sha256: hex::encode(digest),
     })
+}
+
+/// `qemu-img convert` arguments that write `format` (the overlay and its backing input
+/// flattened into one standalone image).
+pub fn convert_argv(overlay: &Path, output: &Path, format: OutputFormat) -> Vec<OsString> {
+    let (qemu_format, options): (&str, Option<&str>) = match format {
+        OutputFormat::Raw => ("raw", None),
+        OutputFormat::Qcow2 => ("qcow2", None),
+        // force_size keeps the virtual size exact instead of rounding to VHD geometry, which
+        // Azure requires for fixed VHDs and which keeps partition tables valid.
+        OutputFormat::Vhd => ("vpc", Some("subformat=dynamic,force_size=on")),
+        OutputFormat::VhdFixed => ("vpc", Some("subformat=fixed,force_size=on")),
+        OutputFormat::Vhdx => ("vhdx", None),
+        OutputFormat::Iso => unreachable!("an ISO is not converted from the overlay"),
+    };
+    let mut argv: Vec<OsString> = vec![
+        "convert".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-O".into(),
+        qemu_format.into(),
+    ];
+    if let Some(options) = options {
+        argv.push("-o".into());
+        argv.push(options.into());
+    }
+    argv.push(overlay.into());
+    argv.push(output.into());
+    argv
+}
+
+fn convert_overlay(overlay: &Path, output: &Path, format: OutputFormat) -> anyhow::Result<()> {
+    qemu_img(&convert_argv(overlay, output, format))
+        .with_context(|| format!("writing {}", output.display()))?;
+    Ok(())
 }
 
 fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
@@ -256,15 +326,8 @@ fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     Ok(vmic_protocol::sha256_reader(file)?)
 }
 
-async fn drive_iso_build(
-    vm: &RunningVm,
-    settings: &CustomizeSettings,
-    build_dir: &Path,
-    input: &Path,
-    progress: &mut Progress,
-) -> anyhow::Result<vmic_protocol::IsoOutcome> {
-    let session = &vm.session;
-    progress.step("Uploading", "config directory");
+/// Format and mount the scratch disk at the work directory.
+async fn mount_scratch(session: &crate::session::Session) -> anyhow::Result<()> {
     let disks = match session
         .start(Request::ListDisks)
         .await?
@@ -296,29 +359,15 @@ async fn drive_iso_build(
     session
         .run(&["mount", "-t", "ext4", &device, crate::plan::WORK_DIR])
         .await?;
+    Ok(())
+}
 
-    let plan = crate::plan::iso_plan(
-        &settings.config.config,
-        &crate::plan::HostFacts {
-            config_dir: &fs_err::canonicalize(&settings.config.dir)?,
-            input_is_iso: settings.input_format == ImageFormat::Iso,
-            input_serial: INPUT_SERIAL,
-            output_serial: OUTPUT_SERIAL,
-            cpus: vm.cpus,
-            exclude: vec![
-                build_dir.to_path_buf(),
-                input.to_path_buf(),
-                fs_err::canonicalize(settings.output.parent().unwrap_or(Path::new(".")))
-                    .unwrap_or_default()
-                    .join(settings.output.file_name().unwrap_or_default()),
-            ],
-        },
-    )?;
-    for (path, why) in &plan.skipped {
-        tracing::warn!("not copied to /_imageconfigs: {} ({why})", path.display());
-    }
-    let mut directories: Vec<String> = plan
-        .uploads
+/// Copy the plan's files into the builder VM.
+async fn upload(
+    session: &crate::session::Session,
+    uploads: &[crate::plan::Upload],
+) -> anyhow::Result<()> {
+    let mut directories: Vec<String> = uploads
         .iter()
         .filter_map(|upload| Path::new(&upload.guest).parent())
         .map(|parent| parent.to_string_lossy().into_owned())
@@ -335,16 +384,63 @@ async fn drive_iso_build(
             String::from_utf8_lossy(&result.stderr)
         );
     }
-    for upload in &plan.uploads {
+    for upload in uploads {
         session
             .put_file(&upload.local, &upload.guest, upload.mode)
             .await
             .with_context(|| format!("uploading {}", upload.local.display()))?;
     }
+    Ok(())
+}
 
-    let mut handle = session
-        .start(Request::BuildIso(Box::new(plan.request)))
-        .await?;
+async fn drive_build(
+    vm: &RunningVm,
+    settings: &CustomizeSettings,
+    build_dir: &Path,
+    input: &Path,
+    progress: &mut Progress,
+) -> anyhow::Result<Response> {
+    let session = &vm.session;
+    progress.step("Uploading", "config directory");
+    mount_scratch(session).await?;
+    let facts = crate::plan::HostFacts {
+        config_dir: &fs_err::canonicalize(&settings.config.dir)?,
+        input_is_iso: settings.input_format == ImageFormat::Iso,
+        input_serial: INPUT_SERIAL,
+        output_serial: OUTPUT_SERIAL,
+        cpus: vm.cpus,
+        exclude: vec![
+            build_dir.to_path_buf(),
+            input.to_path_buf(),
+            fs_err::canonicalize(settings.output.parent().unwrap_or(Path::new(".")))
+                .unwrap_or_default()
+                .join(settings.output.file_name().unwrap_or_default()),
+        ],
+        package_sources: &settings.package_sources,
+        disable_base_repos: settings.disable_base_image_repos,
+        squashfs_compression: settings.squashfs_compression.clone(),
+    };
+    let (uploads, skipped, request) = if settings.output_format == OutputFormat::Iso {
+        let plan = crate::plan::iso_plan(&settings.config.config, &facts)?;
+        (
+            plan.uploads,
+            plan.skipped,
+            Request::BuildIso(Box::new(plan.request)),
+        )
+    } else {
+        let plan = crate::plan::disk_plan(&settings.config.config, &facts)?;
+        (
+            plan.uploads,
+            plan.skipped,
+            Request::CustomizeDisk(Box::new(plan.request)),
+        )
+    };
+    for (path, why) in &skipped {
+        tracing::warn!("not copied to /_imageconfigs: {} ({why})", path.display());
+    }
+    upload(session, &uploads).await?;
+
+    let mut handle = session.start(request).await?;
     let response = handle
         .finish(|event| match event {
             Event::Progress { step, done, total } => {
@@ -367,10 +463,7 @@ async fn drive_iso_build(
             Event::Invalid => {}
         })
         .await?;
-    match response {
-        Response::Iso(outcome) => Ok(outcome),
-        other => bail!("unexpected answer to BuildIso: {other:?}"),
-    }
+    Ok(response)
 }
 
 fn step_message(step: &str) -> String {
@@ -381,6 +474,7 @@ fn step_message(step: &str) -> String {
         "Squashing" => "root file system",
         "Mastering" => "ISO with xorriso",
         "Copying" => "ISO to the output disk",
+        "Unmounting" => "image file systems",
         _ => "",
     }
     .to_string()

@@ -83,6 +83,21 @@ pub struct CustomizeArgs {
     #[arg(long, value_enum)]
     pub output_image_format: Option<OutputFormat>,
 
+    /// Extra package source for `os.packages`: a directory of .deb/.rpm files, or a repository
+    /// file (apt `.list`/`.sources`, dnf `.repo`). Repeatable.
+    #[arg(long, visible_alias = "rpm-source", value_name = "DIR|FILE")]
+    pub package_source: Vec<PathBuf>,
+
+    /// Install packages only from --package-source, not from the image's own repositories
+    /// (the builder VM then stays offline).
+    #[arg(long)]
+    pub disable_base_image_repos: bool,
+
+    /// mksquashfs compressor for the ISO's rootfs.img: zstd[:LEVEL], xz, gzip or lz4. The
+    /// default is zstd:3 when the image's kernel reads zstd squashfs, else xz.
+    #[arg(long, value_name = "COMP[:LEVEL]")]
+    pub squashfs_compression: Option<String>,
+
     #[command(flatten)]
     pub vm: VmArgs,
 }

@@ -3,16 +3,25 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use anyhow::Context;
 use vmic_protocol::{
-    FileCopy, FileSource, IsoBuild, IsoSettings, OsCustomization, Script, SquashfsSettings,
+    DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild, IsoSettings, ModuleLoadMode,
+    ModuleSpec, OsCustomization, PackageChanges, PackageSource, PasswordSpec, Script, SelinuxMode,
+    ServiceChanges, SquashfsSettings, UserSpec,
 };
 
-use crate::config::model::{AdditionalFiles, Config, KernelCommandLine, Script as ScriptConfig};
+use crate::config::model::{
+    self, AdditionalFiles, Config, KernelCommandLine, PasswordType, Script as ScriptConfig,
+};
 
 /// Guest directory of the scratch disk.
 pub const WORK_DIR: &str = "/work";
 /// Guest directory the config directory is uploaded to.
 pub const GUEST_CONFIG_DIR: &str = "/work/config";
+/// Guest directory `os.additionalDirs` sources are uploaded to (one numbered subdirectory each).
+pub const GUEST_DIRS_DIR: &str = "/work/dirs";
+/// Guest directory `--package-source` paths are uploaded to.
+pub const GUEST_PACKAGES_DIR: &str = "/work/packages";
 /// Default ISO volume label (as AzL-IC's `mkisofs -V CDROM`).
 pub const DEFAULT_ISO_LABEL: &str = "CDROM";
 
@@ -31,12 +40,15 @@ pub struct Upload {
 
 /// What the host does before sending the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IsoPlan {
+pub struct Plan<R> {
     pub uploads: Vec<Upload>,
     /// Config-directory files left out of `/_imageconfigs`, with why.
     pub skipped: Vec<(PathBuf, String)>,
-    pub request: IsoBuild,
+    pub request: R,
 }
+
+pub type IsoPlan = Plan<IsoBuild>;
+pub type DiskPlan = Plan<DiskBuild>;
 
 /// Parameters that come from the host, not the config.
 #[derive(Debug, Clone)]
@@ -48,6 +60,11 @@ pub struct HostFacts<'a> {
     pub cpus: u32,
     /// Paths never uploaded even when inside the config directory (input, output, build dir).
     pub exclude: Vec<PathBuf>,
+    /// `--package-source` paths.
+    pub package_sources: &'a [PathBuf],
+    pub disable_base_repos: bool,
+    /// mksquashfs `-comp` value (with an optional `:LEVEL`); `None` lets the agent choose.
+    pub squashfs_compression: Option<String>,
 }
 
 fn guest_path(relative: &Path) -> String {
@@ -184,6 +201,13 @@ pub fn changes_rootfs(config: &Config) -> bool {
                 .as_ref()
                 .is_some_and(|f| !f.0.is_empty())
             || !kernel_args(os.kernel_command_line.as_ref()).is_empty()
+            || os.packages.is_some()
+            || os.additional_dirs.as_ref().is_some_and(|d| !d.is_empty())
+            || os.users.as_ref().is_some_and(|u| !u.is_empty())
+            || os.groups.as_ref().is_some_and(|g| !g.is_empty())
+            || os.services.is_some()
+            || os.modules.as_ref().is_some_and(|m| !m.is_empty())
+            || os.selinux.is_some()
     });
     let scripts = config.scripts.as_ref().is_some_and(|scripts| {
         scripts
@@ -199,22 +223,136 @@ pub fn changes_rootfs(config: &Config) -> bool {
 }
 
 /// Build the plan for a disk/ISO → ISO conversion.
-pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> std::io::Result<IsoPlan> {
-    let os = config.os.as_ref();
+pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPlan> {
     let iso = config.iso.as_ref();
-    let script_config = config.scripts.as_ref();
+    let common = common_plan(config, facts)?;
     let request = IsoBuild {
         input_serial: facts.input_serial.to_string(),
         input_is_iso: facts.input_is_iso,
         output_serial: facts.output_serial.to_string(),
         work_dir: WORK_DIR.to_string(),
         config_dir: GUEST_CONFIG_DIR.to_string(),
-        os: OsCustomization {
-            hostname: os.and_then(|os| os.hostname.clone()),
-            additional_files: file_copies(os.and_then(|os| os.additional_files.as_ref())),
-            kernel_args: kernel_args(os.and_then(|os| os.kernel_command_line.as_ref())),
-            ..OsCustomization::default()
+        os: common.os,
+        post_customization: common.post_customization,
+        finalize_customization: common.finalize_customization,
+        iso: IsoSettings {
+            label: DEFAULT_ISO_LABEL.to_string(),
+            additional_files: file_copies(iso.and_then(|iso| iso.additional_files.as_ref())),
+            extra_args: kernel_args(iso.and_then(|iso| iso.kernel_command_line.as_ref())),
+            vmic_version: env!("CARGO_PKG_VERSION").to_string(),
         },
+        squashfs: SquashfsSettings {
+            compression: facts
+                .squashfs_compression
+                .clone()
+                .unwrap_or_else(|| AUTO_COMPRESSION.to_string()),
+            threads: facts.cpus.max(1),
+        },
+        remaster_only: facts.input_is_iso && !changes_rootfs(config),
+    };
+    Ok(Plan {
+        uploads: common.uploads,
+        skipped: common.skipped,
+        request,
+    })
+}
+
+/// Build the plan for customizing a disk image in place.
+pub fn disk_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<DiskPlan> {
+    let common = common_plan(config, facts)?;
+    Ok(Plan {
+        uploads: common.uploads,
+        skipped: common.skipped,
+        request: DiskBuild {
+            input_serial: facts.input_serial.to_string(),
+            work_dir: WORK_DIR.to_string(),
+            config_dir: GUEST_CONFIG_DIR.to_string(),
+            os: common.os,
+            post_customization: common.post_customization,
+            finalize_customization: common.finalize_customization,
+        },
+    })
+}
+
+/// The squashfs compression value that lets the agent pick what the image's kernel reads.
+pub const AUTO_COMPRESSION: &str = "auto";
+
+/// What both outputs share: the os customization, the scripts and the uploads.
+struct CommonPlan {
+    os: OsCustomization,
+    post_customization: Vec<Script>,
+    finalize_customization: Vec<Script>,
+    uploads: Vec<Upload>,
+    skipped: Vec<(PathBuf, String)>,
+}
+
+fn common_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<CommonPlan> {
+    let os = config.os.as_ref();
+    let script_config = config.scripts.as_ref();
+    let mut uploads = Vec::new();
+    let mut skipped = Vec::new();
+    config_dir_uploads(config, facts, &mut uploads, &mut skipped)?;
+    let additional_dirs = additional_dirs(os, facts.config_dir, &mut uploads)?;
+    let packages = packages(os, facts, &mut uploads)?;
+    let os_customization = OsCustomization {
+        hostname: os.and_then(|os| os.hostname.clone()),
+        additional_files: file_copies(os.and_then(|os| os.additional_files.as_ref())),
+        kernel_args: kernel_args(os.and_then(|os| os.kernel_command_line.as_ref())),
+        packages,
+        additional_dirs,
+        groups: os
+            .and_then(|os| os.groups.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|group| {
+                Some(GroupSpec {
+                    name: group.name.clone()?,
+                    gid: group.gid,
+                })
+            })
+            .collect(),
+        users: users(os, facts.config_dir)?,
+        services: os
+            .and_then(|os| os.services.as_ref())
+            .map(|services| ServiceChanges {
+                enable: services.enable.clone().unwrap_or_default(),
+                disable: services.disable.clone().unwrap_or_default(),
+            })
+            .unwrap_or_default(),
+        modules: os
+            .and_then(|os| os.modules.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|module| {
+                Some(ModuleSpec {
+                    name: module.name.clone()?,
+                    load_mode: match module.load_mode {
+                        Some(model::ModuleLoadMode::Always) => ModuleLoadMode::Always,
+                        Some(model::ModuleLoadMode::Auto) => ModuleLoadMode::Auto,
+                        Some(model::ModuleLoadMode::Disable) => ModuleLoadMode::Disable,
+                        Some(model::ModuleLoadMode::Inherit) | None => ModuleLoadMode::Inherit,
+                    },
+                    options: module
+                        .options
+                        .clone()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .collect(),
+                })
+            })
+            .collect(),
+        selinux_mode: os
+            .and_then(|os| os.selinux.as_ref())
+            .and_then(|selinux| selinux.mode)
+            .map(|mode| match mode {
+                model::SelinuxMode::Disabled => SelinuxMode::Disabled,
+                model::SelinuxMode::Permissive => SelinuxMode::Permissive,
+                model::SelinuxMode::Enforcing => SelinuxMode::Enforcing,
+                model::SelinuxMode::ForceEnforcing => SelinuxMode::ForceEnforcing,
+            }),
+    };
+    Ok(CommonPlan {
+        os: os_customization,
         post_customization: scripts(
             script_config.and_then(|s| s.post_customization.as_ref()),
             "scripts.postCustomization",
@@ -223,22 +361,235 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> std::io::Result<IsoPl
             script_config.and_then(|s| s.finalize_customization.as_ref()),
             "scripts.finalizeCustomization",
         ),
-        iso: IsoSettings {
-            label: DEFAULT_ISO_LABEL.to_string(),
-            additional_files: file_copies(iso.and_then(|iso| iso.additional_files.as_ref())),
-            extra_args: kernel_args(iso.and_then(|iso| iso.kernel_command_line.as_ref())),
-            vmic_version: env!("CARGO_PKG_VERSION").to_string(),
-        },
-        squashfs: SquashfsSettings {
-            compression: "zstd".to_string(),
-            threads: facts.cpus.max(1),
-        },
-        remaster_only: facts.input_is_iso && !changes_rootfs(config),
-    };
+        uploads,
+        skipped,
+    })
+}
 
+fn read_config_file(config_dir: &Path, relative: &str) -> anyhow::Result<String> {
+    let path = config_dir.join(relative);
+    fs_err::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn users(os: Option<&model::Os>, config_dir: &Path) -> anyhow::Result<Vec<UserSpec>> {
+    let mut out = Vec::new();
+    for user in os.and_then(|os| os.users.as_ref()).into_iter().flatten() {
+        let Some(name) = user.name.clone() else {
+            continue;
+        };
+        let mut ssh_public_keys = user.ssh_public_keys.clone().unwrap_or_default();
+        for path in user.ssh_public_key_paths.iter().flatten() {
+            let text = read_config_file(config_dir, path)?;
+            ssh_public_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                    .map(str::to_string),
+            );
+        }
+        let password = match &user.password {
+            None => None,
+            Some(password) => {
+                let value = password.value.clone().unwrap_or_default();
+                let from_file = |value: &str| -> anyhow::Result<String> {
+                    Ok(read_config_file(config_dir, value)?.trim_end().to_string())
+                };
+                match password.password_type {
+                    Some(PasswordType::Locked) | None => Some(PasswordSpec::Locked),
+                    Some(PasswordType::Hashed) => Some(PasswordSpec::Hashed(value)),
+                    Some(PasswordType::HashedFile) => {
+                        Some(PasswordSpec::Hashed(from_file(&value)?))
+                    }
+                    Some(PasswordType::PlainText) => {
+                        tracing::warn!(
+                            "os.users: the password of {name} is plain text in the config; \
+                             anyone who reads the config or the build logs can log in as \
+                             {name} (use type: hashed with a crypt(3) hash instead)"
+                        );
+                        Some(PasswordSpec::PlainText(value))
+                    }
+                    Some(PasswordType::PlainTextFile) => {
+                        tracing::warn!(
+                            "os.users: the password of {name} is a plain-text file; prefer \
+                             type: hashed-file"
+                        );
+                        Some(PasswordSpec::PlainText(from_file(&value)?))
+                    }
+                }
+            }
+        };
+        out.push(UserSpec {
+            name,
+            uid: user.uid,
+            password,
+            password_expires_days: user.password_expires_days,
+            ssh_public_keys,
+            primary_group: user.primary_group.clone(),
+            secondary_groups: user.secondary_groups.clone().unwrap_or_default(),
+            startup_command: user.startup_command.clone(),
+            home_directory: user.home_directory.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn octal(value: Option<&String>) -> Option<u32> {
+    value.and_then(|text| u32::from_str_radix(text, 8).ok())
+}
+
+/// `os.additionalDirs`: each source tree is uploaded whole to its own guest directory.
+fn additional_dirs(
+    os: Option<&model::Os>,
+    config_dir: &Path,
+    uploads: &mut Vec<Upload>,
+) -> anyhow::Result<Vec<DirCopy>> {
+    let mut out = Vec::new();
+    for (index, dir) in os
+        .and_then(|os| os.additional_dirs.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let (Some(source), Some(destination)) = (&dir.source, &dir.destination) else {
+            continue;
+        };
+        let guest = format!("{GUEST_DIRS_DIR}/{index}");
+        upload_tree(&config_dir.join(source), &guest, uploads)?;
+        out.push(DirCopy {
+            source: guest,
+            destination: destination.clone(),
+            new_dir_permissions: octal(dir.new_dir_permissions.as_ref()),
+            merged_dir_permissions: octal(dir.merged_dir_permissions.as_ref()),
+            child_file_permissions: octal(dir.child_file_permissions.as_ref()),
+        });
+    }
+    Ok(out)
+}
+
+/// Upload every file below `local` to the same relative path below `guest`.
+fn upload_tree(local: &Path, guest: &str, uploads: &mut Vec<Upload>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    collect_files(local, Path::new(""), &[], &mut files)
+        .with_context(|| format!("listing {}", local.display()))?;
+    files.sort();
+    for relative in files {
+        let path = local.join(&relative);
+        let mode = fs_err::metadata(&path)?.permissions().mode() & 0o7777;
+        let mut target = guest.to_string();
+        for component in relative.components() {
+            target.push('/');
+            target.push_str(&component.as_os_str().to_string_lossy());
+        }
+        uploads.push(Upload {
+            local: path,
+            guest: target,
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Whether `os.packages` asks for anything at all.
+pub fn packages_changed(packages: &model::Packages) -> bool {
+    packages.update_existing_packages == Some(true)
+        || [
+            &packages.install,
+            &packages.remove,
+            &packages.update,
+            &packages.install_lists,
+            &packages.remove_lists,
+            &packages.update_lists,
+        ]
+        .iter()
+        .any(|list| list.as_ref().is_some_and(|list| !list.is_empty()))
+}
+
+/// The builder VM gets a (user-mode) network only to reach the image's own repositories.
+pub fn needs_network(packages_changed: bool, disable_base_repos: bool) -> bool {
+    packages_changed && !disable_base_repos
+}
+
+/// A `*Lists` file: YAML with a `packages:` list.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageList {
+    packages: Vec<String>,
+}
+
+fn package_lists(config_dir: &Path, lists: Option<&Vec<String>>) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for list in lists.into_iter().flatten() {
+        let text = read_config_file(config_dir, list)?;
+        let parsed: PackageList = serde_saphyr::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected a YAML file with a `packages:` list of names",
+                config_dir.join(list).display()
+            )
+        })?;
+        names.extend(parsed.packages);
+    }
+    Ok(names)
+}
+
+fn packages(
+    os: Option<&model::Os>,
+    facts: &HostFacts<'_>,
+    uploads: &mut Vec<Upload>,
+) -> anyhow::Result<PackageChanges> {
+    let Some(packages) = os.and_then(|os| os.packages.as_ref()) else {
+        return Ok(PackageChanges::default());
+    };
+    // AzL-IC order: the lists' packages first, then the inline ones.
+    let merged = |lists: Option<&Vec<String>>, inline: Option<&Vec<String>>| {
+        let mut names = package_lists(facts.config_dir, lists)?;
+        names.extend(inline.cloned().unwrap_or_default());
+        anyhow::Ok(names)
+    };
+    let mut changes = PackageChanges {
+        update_existing: packages.update_existing_packages.unwrap_or(false),
+        remove: merged(packages.remove_lists.as_ref(), packages.remove.as_ref())?,
+        install: merged(packages.install_lists.as_ref(), packages.install.as_ref())?,
+        update: merged(packages.update_lists.as_ref(), packages.update.as_ref())?,
+        sources: Vec::new(),
+        disable_base_repos: facts.disable_base_repos,
+        network: needs_network(packages_changed(packages), facts.disable_base_repos),
+    };
+    if changes.is_empty() {
+        return Ok(changes);
+    }
+    for (index, source) in facts.package_sources.iter().enumerate() {
+        let metadata = fs_err::metadata(source)
+            .with_context(|| format!("--package-source {}", source.display()))?;
+        if metadata.is_dir() {
+            let guest = format!("{GUEST_PACKAGES_DIR}/{index}");
+            upload_tree(source, &guest, uploads)?;
+            changes.sources.push(PackageSource::Directory(guest));
+        } else {
+            let name = source
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "source".to_string());
+            let guest = format!("{GUEST_PACKAGES_DIR}/{index}-{name}");
+            uploads.push(Upload {
+                local: source.clone(),
+                guest: guest.clone(),
+                mode: 0o644,
+            });
+            changes.sources.push(PackageSource::RepoFile(guest));
+        }
+    }
+    Ok(changes)
+}
+
+/// The config directory's files, uploaded so that scripts find them under `/_imageconfigs`.
+fn config_dir_uploads(
+    config: &Config,
+    facts: &HostFacts<'_>,
+    uploads: &mut Vec<Upload>,
+    skipped: &mut Vec<(PathBuf, String)>,
+) -> anyhow::Result<()> {
     let referenced = referenced_files(config);
-    let mut uploads = Vec::new();
-    let mut skipped = Vec::new();
     let mut unreferenced_total = 0u64;
     let mut files = Vec::new();
     collect_files(facts.config_dir, Path::new(""), &facts.exclude, &mut files)?;
@@ -277,11 +628,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> std::io::Result<IsoPl
             mode: metadata.permissions().mode() & 0o7777,
         });
     }
-    Ok(IsoPlan {
-        uploads,
-        skipped,
-        request,
-    })
+    Ok(())
 }
 
 fn collect_files(
@@ -335,6 +682,9 @@ mod tests {
                 output_serial: "vmic-output",
                 cpus: 2,
                 exclude: Vec::new(),
+                package_sources: &[],
+                disable_base_repos: false,
+                squashfs_compression: None,
             },
         )
         .expect("plan")

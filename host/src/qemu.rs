@@ -97,6 +97,8 @@ pub struct BuilderVm {
     pub console_log: PathBuf,
     /// QMP socket, used to stop the VM cleanly.
     pub qmp_socket: PathBuf,
+    /// A user-mode (slirp) NIC: outbound connections only, for the image's package repos.
+    pub network: bool,
 }
 
 impl BuilderVm {
@@ -161,6 +163,15 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
         &format!("unix:{},server=on,wait=off", vm.qmp_socket.display()),
     ]);
     push(&["-device", "virtio-rng-pci"]);
+    if vm.network {
+        // No option ROM: the kernel is booted directly, nothing network-boots.
+        push(&[
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ]);
+    }
     for (index, disk) in vm.disks.iter().enumerate() {
         let mut drive = format!(
             // Errors go to the guest (EIO/ENOSPC), which reports them; QEMU's default would pause
@@ -426,6 +437,7 @@ mod tests {
             channel,
             console_log: "/build/console.log".into(),
             qmp_socket: "/tmp/vmic-x/qmp.sock".into(),
+            network: false,
         }
     }
 

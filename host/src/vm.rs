@@ -26,6 +26,8 @@ pub struct VmOptions {
     pub run_dir: Option<PathBuf>,
     /// How long to wait for the agent's hello.
     pub ready_timeout: Duration,
+    /// Give the VM a user-mode NIC.
+    pub network: bool,
 }
 
 impl VmOptions {
@@ -39,6 +41,7 @@ impl VmOptions {
             disks: Vec::new(),
             run_dir: None,
             ready_timeout: Duration::from_secs(120),
+            network: false,
         }
     }
 }
@@ -127,6 +130,7 @@ impl RunningVm {
             channel: channel.channel.clone(),
             console_log: console_log.clone(),
             qmp_socket: temp.path().join("qmp.sock"),
+            network: options.network,
         };
         let argv = crate::qemu::builder_argv(&vm);
         let qemu = QemuProcess::spawn(&qemu_binary, argv)?;

@@ -206,6 +206,8 @@ pub struct PackageChanges {
     pub sources: Vec<PackageSource>,
     /// Use only `sources`, not the repositories the image is configured with.
     pub disable_base_repos: bool,
+    /// The VM has a user-mode NIC for the image's own repositories.
+    pub network: bool,
 }
 
 impl PackageChanges {

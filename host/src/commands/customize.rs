@@ -18,6 +18,9 @@ pub struct CustomizeSettings {
     pub build_dir: PathBuf,
     pub output: PathBuf,
     pub output_format: OutputFormat,
+    pub package_sources: Vec<PathBuf>,
+    pub disable_base_image_repos: bool,
+    pub squashfs_compression: Option<String>,
     pub vm: VmArgs,
 }
 
@@ -69,6 +72,17 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
                 "pass --output-image-file or set output.image.path in the config",
             ))
         })?;
+    for source in &args.package_source {
+        if !source.exists() {
+            return Err(Failure::Usage(crate::report::hinted(
+                format!("--package-source {} does not exist", source.display()),
+                "pass a directory of .deb/.rpm files or a repository file (.list, .sources, .repo)",
+            )));
+        }
+    }
+    if let Some(compression) = &args.squashfs_compression {
+        check_squashfs_compression(compression).map_err(Failure::Usage)?;
+    }
     Ok(CustomizeSettings {
         input,
         input_format,
@@ -76,8 +90,46 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         build_dir,
         output,
         output_format,
+        package_sources: args.package_source.clone(),
+        disable_base_image_repos: args.disable_base_image_repos,
+        squashfs_compression: args.squashfs_compression.clone(),
         vm: args.vm.clone(),
     })
+}
+
+/// `zstd[:1-22]`, `xz`, `gzip[:1-9]` or `lz4`: what mksquashfs and the kernel both know.
+pub fn check_squashfs_compression(value: &str) -> anyhow::Result<()> {
+    let (name, level) = match value.split_once(':') {
+        Some((name, level)) => (name, Some(level)),
+        None => (value, None),
+    };
+    let range = match name {
+        "zstd" => Some(1..=22),
+        "gzip" => Some(1..=9),
+        "xz" | "lz4" => None,
+        _ => {
+            return Err(crate::report::hinted(
+                format!("--squashfs-compression {value}: unknown compressor {name}"),
+                "use zstd[:LEVEL], xz, gzip[:LEVEL] or lz4",
+            ))
+        }
+    };
+    if let Some(level) = level {
+        let ok = range
+            .clone()
+            .zip(level.parse::<u32>().ok())
+            .is_some_and(|(range, level)| range.contains(&level));
+        if !ok {
+            return Err(crate::report::hinted(
+                format!("--squashfs-compression {value}: bad level {level} for {name}"),
+                match range {
+                    Some(range) => format!("use a level from {} to {}", range.start(), range.end()),
+                    None => format!("{name} takes no level"),
+                },
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
@@ -90,12 +142,6 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         build_dir = %settings.build_dir.display(),
         "configuration is valid"
     );
-    if settings.output_format != OutputFormat::Iso {
-        return Err(Failure::Usage(anyhow!(
-            "not supported yet: --output-image-format {} (disk image outputs come later; use iso)",
-            settings.output_format.name()
-        )));
-    }
     // The image's architecture is checked again inside the VM against its binaries.
     let arch = settings.vm.arch.or(Arch::host()).ok_or_else(|| {
         Failure::Usage(anyhow!(
@@ -108,7 +154,7 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     // files and the partial output are removed by their guards.
     let result = runtime.block_on(async {
         tokio::select! {
-            result = crate::build::build_iso(&settings, arch, &mut progress) => result,
+            result = crate::build::build(&settings, arch, &mut progress) => result,
             () = crate::boot::interrupted() => Err(anyhow!("interrupted; the build was stopped and its files removed")),
         }
     });
@@ -124,7 +170,12 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         size = summary.size,
         sha256 = summary.sha256,
         seconds = total,
-        "LiveOS ISO written"
+        "{} written",
+        if settings.output_format == OutputFormat::Iso {
+            "LiveOS ISO".to_string()
+        } else {
+            format!("{} disk image", settings.output_format.name())
+        }
     );
     Ok(())
 }

@@ -342,7 +342,7 @@ fn unsupported_fields_are_listed_with_locations() {
     let fixture = fixture();
     let loaded = check_in(
         &fixture.dir,
-        "os:\n  hostname: ok\n  users:\n  - name: test\n  packages:\n    install: [curl]\niso:\n  initramfsType: bootstrap\n",
+        "os:\n  hostname: ok\n  users:\n  - name: test\n  overlays:\n  - mountPoint: /x\niso:\n  initramfsType: bootstrap\n",
         &with_format(OutputFormat::Iso),
     )
     .expect("valid config");
@@ -353,8 +353,7 @@ fn unsupported_fields_are_listed_with_locations() {
     assert_eq!(
         found,
         [
-            format!("{file}:3:3: os.users: not supported yet: os.users"),
-            format!("{file}:5:3: os.packages: not supported yet: os.packages"),
+            format!("{file}:5:3: os.overlays: not supported yet: os.overlays"),
             format!("{file}:8:3: iso.initramfsType: not supported yet: iso.initramfsType"),
         ]
     );
