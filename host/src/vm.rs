@@ -56,6 +56,8 @@ pub fn default_cpus() -> u32 {
 #[error("the builder VM's agent did not become ready: {reason}\nlast console lines ({console}):\n{tail}")]
 pub struct NotReady {
     pub reason: String,
+    /// The agent never answered (as opposed to QEMU exiting).
+    pub timed_out: bool,
     pub console: String,
     pub tail: String,
 }
@@ -113,34 +115,53 @@ impl RunningVm {
             .clone()
             .unwrap_or_else(|| temp.path().to_path_buf());
         let console_log = run_dir.join("console.log");
-        let channel = Transport::prepare(kind, temp.path()).await?;
-        let vm = BuilderVm {
-            arch: options.arch,
-            accel,
-            memory_mib: options.memory_mib,
-            cpus: options.cpus,
-            kernel: image.kernel.clone(),
-            initramfs: image.initramfs.clone(),
-            cmdline: format!(
-                "console={} panic=-1 quiet loglevel=4 rdinit=/init {}",
-                BuilderVm::console_device(options.arch),
-                channel.cmdline()
-            ),
-            disks: options.disks.clone(),
-            channel: channel.channel.clone(),
-            console_log: console_log.clone(),
-            qmp_socket: temp.path().join("qmp.sock"),
-            network: options.network,
+        // A VM that boots but never answers (seen once in ~100 TCG boots, cause unknown) gets
+        // one more try: a build should not fail on a flake of the emulator.
+        let mut attempt = 1;
+        let (session, qemu, channel) = loop {
+            let socket_dir = temp.path().join(attempt.to_string());
+            fs_err::create_dir_all(&socket_dir)?;
+            let channel = Transport::prepare(kind, &socket_dir).await?;
+            let vm = BuilderVm {
+                arch: options.arch,
+                accel,
+                memory_mib: options.memory_mib,
+                cpus: options.cpus,
+                kernel: image.kernel.clone(),
+                initramfs: image.initramfs.clone(),
+                cmdline: format!(
+                    "console={} panic=-1 quiet loglevel=4 rdinit=/init {}",
+                    BuilderVm::console_device(options.arch),
+                    channel.cmdline()
+                ),
+                disks: options.disks.clone(),
+                channel: channel.channel.clone(),
+                console_log: console_log.clone(),
+                qmp_socket: socket_dir.join("qmp.sock"),
+                network: options.network,
+            };
+            let argv = crate::qemu::builder_argv(&vm);
+            let qemu = QemuProcess::spawn(&qemu_binary, argv)?;
+            let mut running = RunningVmStart {
+                qemu,
+                channel,
+                console_log: console_log.clone(),
+            };
+            let deadline = Instant::now() + options.ready_timeout;
+            match running.wait_ready(deadline).await {
+                Ok(session) => break (session, running.qemu, running.channel),
+                Err(error)
+                    if attempt == 1
+                        && error
+                            .downcast_ref::<NotReady>()
+                            .is_some_and(|not_ready| not_ready.timed_out) =>
+                {
+                    tracing::warn!("{error:#}\nstarting the builder VM once more");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
         };
-        let argv = crate::qemu::builder_argv(&vm);
-        let qemu = QemuProcess::spawn(&qemu_binary, argv)?;
-        let mut running = RunningVmStart {
-            qemu,
-            channel,
-            console_log: console_log.clone(),
-        };
-        let deadline = Instant::now() + options.ready_timeout;
-        let session = running.wait_ready(deadline).await?;
         let ready_after = started.elapsed();
         let hello = session.hello();
         tracing::info!(
@@ -150,7 +171,6 @@ impl RunningVm {
             seconds = ready_after.as_secs_f64(),
             "builder VM ready"
         );
-        let RunningVmStart { qemu, channel, .. } = running;
         Ok(RunningVm {
             session,
             accel,
@@ -227,9 +247,11 @@ impl RunningVmStart {
                 .await
                 .context("timed out waiting for the agent's hello")?
         };
+        let mut exited_early = false;
         let outcome = tokio::select! {
             session = connect_and_greet => session,
             exited = self.qemu.wait() => {
+                exited_early = true;
                 let reason = match exited {
                     Ok((status, stderr)) => format!("QEMU exited ({status}) {}", stderr.trim()),
                     Err(error) => format!("QEMU failed: {error:#}"),
@@ -240,10 +262,12 @@ impl RunningVmStart {
         match outcome {
             Ok(session) => Ok(session),
             Err(error) => {
+                let timed_out = !exited_early && Instant::now() >= deadline;
                 self.qemu.kill().await;
                 self.channel.shutdown().await;
                 Err(NotReady {
                     reason: format!("{error:#}"),
+                    timed_out,
                     console: self.console_log.display().to_string(),
                     tail: console_tail(&self.console_log, 30),
                 }

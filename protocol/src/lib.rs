@@ -268,7 +268,7 @@ pub enum PasswordSpec {
     Locked,
     /// A crypt(3) hash, written as is.
     Hashed(String),
-    /// Hashed in the image with its own `chpasswd`.
+    /// Hashed by the agent (SHA-512 crypt) before it is written.
     PlainText(String),
 }
 
@@ -291,7 +291,7 @@ pub enum ModuleLoadMode {
     Always,
     /// Loaded when hardware asks for it (remove from `modules-load.d`, un-blacklist).
     Auto,
-    /// Never loaded (`blacklist` + `install NAME /bin/false` in `modprobe.d`).
+    /// Never loaded automatically (`blacklist NAME` in `modprobe.d`).
     Disable,
     /// Leave the load configuration alone (options only).
     Inherit,

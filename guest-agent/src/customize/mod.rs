@@ -87,10 +87,15 @@ pub(crate) fn customize_image(
         let text = std::fs::read_to_string(&path).context("reading /boot/grub2/grub.cfg")?;
         std::fs::write(&path, append_kernel_args(&text, &os.kernel_args))?;
     }
-    if let Some(mode) = os.selinux_mode {
-        selinux::apply(build, root, mode).context("os.selinux")?;
-    }
+    let relabel_with = match os.selinux_mode {
+        Some(mode) => selinux::apply(build, root, mode).context("os.selinux")?,
+        None => None,
+    };
     run_scripts(build, root, post_customization)?;
+    // Labels last, so that files the scripts wrote get them too.
+    if let Some(policy_type) = relabel_with {
+        selinux::relabel(build, root, &policy_type).context("os.selinux: relabeling")?;
+    }
     run_scripts(build, root, finalize_customization)?;
     Ok(chroot_mounts)
 }
