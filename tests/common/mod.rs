@@ -95,3 +95,205 @@ pub fn sha256_of(path: &Path) -> String {
         .expect("sha256sum prints a hash")
         .to_string()
 }
+
+/// Work space under the target dir (ISOs and overlays are too big for a small /tmp).
+pub fn work_dir() -> tempfile::TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm-tests");
+    std::fs::create_dir_all(&base).expect("creating the VM tests' work dir");
+    tempfile::tempdir_in(base).expect("temp dir")
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// One `vmic customize` run.
+pub struct Customized {
+    pub code: Option<i32>,
+    pub stderr: String,
+    pub seconds: f64,
+    /// The `--timestamp-file` document.
+    pub timestamps: serde_json::Value,
+}
+
+impl Customized {
+    pub fn total_seconds(&self) -> f64 {
+        self.timestamps["totalSeconds"]
+            .as_f64()
+            .expect("the timestamp file has totalSeconds")
+    }
+}
+
+/// Run `vmic customize` to `format` in a fresh build dir (or `build_dir`), asserting that the
+/// input is unchanged whatever happened.
+pub fn customize_to(
+    format: &str,
+    input: &Path,
+    config: &Path,
+    output: &Path,
+    build_dir: Option<&Path>,
+    extra: &[&str],
+) -> Customized {
+    let before = sha256_of(input);
+    let work = work_dir();
+    let build_dir = build_dir.map_or_else(|| work.path().join("build"), Path::to_path_buf);
+    let timestamps = work.path().join("timestamps.json");
+    let _vm = lock(&VM_LOCK);
+    let started = Instant::now();
+    let result = vmic()
+        .arg("customize")
+        .arg("--image-file")
+        .arg(input)
+        .arg("--config-file")
+        .arg(config)
+        .arg("--build-dir")
+        .arg(&build_dir)
+        .arg("--output-image-file")
+        .arg(output)
+        .args(["--output-image-format", format, "--timestamp-file"])
+        .arg(&timestamps)
+        .args(extra)
+        .output()
+        .expect("running vmic customize");
+    let seconds = started.elapsed().as_secs_f64();
+    drop(_vm);
+    let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert_eq!(
+        sha256_of(input),
+        before,
+        "customize left the input {} unchanged",
+        input.display()
+    );
+    let timestamps = std::fs::read_to_string(&timestamps)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    eprintln!(
+        "customize {} with {} -> exit {:?} after {seconds:.1} s",
+        input.display(),
+        config.display(),
+        result.status.code()
+    );
+    Customized {
+        code: result.status.code(),
+        stderr,
+        seconds,
+        timestamps,
+    }
+}
+
+pub fn assert_no_partial(output: &Path) {
+    let name = output.file_name().expect("output has a name");
+    let partial = output.with_file_name(format!(".{}.vmic-partial", name.to_string_lossy()));
+    assert!(
+        !partial.exists(),
+        "the partial output {} is gone",
+        partial.display()
+    );
+}
+
+/// What the marker service printed on one boot of an ISO.
+#[derive(Debug)]
+pub struct Booted {
+    pub host: String,
+    pub cmdline: Vec<String>,
+    /// `(path, line)` per `VMIC-TEST-FILE` line.
+    pub files: Vec<(String, String)>,
+}
+
+impl Booted {
+    /// The lines of one file of `/etc/vmic-test/`.
+    pub fn file(&self, name: &str) -> Vec<&str> {
+        let path = format!("/etc/vmic-test/{name}");
+        self.files
+            .iter()
+            .filter(|(file, _)| *file == path)
+            .map(|(_, line)| line.as_str())
+            .collect()
+    }
+
+    /// `key=value` from the probe's file.
+    pub fn probe(&self, key: &str) -> Option<&str> {
+        self.file("probe")
+            .into_iter()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    pub fn count_arg(&self, predicate: impl Fn(&str) -> bool) -> usize {
+        self.cmdline.iter().filter(|arg| predicate(arg)).count()
+    }
+
+    pub fn position(&self, arg: &str) -> Option<usize> {
+        self.cmdline.iter().position(|a| a == arg)
+    }
+}
+
+/// Parse the marker's lines out of a console log.
+pub fn parse_marker(console: &str) -> Option<Booted> {
+    let mut lines = console.lines().filter_map(|line| {
+        let at = line.find("VMIC-TEST-")?;
+        Some(line[at..].trim_end().to_string())
+    });
+    let booted = lines.find(|line| line.starts_with("VMIC-TEST-BOOTED "))?;
+    let rest = booted.strip_prefix("VMIC-TEST-BOOTED host=")?;
+    let (host, cmdline) = rest.split_once(" cmdline=")?;
+    let mut files = Vec::new();
+    for line in lines {
+        if line == "VMIC-TEST-END" {
+            return Some(Booted {
+                host: host.to_string(),
+                cmdline: cmdline.split_whitespace().map(str::to_string).collect(),
+                files,
+            });
+        }
+        if let Some(entry) = line.strip_prefix("VMIC-TEST-FILE ") {
+            let (path, text) = entry
+                .split_once(": ")
+                .unwrap_or((entry.trim_end_matches(':'), ""));
+            files.push((path.to_string(), text.to_string()));
+        }
+    }
+    None
+}
+
+/// Boot `image` with `vmic boot` until the marker's last line; returns what it printed.
+pub fn boot(image: &Path, firmware: &str, media: &str, timeout: u64) -> Booted {
+    let work = work_dir();
+    let log = work.path().join("console.log");
+    let _vm = lock(&VM_LOCK);
+    let started = Instant::now();
+    let output = vmic()
+        .args(["boot", "--expect", "^VMIC-TEST-END", "--timeout"])
+        .arg(timeout.to_string())
+        .args(["--firmware", firmware, "--media", media, "--image-file"])
+        .arg(image)
+        .arg("--console-log")
+        .arg(&log)
+        .output()
+        .expect("running vmic boot");
+    let seconds = started.elapsed().as_secs_f64();
+    drop(_vm);
+    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    assert!(
+        output.status.success(),
+        "vmic boot {} ({firmware}, {media}) failed after {seconds:.1} s:\n{}\nconsole tail:\n{}",
+        image.display(),
+        String::from_utf8_lossy(&output.stderr),
+        tail(&console, 60)
+    );
+    eprintln!(
+        "boot {} ({firmware}, {media}): VMIC-TEST-END after {seconds:.1} s",
+        image.display()
+    );
+    parse_marker(&console).unwrap_or_else(|| {
+        panic!(
+            "the console log has the marker's lines:\n{}",
+            tail(&console, 60)
+        )
+    })
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,302 @@
+//! `vmic customize` to disk images, end to end: every `os` customization applied by a real
+//! builder VM, the output booted with `vmic boot`, and the evidence read from its console.
+//!
+//! `tests/fixtures/disk/full.yaml` installs `vmic-evidence.service`, which runs before the test
+//! image's marker service and writes what the customizations did (`id`, `getent`, `stat`,
+//! `systemctl is-enabled`, `/proc/modules`, the installed programs) to
+//! `/etc/vmic-test/evidence`; the marker prints it to the serial console. Packages come from
+//! a local directory of .debs fetched with `apt-get download` (see [`local_debs`]), with
+//! `--disable-base-image-repos`, so the builder VM stays offline.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{assert_no_partial, boot, customize_to, path_str, run, test_image, work_dir, Booted};
+
+/// What `local_debs` downloads: two programs and what `jq` needs beyond the test image.
+const DEBS: [&str; 4] = ["hello", "jq", "libjq1", "libonig5"];
+
+fn fixture(name: &str) -> PathBuf {
+    common::repo().join("tests/fixtures/disk").join(name)
+}
+
+fn minimal_qcow2() -> PathBuf {
+    test_image("x86_64", "minimal", false).join("disk.qcow2")
+}
+
+/// A directory of amd64 .debs: `$VMIC_TEST_PACKAGES_DIR` (filled by `scripts/test`), else
+/// downloaded here once with the host's apt (Debian 12, like the test image).
+fn local_debs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::var_os("VMIC_TEST_PACKAGES_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-packages"));
+        let have = |name: &str| {
+            std::fs::read_dir(&dir).is_ok_and(|entries| {
+                entries.flatten().any(|entry| {
+                    entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{name}_"))
+                })
+            })
+        };
+        if !DEBS.iter().all(|name| have(name)) {
+            std::fs::create_dir_all(&dir).expect("creating the packages dir");
+            let status = std::process::Command::new("apt-get")
+                .arg("download")
+                .args(DEBS.iter().map(|name| format!("{name}:amd64")))
+                .current_dir(&dir)
+                .status()
+                .expect("running apt-get download");
+            assert!(
+                status.success(),
+                "apt-get download {DEBS:?} (run apt-get update?)"
+            );
+        }
+        dir
+    })
+}
+
+/// `customize` to `format` that must succeed, leaving exactly the output.
+fn build_disk(input: &Path, config: &Path, output: &Path, format: &str, extra: &[&str]) {
+    let built = customize_to(format, input, config, output, None, extra);
+    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
+    assert!(output.is_file(), "{} was written", output.display());
+    assert_no_partial(output);
+    eprintln!("{format} output built in {:.1} s", built.seconds);
+}
+
+fn package_args() -> Vec<String> {
+    vec![
+        "--package-source".to_string(),
+        path_str(local_debs()).to_string(),
+        "--disable-base-image-repos".to_string(),
+    ]
+}
+
+fn args(owned: &[String]) -> Vec<&str> {
+    owned.iter().map(String::as_str).collect()
+}
+
+/// `key=value` lines of the evidence file.
+fn evidence<'a>(booted: &'a Booted, key: &str) -> &'a str {
+    booted
+        .file("evidence")
+        .into_iter()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in the evidence: {:#?}", booted.files))
+}
+
+/// Everything `full.yaml` must show on the booted system.
+fn assert_full_customization(booted: &Booted) {
+    assert_eq!(booted.host, "vmic-disk-test", "os.hostname");
+    assert_eq!(
+        evidence(booted, "id-alice"),
+        "uid=1234(alice) gid=4321(vmic-team) groups=4321(vmic-team),100(users)",
+        "uid, primaryGroup, secondaryGroups"
+    );
+    assert_eq!(
+        evidence(booted, "passwd-alice"),
+        "alice:x:1234:4321::/srv/alice:/bin/bash",
+        "homeDirectory and startupCommand"
+    );
+    assert!(
+        evidence(booted, "shadow-alice").starts_with("$6$vmicsalt0123456$nSsIEjLab"),
+        "the hashed password is written as given"
+    );
+    assert_eq!(evidence(booted, "shadow-bob"), "*", "a locked password");
+    assert_eq!(evidence(booted, "group-team"), "vmic-team:x:4321:");
+    assert_eq!(evidence(booted, "ssh-dir"), "700 alice:vmic-team");
+    assert_eq!(evidence(booted, "ssh-keys"), "600 alice:vmic-team 1");
+    assert_eq!(
+        evidence(booted, "ssh-bob"),
+        "bob@vmic-test",
+        "sshPublicKeyPaths"
+    );
+    assert_eq!(evidence(booted, "enabled-evidence"), "enabled");
+    assert_eq!(evidence(booted, "enabled-remote-fs"), "disabled");
+    assert_eq!(
+        evidence(booted, "module-loop"),
+        "1 7",
+        "loop loaded at boot with max_loop=7"
+    );
+    assert_eq!(evidence(booted, "modprobe-nlmon"), "blacklist nlmon");
+    assert_eq!(
+        evidence(booted, "tree"),
+        "750 750 640 tree top",
+        "additionalDirs with newDirPermissions and childFilePermissions"
+    );
+    assert_eq!(
+        evidence(booted, "jq"),
+        "7",
+        "jq and its libraries installed"
+    );
+}
+
+#[test]
+fn x86_64_disk_outputs_carry_every_os_customization_and_boot() {
+    let work = work_dir();
+    let first = work.path().join("full.qcow2");
+    build_disk(
+        &minimal_qcow2(),
+        &fixture("full.yaml"),
+        &first,
+        "qcow2",
+        &args(&package_args()),
+    );
+    let info = run("qemu-img", &["info", "--output=json", path_str(&first)]);
+    assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+    assert!(
+        !info.contains("backing-filename"),
+        "the output stands alone: {info}"
+    );
+    let booted = boot(&first, "uefi", "disk", 300);
+    assert_full_customization(&booted);
+    assert_eq!(evidence(&booted, "hello"), "Hello, world!");
+
+    // A second pass over the first output removes a package it installed.
+    let second = work.path().join("removed.vhdx");
+    build_disk(
+        &first,
+        &fixture("remove.yaml"),
+        &second,
+        "vhdx",
+        &args(&package_args()),
+    );
+    let booted = boot(&second, "uefi", "disk", 300);
+    assert!(
+        evidence(&booted, "hello").contains("not found"),
+        "hello was removed: {}",
+        evidence(&booted, "hello")
+    );
+    assert_eq!(evidence(&booted, "jq"), "7", "the rest stays");
+}
+
+#[test]
+fn the_same_config_as_an_iso_carries_the_same_customizations() {
+    let work = work_dir();
+    let iso = work.path().join("full.iso");
+    let built = customize_to(
+        "iso",
+        &minimal_qcow2(),
+        &fixture("full.yaml"),
+        &iso,
+        None,
+        &args(&package_args()),
+    );
+    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
+    let booted = boot(&iso, "uefi", "cdrom", 300);
+    assert_full_customization(&booted);
+    assert_eq!(evidence(&booted, "hello"), "Hello, world!");
+}
+
+#[test]
+fn every_disk_format_is_written_with_the_inputs_size() {
+    let input = minimal_qcow2();
+    let virtual_size = |path: &Path, format: &str| -> u64 {
+        let info = run(
+            "qemu-img",
+            &["info", "--output=json", "-f", format, path_str(path)],
+        );
+        let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info JSON");
+        info["virtual-size"].as_u64().expect("virtual-size")
+    };
+    let expected = virtual_size(&input, "qcow2");
+    let work = work_dir();
+    let config = work.path().join("hostname.yaml");
+    std::fs::write(&config, "os:\n  hostname: vmic-format-test\n").expect("config");
+    for (format, qemu_format) in [
+        ("raw", "raw"),
+        ("vhd", "vpc"),
+        ("vhd-fixed", "vpc"),
+        ("vhdx", "vhdx"),
+    ] {
+        let output = work.path().join(format!("out.{format}"));
+        build_disk(&input, &config, &output, format, &[]);
+        assert_eq!(
+            virtual_size(&output, qemu_format),
+            expected,
+            "{format} keeps the virtual size"
+        );
+        if format == "vhd-fixed" {
+            // A fixed VHD is the raw disk plus a 512-byte footer (what Azure requires).
+            let length = std::fs::metadata(&output).expect("output").len();
+            assert_eq!(length, expected + 512, "fixed VHD layout");
+        }
+        if qemu_format == "vhdx" {
+            // The one of these formats with metadata for `qemu-img check` to verify.
+            run("qemu-img", &["check", "-f", qemu_format, path_str(&output)]);
+        }
+    }
+    let raw = work.path().join("out.raw");
+    let booted = boot(&raw, "uefi", "disk", 300);
+    assert_eq!(booted.host, "vmic-format-test");
+}
+
+#[test]
+fn a_missing_package_fails_with_the_package_managers_message() {
+    let work = work_dir();
+    let output = work.path().join("out.qcow2");
+    let failed = customize_to(
+        "qcow2",
+        &minimal_qcow2(),
+        &fixture("missing-package.yaml"),
+        &output,
+        None,
+        &args(&package_args()),
+    );
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(
+        failed
+            .stderr
+            .contains("Unable to locate package vmic-no-such-package"),
+        "apt's own message: {}",
+        failed.stderr
+    );
+    assert!(failed.stderr.contains("os.packages"), "{}", failed.stderr);
+    assert!(!output.exists(), "no output after a failure");
+    assert_no_partial(&output);
+}
+
+#[test]
+fn selinux_enforcing_needs_a_policy_in_the_image() {
+    let work = work_dir();
+    let config = work.path().join("selinux.yaml");
+    std::fs::write(&config, "os:\n  selinux:\n    mode: enforcing\n").expect("config");
+    let output = work.path().join("out.raw");
+    let failed = customize_to("raw", &minimal_qcow2(), &config, &output, None, &[]);
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(
+        failed
+            .stderr
+            .contains("the image has no SELinux policy installed"),
+        "{}",
+        failed.stderr
+    );
+    assert!(!output.exists());
+    assert_no_partial(&output);
+}
+
+#[test]
+fn packages_from_the_images_own_repositories_use_a_network() {
+    let work = work_dir();
+    let config = work.path().join("tree.yaml");
+    std::fs::write(&config, "os:\n  packages:\n    install: [tree]\n").expect("config");
+    let output = work.path().join("out.qcow2");
+    let built = customize_to("qcow2", &minimal_qcow2(), &config, &output, None, &[]);
+    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
+    assert!(
+        built.stderr.contains("user-mode networking"),
+        "{}",
+        built.stderr
+    );
+    assert!(
+        built.stderr.contains("apt-get -y -q install tree"),
+        "{}",
+        built.stderr
+    );
+}
