@@ -69,8 +69,9 @@ pub enum SquashfsCompression {
     Lz4,
 }
 
-/// zstd level vmic picks when the user does not: ~6× faster to make than mksquashfs' default
-/// level 15 under emulation, for an image a few percent bigger.
+/// zstd level vmic picks when the user does not. Measured on the x86_64 test image under TCG:
+/// squashing 85.9 s at mksquashfs' default level 15, 10.2 s at level 3, for an ISO of
+/// 124.5 MB vs 137.6 MB (+10.5%).
 pub const DEFAULT_ZSTD_LEVEL: u8 = 3;
 
 impl SquashfsCompression {
