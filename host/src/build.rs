@@ -81,13 +81,23 @@ pub fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
 /// Refuse to start when the build directory or the output's directory clearly lack room:
 /// failing after minutes of TCG work is worse than failing now. The estimates follow the
 /// input's allocated bytes: the scratch disk holds the squashfs (about half of that) plus the
-/// ISO tree and the ISO; the overlay takes what customization writes.
-fn check_space(input: &Path, build_dir: &Path, output_dir: &Path) -> anyhow::Result<()> {
+/// ISO tree and the ISO; the overlay takes what customization writes; a disk output holds
+/// all the input's data plus the changes.
+fn check_space(
+    input: &Path,
+    build_dir: &Path,
+    output_dir: &Path,
+    iso_output: bool,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
     const MIB: u64 = 1 << 20;
     let allocated = fs_err::metadata(input)?.blocks() * 512;
     let build_need = allocated + allocated / 5 + 256 * MIB;
-    let output_need = allocated * 7 / 10 + 64 * MIB;
+    let output_need = if iso_output {
+        allocated * 7 / 10 + 64 * MIB
+    } else {
+        allocated + 256 * MIB
+    };
     let same_fs = fs_err::metadata(build_dir)?.dev() == fs_err::metadata(output_dir)?.dev();
     let checks: Vec<(&Path, u64, &str)> = if same_fs {
         vec![(
@@ -163,13 +173,13 @@ pub async fn build(
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    check_space(&input, &build_dir, &output_dir)?;
+    let iso_output = settings.output_format == OutputFormat::Iso;
+    check_space(&input, &build_dir, &output_dir, iso_output)?;
     let overlay = build_dir.join("input-overlay.qcow2");
     let scratch = build_dir.join("scratch.raw");
     // Removed however the build ends; the partial output too unless renamed into place.
     let _scratch_files = Cleanup(vec![overlay.clone(), scratch.clone()]);
     let mut partial_guard = Cleanup(vec![output_partial.clone()]);
-    let iso_output = settings.output_format == OutputFormat::Iso;
 
     let input_disk = if settings.input_format == ImageFormat::Iso {
         // An ISO is never written by the pipeline: attach it read-only as it is.
