@@ -2,7 +2,7 @@
 //! unmount cleanly. The writes land in the host's qcow2 overlay; the host converts that to the
 //! output format, so the input image is never touched.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use vmic_protocol::{DiskBuild, DiskOutcome};
 
@@ -22,14 +22,7 @@ pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result
     check_arch(&root, vm_arch())?;
 
     build.step("Customizing")?;
-    let mut chroot_mounts = customize_image(
-        &build,
-        &root,
-        Path::new(&request.config_dir),
-        &request.os,
-        &request.post_customization,
-        &request.finalize_customization,
-    )?;
+    let mut chroot_mounts = customize_image(&build, &root, &request.customization)?;
     chroot_mounts.unmount_below(&root);
     drop(chroot_mounts);
     remove_config_mountpoint(&root);

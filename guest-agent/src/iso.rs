@@ -63,14 +63,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         };
         check_arch(&root, arch)?;
         build.step("Customizing")?;
-        let mut chroot_mounts = customize_image(
-            &build,
-            &root,
-            Path::new(&request.config_dir),
-            &request.os,
-            &request.post_customization,
-            &request.finalize_customization,
-        )?;
+        let mut chroot_mounts = customize_image(&build, &root, &request.customization)?;
 
         let grub = read_grub_cfg(&root)?;
         let rewritten = grub_cfg::rewrite_for_iso(

@@ -5,9 +5,9 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
 use vmic_protocol::{
-    DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild, IsoSettings, ModuleLoadMode,
-    ModuleSpec, OsCustomization, PackageChanges, PackageSource, PasswordSpec, Script, SelinuxMode,
-    ServiceChanges, SquashfsSettings, UserSpec,
+    Customization, DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild, IsoSettings,
+    ModuleLoadMode, ModuleSpec, OsCustomization, PackageChanges, PackageSource, PasswordSpec,
+    Script, SelinuxMode, ServiceChanges, SquashfsSettings, UserSpec,
 };
 
 use crate::config::model::{
@@ -231,10 +231,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
         input_is_iso: facts.input_is_iso,
         output_serial: facts.output_serial.to_string(),
         work_dir: WORK_DIR.to_string(),
-        config_dir: GUEST_CONFIG_DIR.to_string(),
-        os: common.os,
-        post_customization: common.post_customization,
-        finalize_customization: common.finalize_customization,
+        customization: common.customization,
         iso: IsoSettings {
             label: DEFAULT_ISO_LABEL.to_string(),
             additional_files: file_copies(iso.and_then(|iso| iso.additional_files.as_ref())),
@@ -266,10 +263,7 @@ pub fn disk_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<DiskP
         request: DiskBuild {
             input_serial: facts.input_serial.to_string(),
             work_dir: WORK_DIR.to_string(),
-            config_dir: GUEST_CONFIG_DIR.to_string(),
-            os: common.os,
-            post_customization: common.post_customization,
-            finalize_customization: common.finalize_customization,
+            customization: common.customization,
         },
     })
 }
@@ -279,9 +273,7 @@ pub const AUTO_COMPRESSION: &str = "auto";
 
 /// What both outputs share: the os customization, the scripts and the uploads.
 struct CommonPlan {
-    os: OsCustomization,
-    post_customization: Vec<Script>,
-    finalize_customization: Vec<Script>,
+    customization: Customization,
     uploads: Vec<Upload>,
     skipped: Vec<(PathBuf, String)>,
 }
@@ -352,15 +344,18 @@ fn common_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<CommonP
             }),
     };
     Ok(CommonPlan {
-        os: os_customization,
-        post_customization: scripts(
-            script_config.and_then(|s| s.post_customization.as_ref()),
-            "scripts.postCustomization",
-        ),
-        finalize_customization: scripts(
-            script_config.and_then(|s| s.finalize_customization.as_ref()),
-            "scripts.finalizeCustomization",
-        ),
+        customization: Customization {
+            config_dir: GUEST_CONFIG_DIR.to_string(),
+            os: os_customization,
+            post_customization: scripts(
+                script_config.and_then(|s| s.post_customization.as_ref()),
+                "scripts.postCustomization",
+            ),
+            finalize_customization: scripts(
+                script_config.and_then(|s| s.finalize_customization.as_ref()),
+                "scripts.finalizeCustomization",
+            ),
+        },
         uploads,
         skipped,
     })
@@ -707,9 +702,9 @@ mod tests {
             &request.iso.additional_files[0].source,
             FileSource::Path(path) if path.starts_with("/work/config/cloud-init-data/")
         ));
-        assert_eq!(request.post_customization.len(), 1);
+        assert_eq!(request.customization.post_customization.len(), 1);
         assert!(matches!(
-            request.post_customization[0].source,
+            request.customization.post_customization[0].source,
             FileSource::Content(_)
         ));
         assert!(plan

@@ -146,6 +146,13 @@ pub struct DiskBuild {
     /// virtio serial of the input disk (through its writable overlay).
     pub input_serial: String,
     pub work_dir: String,
+    pub customization: Customization,
+}
+
+/// What is done to the mounted image, for either output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customization {
+    /// Guest directory holding the uploaded config directory (read-only at `/_imageconfigs`).
     pub config_dir: String,
     pub os: OsCustomization,
     pub post_customization: Vec<Script>,
@@ -169,11 +176,7 @@ pub struct IsoBuild {
     pub output_serial: String,
     /// Guest directory for work files (a scratch disk the host had formatted and mounted).
     pub work_dir: String,
-    /// Guest directory holding the uploaded config directory (read-only at `/_imageconfigs`).
-    pub config_dir: String,
-    pub os: OsCustomization,
-    pub post_customization: Vec<Script>,
-    pub finalize_customization: Vec<Script>,
+    pub customization: Customization,
     pub iso: IsoSettings,
     pub squashfs: SquashfsSettings,
     /// Only `iso.*` changed on an ISO input: re-master without rebuilding `rootfs.img`.

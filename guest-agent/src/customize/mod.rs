@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use vmic_protocol::{FileCopy, FileSource, OsCustomization, Script};
+use vmic_protocol::{Customization, FileCopy, FileSource, Script};
 
 use crate::build::{fs_create_dir_all, output_tail, strings, Build, Mounts};
 
@@ -59,13 +59,16 @@ pub(crate) fn copy_additional_files(root: &Path, files: &[FileCopy]) -> anyhow::
 pub(crate) fn customize_image(
     build: &Build<'_>,
     root: &Path,
-    config_dir: &Path,
-    os: &OsCustomization,
-    post_customization: &[Script],
-    finalize_customization: &[Script],
+    customization: &Customization,
 ) -> anyhow::Result<Mounts> {
+    let os = &customization.os;
     let mut chroot_mounts = Mounts::default();
-    mount_chroot(build, &mut chroot_mounts, root, config_dir)?;
+    mount_chroot(
+        build,
+        &mut chroot_mounts,
+        root,
+        Path::new(&customization.config_dir),
+    )?;
     packages::apply(build, root, &os.packages).context("os.packages")?;
     if let Some(hostname) = &os.hostname {
         write_file(
@@ -91,12 +94,12 @@ pub(crate) fn customize_image(
         Some(mode) => selinux::apply(build, root, mode).context("os.selinux")?,
         None => None,
     };
-    run_scripts(build, root, post_customization)?;
+    run_scripts(build, root, &customization.post_customization)?;
     // Labels last, so that files the scripts wrote get them too.
     if let Some(policy_type) = relabel_with {
         selinux::relabel(build, root, &policy_type).context("os.selinux: relabeling")?;
     }
-    run_scripts(build, root, finalize_customization)?;
+    run_scripts(build, root, &customization.finalize_customization)?;
     Ok(chroot_mounts)
 }
 
@@ -124,6 +127,16 @@ fn append_kernel_args(grub_cfg: &str, args: &[String]) -> String {
         }
     }
     out
+}
+
+/// A file of the image, or "" when it does not exist.
+pub(crate) fn read_optional(root: &Path, path: &str) -> anyhow::Result<String> {
+    let target = scoped_join(root, path)?;
+    match std::fs::read_to_string(&target) {
+        Ok(text) => Ok(text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(error) => Err(error).with_context(|| format!("reading {path}")),
+    }
 }
 
 /// Mount what programs in the chroot need, and the config directory read-only.

@@ -11,6 +11,7 @@ use std::path::Path;
 use anyhow::Context;
 use vmic_protocol::{ModuleLoadMode, ModuleSpec};
 
+use super::read_optional;
 use crate::rootfs::scoped_join;
 
 const LOAD_CONF: &str = "/etc/modules-load.d/modules-load-vmic.conf";
@@ -71,15 +72,6 @@ pub(crate) fn apply(root: &Path, modules: &[ModuleSpec]) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn read_optional(root: &Path, path: &str) -> anyhow::Result<String> {
-    let target = scoped_join(root, path)?;
-    match std::fs::read_to_string(&target) {
-        Ok(text) => Ok(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(error) => Err(error).with_context(|| format!("reading {path}")),
-    }
 }
 
 /// vmic's files after applying `modules` in order. Lines vmic did not write are kept.

@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use sha2::{Digest, Sha512};
 use vmic_protocol::{GroupSpec, PasswordSpec, UserSpec};
 
+use super::read_optional;
 use crate::build::{output_tail, strings, Build};
 use crate::rootfs::scoped_join;
 
@@ -140,15 +141,6 @@ fn apply_user(build: &Build<'_>, root: &Path, user: &UserSpec) -> anyhow::Result
         ));
     }
     Ok(())
-}
-
-fn read_optional(root: &Path, path: &str) -> anyhow::Result<String> {
-    let target = scoped_join(root, path)?;
-    match std::fs::read_to_string(&target) {
-        Ok(text) => Ok(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(error) => Err(error).with_context(|| format!("reading {path}")),
-    }
 }
 
 fn group_gid(group_file: &str, name: &str) -> Option<u32> {
