@@ -221,7 +221,13 @@ pub async fn build(
     let mut options = VmOptions::new(arch);
     options.accel = settings.vm.accel;
     options.transport = settings.vm.transport;
-    options.memory_mib = 2048;
+    options.memory_mib = settings
+        .vm
+        .vm_memory
+        .unwrap_or_else(crate::vm::default_build_memory_mib);
+    if let Some(cpus) = settings.vm.vm_cpus {
+        options.cpus = cpus;
+    }
     options.run_dir = Some(build_dir.clone());
     options.disks = disks;
     options.network = settings

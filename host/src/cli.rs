@@ -126,6 +126,14 @@ pub struct VmArgs {
     /// Accelerator for the builder VM.
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
+
+    /// vCPUs of the builder VM (default: one per host core, at most 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub vm_cpus: Option<u32>,
+
+    /// Memory of the builder VM in MiB (default: a quarter of the host's, 1536-4096).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(512..=65536))]
+    pub vm_memory: Option<u32>,
 }
 
 #[derive(Debug, Args, Clone)]

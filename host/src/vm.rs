@@ -46,6 +46,27 @@ impl VmOptions {
     }
 }
 
+/// Memory for a build VM: a quarter of the host's, between 1.5 and 4 GiB. Untouched guest
+/// memory costs the host nothing; what is used goes to mksquashfs and the page cache that
+/// keeps the image's files warm between dracut and squashing.
+pub fn default_build_memory_mib() -> u32 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .unwrap_or(8 << 20);
+    ((total_kib / 1024 / 4) as u32).clamp(1536, 4096)
+}
+
 /// One vCPU per host core, at most 4: TCG runs a thread per vCPU and more only adds contention.
 pub fn default_cpus() -> u32 {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as u32)
