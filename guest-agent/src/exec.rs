@@ -10,7 +10,7 @@ use std::thread;
 use anyhow::Context as _;
 use vmic_protocol::{Event, ExecRequest, ExecResult, RequestId, Response, Stream};
 
-use crate::server::{RequestContext, Writer};
+use crate::server::{kill_group, RequestContext, Writer};
 
 /// Largest `Event::Output` payload.
 const OUTPUT_CHUNK: usize = 64 << 10;
@@ -18,6 +18,24 @@ const OUTPUT_CHUNK: usize = 64 << 10;
 const COLLECT_LIMIT: usize = 768 << 10;
 
 pub fn run(request: ExecRequest, context: &RequestContext) -> anyhow::Result<Response> {
+    run_with(request, context, None).map(Response::Exec)
+}
+
+/// Run a program whose stdout is data, not text: it is copied into `into` as it comes (e.g. an
+/// ISO image onto a disk), never held in memory. The result's `stdout` stays empty.
+pub fn run_into(
+    request: ExecRequest,
+    context: &RequestContext,
+    into: &mut dyn io::Write,
+) -> anyhow::Result<ExecResult> {
+    run_with(request, context, Some(into))
+}
+
+fn run_with(
+    request: ExecRequest,
+    context: &RequestContext,
+    into: Option<&mut dyn io::Write>,
+) -> anyhow::Result<ExecResult> {
     let ExecRequest {
         argv,
         env,
@@ -58,28 +76,68 @@ pub fn run(request: ExecRequest, context: &RequestContext) -> anyhow::Result<Res
     let group = libc::pid_t::try_from(child.id()).context("child pid out of range")?;
     context.cancel.set_process_group(Some(group));
     let sink = stream_output.then(|| (context.writer.clone(), context.id));
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let stdout = {
-        let sink = sink.clone();
-        thread::spawn(move || pump(stdout, Stream::Stdout, sink))
+    let (stdout, stderr, copied) = match into {
+        None => {
+            let stdout = {
+                let sink = sink.clone();
+                thread::spawn(move || pump(stdout, Stream::Stdout, sink))
+            };
+            let stderr = pump(stderr, Stream::Stderr, sink);
+            let stdout = stdout.join().expect("the output thread does not panic");
+            (stdout, stderr, Ok(0))
+        }
+        Some(into) => {
+            let stderr = thread::spawn(move || pump(stderr, Stream::Stderr, sink));
+            let copied = copy_large(&mut stdout, into);
+            if copied.is_err() {
+                // The program must not block on a pipe nobody reads any more.
+                kill_group(group);
+            }
+            let stderr = stderr.join().expect("the output thread does not panic");
+            (Ok(Vec::new()), stderr, copied)
+        }
     };
-    let stderr = pump(stderr, Stream::Stderr, sink);
-    let stdout = stdout.join().expect("the output thread does not panic");
     // Until the leader is reaped its id, the group's, cannot be reused: a cancel may kill the
     // group up to that point, even if the program closed its output early.
     wait_for_exit(group).with_context(what)?;
     context.cancel.set_process_group(None);
     let status = child.wait().with_context(what)?;
     context.cancel.check().with_context(what)?;
+    copied.with_context(|| format!("storing the output of {program}"))?;
 
     let signal = status.signal();
-    Ok(Response::Exec(ExecResult {
+    Ok(ExecResult {
         code: status.code().unwrap_or_else(|| 128 + signal.unwrap_or(0)),
         signal,
         stdout: stdout.with_context(|| format!("reading the output of {program}"))?,
         stderr: stderr.with_context(|| format!("reading the error output of {program}"))?,
-    }))
+    })
+}
+
+/// `io::copy` with 1 MiB reads: its 8 KiB buffer costs a syscall pair per 8 KiB, which is
+/// what dominates writing an image under emulation.
+fn copy_large(from: &mut impl Read, into: &mut dyn io::Write) -> io::Result<u64> {
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let mut filled = 0;
+        // Fill the buffer (a pipe returns at most 64 KiB per read) before writing.
+        while filled < buffer.len() {
+            match from.read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        into.write_all(&buffer[..filled])?;
+        total += filled as u64;
+    }
 }
 
 /// Wait until `pid` (our child) has exited, leaving it to be reaped by `Child::wait`.
@@ -192,6 +250,15 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_copies_keep_every_byte_in_order() {
+        let data: Vec<u8> = (0..(3 << 20) + 12345).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        let copied = copy_large(&mut &data[..], &mut out).expect("copy");
+        assert_eq!(copied, data.len() as u64);
+        assert_eq!(out, data);
+    }
 
     #[test]
     fn collected_output_keeps_the_tail() {

@@ -1,12 +1,12 @@
 //! The disk/ISO → LiveOS ISO build as the agent runs it: [`build`] calls the steps in order;
 //! the pure planning and argv building live in [`crate::pipeline`].
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
-use vmic_protocol::{IsoBuild, IsoOutcome};
+use vmic_protocol::{ExecRequest, IsoBuild, IsoOutcome};
 
 use crate::build::{disk_by_serial, fs_create_dir_all, output_tail, strings, Build, Disk, Mounts};
 use crate::customize::{
@@ -136,10 +136,11 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
     };
 
     copy_additional_files(&tree, &request.iso.additional_files).context("iso.additionalFiles")?;
-    let iso_file = work.join("out.iso");
+    // xorriso writes the image to stdout, straight onto the output disk: no ISO-sized temporary
+    // file on the scratch disk and no second pass to copy it.
     let options = argv::XorrisoOptions {
         iso_tree: tree.to_string_lossy().into_owned(),
-        output: iso_file.to_string_lossy().into_owned(),
+        output: "-".to_string(),
         label: request.iso.label.clone(),
         efi_boot_image: pipeline::ISO_EFIBOOT_IMG
             .trim_start_matches('/')
@@ -152,10 +153,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         }),
         modification_date: None,
     };
-    build.run(&argv::xorriso_argv(&options), None)?;
-
-    build.step("Copying")?;
-    let (size, sha256) = copy_to_disk(&iso_file, &output)?;
+    let (size, sha256) = write_to_disk(&build, &argv::xorriso_argv(&options), &output)?;
     mounts.unmount_below(&work);
     mounts.unmount_below(Path::new("/mnt"));
     build.end_step();
@@ -578,27 +576,63 @@ fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
 }
 
 /// Write the ISO at the start of the output disk, hashing as it goes.
-fn copy_to_disk(iso: &Path, disk: &Disk) -> anyhow::Result<(u64, [u8; 32])> {
-    let mut source = std::fs::File::open(iso)?;
-    let size = source.metadata()?.len();
-    let capacity = disk.size_bytes;
-    if size > capacity {
-        bail!("the ISO ({size} bytes) does not fit on the output disk ({capacity} bytes)");
+/// Counts and hashes what passes through, and refuses to run past the disk's end.
+struct HashingWriter {
+    target: std::fs::File,
+    hasher: Sha256,
+    written: u64,
+    capacity: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.written + data.len() as u64 > self.capacity {
+            return Err(std::io::Error::other(format!(
+                "the ISO does not fit on the output disk ({} bytes)",
+                self.capacity
+            )));
+        }
+        let written = self.target.write(data)?;
+        self.hasher.update(&data[..written]);
+        self.written += written as u64;
+        Ok(written)
     }
-    let mut target = std::fs::OpenOptions::new()
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.target.flush()
+    }
+}
+
+/// Run `argv` (xorriso writing to stdout) with its output going onto `disk` from offset 0;
+/// returns the bytes written and their sha256.
+fn write_to_disk(
+    build: &Build<'_>,
+    argv: &[String],
+    disk: &Disk,
+) -> anyhow::Result<(u64, [u8; 32])> {
+    let target = std::fs::OpenOptions::new()
         .write(true)
         .open(&disk.device)
         .with_context(|| format!("opening the output disk {}", disk.device.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 4 << 20];
-    loop {
-        let read = source.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        target.write_all(&buffer[..read])?;
+    let mut writer = HashingWriter {
+        target,
+        hasher: Sha256::new(),
+        written: 0,
+        capacity: disk.size_bytes,
+    };
+    let result = crate::exec::run_into(
+        ExecRequest::new(argv.iter().cloned()),
+        build.context,
+        &mut writer,
+    )?;
+    if result.code != 0 {
+        bail!(
+            "`{}` failed with exit code {}{}",
+            argv.join(" "),
+            result.code,
+            output_tail(&result)
+        );
     }
-    target.sync_all()?;
-    Ok((size, hasher.finalize().into()))
+    writer.target.sync_all()?;
+    Ok((writer.written, writer.hasher.finalize().into()))
 }

@@ -153,7 +153,7 @@ impl CancelToken {
     }
 }
 
-fn kill_group(group: libc::pid_t) {
+pub(crate) fn kill_group(group: libc::pid_t) {
     // SAFETY: kill(2) of a process group we created and whose leader we have not reaped yet.
     unsafe { libc::kill(-group, libc::SIGKILL) };
 }

@@ -488,8 +488,7 @@ fn step_message(step: &str) -> String {
         "Customizing" => "os settings and scripts",
         "Dracut" => "LiveOS initrd with the image's dracut",
         "Squashing" => "root file system",
-        "Mastering" => "ISO with xorriso",
-        "Copying" => "ISO to the output disk",
+        "Mastering" => "ISO with xorriso, onto the output disk",
         "Unmounting" => "image file systems",
         _ => "",
     }

@@ -34,7 +34,8 @@
 //! 8. `make_iso` — [`argv::xorriso_argv`]: Rock Ridge + Joliet, ISO level 3, El Torito UEFI,
 //!    on x86_64 El Torito BIOS and a hybrid MBR/GPT so the same file boots as a CD and as a
 //!    `dd`-written disk under both OVMF and SeaBIOS.
-//! 9. `finalize_output` — sha256 of the ISO, handed back to the host for copy-out.
+//! 9. `write_to_disk` — xorriso's stdout goes straight onto the output disk, hashed on the
+//!    way; the size and sha256 go back to the host, which checks its copy against them.
 //!
 //! # LiveOS ISO → LiveOS ISO
 //! `mount_iso` reads [`iso_record::IsoSettingsRecord`] (no record: not made by vmic). If only
