@@ -341,10 +341,15 @@ fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree) -> anyhow::Resul
     if !has_live {
         bail!(argv::DMSQUASH_LIVE_HINT);
     }
+    let install_items: Vec<String> = crate::customize::modules::MODPROBE_CONFS
+        .iter()
+        .filter(|path| scoped_join(root, path).is_ok_and(|p| p.is_file()))
+        .map(|path| path.to_string())
+        .collect();
     write_file(
         root,
         argv::DRACUT_LIVE_CONF_PATH,
-        argv::dracut_live_conf().as_bytes(),
+        argv::dracut_live_conf(&install_items).as_bytes(),
         0o644,
     )?;
     let result = (|| {

@@ -9,7 +9,7 @@ use vmic_protocol::{Customization, FileCopy, FileSource, Script};
 use crate::build::{fs_create_dir_all, output_tail, strings, Build, Mounts};
 
 mod dirs;
-mod modules;
+pub(crate) mod modules;
 mod packages;
 mod selinux;
 mod services;

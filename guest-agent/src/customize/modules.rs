@@ -17,6 +17,8 @@ use crate::rootfs::scoped_join;
 const LOAD_CONF: &str = "/etc/modules-load.d/modules-load-vmic.conf";
 const DISABLED_CONF: &str = "/etc/modprobe.d/modules-disabled-vmic.conf";
 const OPTIONS_CONF: &str = "/etc/modprobe.d/module-options-vmic.conf";
+/// The `modprobe.d` files vmic writes, which a LiveOS initrd must carry too.
+pub(crate) const MODPROBE_CONFS: [&str; 2] = [DISABLED_CONF, OPTIONS_CONF];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 enum ModulesError {

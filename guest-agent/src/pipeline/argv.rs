@@ -20,15 +20,25 @@ const LIVE_FILESYSTEMS: &str = "squashfs iso9660";
 
 /// The temporary dracut config (spec step 4): dmsquash-live, the overlay driver, no
 /// host-only, squashfs. Given on the command line as well ([`dracut_argv`]); the file is what
-/// the spec asks for and what an image's own dracut hooks see.
-pub fn dracut_live_conf() -> String {
-    format!(
+/// the spec asks for and what an image's own dracut hooks see. `install_items` are image
+/// files the initrd must carry: a generic (not host-only) initrd leaves `/etc/modprobe.d`
+/// out, yet the LiveOS initrd loads modules (loop, squashfs, overlay) whose `os.modules`
+/// options and blacklist must apply there too.
+pub fn dracut_live_conf(install_items: &[String]) -> String {
+    let mut conf = format!(
         "# Written by vmic for the LiveOS initrd; removed once the initrd is made.\n\
          add_dracutmodules+=\" dmsquash-live \"\n\
          add_drivers+=\" overlay \"\n\
          hostonly=\"no\"\n\
          filesystems+=\" {LIVE_FILESYSTEMS} \"\n"
-    )
+    );
+    if !install_items.is_empty() {
+        conf.push_str(&format!(
+            "install_items+=\" {} \"\n",
+            install_items.join(" ")
+        ));
+    }
+    conf
 }
 
 /// `dracut` run chrooted in the image, regenerating `initrd_path` (path inside the image,
@@ -383,7 +393,13 @@ mod tests {
             ),
         );
         insta::with_settings!({prepend_module_to_snapshot => false}, {
-            insta::assert_snapshot!("dracut_live_conf", dracut_live_conf());
+            insta::assert_snapshot!("dracut_live_conf", dracut_live_conf(&[]));
+        });
+        let with_items = dracut_live_conf(&["/etc/modprobe.d/module-options-vmic.conf".into()]);
+        assert!(
+            with_items.ends_with("install_items+=\" /etc/modprobe.d/module-options-vmic.conf \"\n")
+        );
+        insta::with_settings!({prepend_module_to_snapshot => false}, {
         });
     }
 
