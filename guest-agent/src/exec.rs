@@ -74,7 +74,7 @@ fn run_with(
     let mut child = command.spawn().with_context(what)?;
     // process_group(0) made the child the leader of group `child.id()`.
     let group = libc::pid_t::try_from(child.id()).context("child pid out of range")?;
-    context.cancel.set_process_group(Some(group));
+    context.cancel.add_process_group(group);
     let sink = stream_output.then(|| (context.writer.clone(), context.id));
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -101,8 +101,9 @@ fn run_with(
     };
     // Until the leader is reaped its id, the group's, cannot be reused: a cancel may kill the
     // group up to that point, even if the program closed its output early.
-    wait_for_exit(group).with_context(what)?;
-    context.cancel.set_process_group(None);
+    let exited = wait_for_exit(group);
+    context.cancel.remove_process_group(group);
+    exited.with_context(what)?;
     let status = child.wait().with_context(what)?;
     context.cancel.check().with_context(what)?;
     copied.with_context(|| format!("storing the output of {program}"))?;

@@ -23,7 +23,9 @@ pub fn put(path: &str, mode: u32, size: u64, context: &RequestContext) -> anyhow
     let incoming = context
         .incoming
         .as_ref()
-        .context("no data channel for this request")?;
+        .context("no data channel for this request")?
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let target = Path::new(path);
     let (Some(directory), Some(name)) = (target.parent(), target.file_name()) else {
         bail!("not a file path");

@@ -109,21 +109,22 @@ pub fn install_panic_hook() {
 #[error("{CANCELLED}")]
 pub struct Cancelled;
 
-/// Cancellation of one request: a flag, plus the process group to kill if one is running.
+/// Cancellation of one request: a flag, plus the process groups to kill while they run (a
+/// request may run programs in parallel, e.g. dracut beside mksquashfs).
 #[derive(Default)]
 pub struct CancelToken(Mutex<CancelState>);
 
 #[derive(Default)]
 struct CancelState {
     cancelled: bool,
-    process_group: Option<libc::pid_t>,
+    process_groups: Vec<libc::pid_t>,
 }
 
 impl CancelToken {
     pub fn cancel(&self) {
         let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         state.cancelled = true;
-        if let Some(group) = state.process_group {
+        for &group in &state.process_groups {
             kill_group(group);
         }
     }
@@ -142,14 +143,20 @@ impl CancelToken {
         Ok(())
     }
 
-    /// Register the running child's process group (killed at once if already cancelled), or
-    /// clear it. The caller clears it before reaping the group leader, so the id is never stale.
-    pub fn set_process_group(&self, group: Option<libc::pid_t>) {
+    /// Register a running child's process group (killed at once if already cancelled).
+    pub fn add_process_group(&self, group: libc::pid_t) {
         let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        state.process_group = group;
-        if let (true, Some(group)) = (state.cancelled, group) {
+        state.process_groups.push(group);
+        if state.cancelled {
             kill_group(group);
         }
+    }
+
+    /// Forget a process group; the caller does so before reaping its leader, so that an id
+    /// in the list is never stale.
+    pub fn remove_process_group(&self, group: libc::pid_t) {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        state.process_groups.retain(|&known| known != group);
     }
 }
 
@@ -169,8 +176,9 @@ pub struct RequestContext {
     pub id: RequestId,
     pub writer: Writer,
     pub cancel: Arc<CancelToken>,
-    /// `Data`/`DataEnd` for this id (`PutFile` only).
-    pub incoming: Option<Receiver<Incoming>>,
+    /// `Data`/`DataEnd` for this id (`PutFile` only). In a mutex so that the context can be
+    /// shared by threads of one request (a build runs dracut and mksquashfs side by side).
+    pub incoming: Option<Mutex<Receiver<Incoming>>>,
 }
 
 struct Active {
@@ -336,7 +344,7 @@ fn start_request(id: RequestId, request: Request, writer: &Writer, registry: &Re
     let (sender, incoming) = match request {
         Request::PutFile { .. } => {
             let (sender, receiver) = mpsc::sync_channel(DATA_QUEUE);
-            (Some(sender), Some(receiver))
+            (Some(sender), Some(Mutex::new(receiver)))
         }
         _ => (None, None),
     };

@@ -486,8 +486,7 @@ fn step_message(step: &str) -> String {
     match step {
         "Mounting" => "image partitions per /etc/fstab",
         "Customizing" => "os settings and scripts",
-        "Dracut" => "LiveOS initrd with the image's dracut",
-        "Squashing" => "root file system",
+        "Initrd and squashfs" => "LiveOS initrd with the image's dracut, rootfs.img beside it",
         "Mastering" => "ISO with xorriso, onto the output disk",
         "Unmounting" => "image file systems",
         _ => "",

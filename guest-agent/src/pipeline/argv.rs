@@ -140,7 +140,25 @@ pub struct SquashfsOptions {
 /// of `/boot` (the empty directory stays as a mount point). `boot/.*` is needed because with
 /// `-wildcards` `*` does not match dot files (e.g. `.vmlinuz-<v>.hmac`), checked with
 /// squashfs-tools 4.5.1.
-pub const ROOTFS_EXCLUDES: [&str; 3] = ["boot/*", "boot/.*", "etc/fstab"];
+///
+/// mksquashfs runs while dracut works in the same tree, so it also leaves out what only
+/// exists for the build: the chroot's API mounts (their mount points stay; the booted system
+/// mounts proc, sysfs, devtmpfs and tmpfs there), the config directory, dracut's temporary
+/// config and its work directories.
+pub const ROOTFS_EXCLUDES: [&str; 12] = [
+    "boot/*",
+    "boot/.*",
+    "etc/fstab",
+    "proc/*",
+    "sys/*",
+    "dev/*",
+    "dev/.*",
+    "run/*",
+    "run/.*",
+    "_imageconfigs",
+    "etc/dracut.conf.d/99-vmic-liveos.conf",
+    "var/tmp/dracut.*",
+];
 
 /// `mksquashfs SOURCE DEST -noappend -xattrs -comp ... -wildcards -e EXCLUDES...`
 /// (squashfs-tools 4.5.1 as in Debian 12; every flag used exists there). The exclude list
@@ -401,6 +419,11 @@ mod tests {
         );
         insta::with_settings!({prepend_module_to_snapshot => false}, {
         });
+    }
+
+    #[test]
+    fn the_squashfs_leaves_out_dracuts_temporary_config() {
+        assert!(ROOTFS_EXCLUDES.contains(&DRACUT_LIVE_CONF_PATH.trim_start_matches('/')));
     }
 
     #[test]
