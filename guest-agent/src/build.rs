@@ -62,16 +62,7 @@ impl<'a> Build<'a> {
 
     /// Run a program; a non-zero exit is an error carrying the tail of its stderr.
     pub(crate) fn run(&self, argv: &[String], chroot: Option<&Path>) -> anyhow::Result<ExecResult> {
-        let result = self.run_unchecked(argv, chroot, Vec::new())?;
-        if result.code != 0 {
-            bail!(
-                "`{}` failed with exit code {}{}",
-                argv.join(" "),
-                result.code,
-                output_tail(&result)
-            );
-        }
-        Ok(result)
+        succeeded(argv, self.run_unchecked(argv, chroot, Vec::new())?)
     }
 
     pub(crate) fn run_unchecked(
@@ -95,6 +86,19 @@ impl<'a> Build<'a> {
 
 pub(crate) fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
     items.iter().map(|item| item.to_string()).collect()
+}
+
+/// `result` of running `argv`, or an error with the tail of its output if it exited non-zero.
+pub(crate) fn succeeded(argv: &[String], result: ExecResult) -> anyhow::Result<ExecResult> {
+    if result.code != 0 {
+        bail!(
+            "`{}` failed with exit code {}{}",
+            argv.join(" "),
+            result.code,
+            output_tail(&result)
+        );
+    }
+    Ok(result)
 }
 
 /// The last lines of a command's stderr (or stdout when stderr is empty), for errors.

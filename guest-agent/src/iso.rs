@@ -8,7 +8,9 @@ use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 use vmic_protocol::{ExecRequest, IsoBuild, IsoOutcome};
 
-use crate::build::{disk_by_serial, fs_create_dir_all, output_tail, strings, Build, Disk, Mounts};
+use crate::build::{
+    disk_by_serial, fs_create_dir_all, output_tail, strings, succeeded, Build, Disk, Mounts,
+};
 use crate::customize::{
     copy_additional_files, customize_image, remove_config_mountpoint, write_file,
 };
@@ -653,14 +655,7 @@ fn write_to_disk(
         build.context,
         &mut writer,
     )?;
-    if result.code != 0 {
-        bail!(
-            "`{}` failed with exit code {}{}",
-            argv.join(" "),
-            result.code,
-            output_tail(&result)
-        );
-    }
+    succeeded(argv, result)?;
     writer.target.sync_all()?;
     Ok((writer.written, writer.hasher.finalize().into()))
 }
