@@ -93,6 +93,16 @@ fn evidence<'a>(booted: &'a Booted, key: &str) -> &'a str {
 
 /// Everything `full.yaml` must show on the booted system.
 fn assert_full_customization(booted: &Booted) {
+    assert_os_customization(booted);
+    assert_eq!(
+        evidence(booted, "jq"),
+        "7",
+        "jq and its libraries installed"
+    );
+}
+
+/// What `full.yaml` and `aarch64.yaml` both show: every os customization but packages.
+fn assert_os_customization(booted: &Booted) {
     assert_eq!(booted.host, "vmic-disk-test", "os.hostname");
     assert_eq!(
         evidence(booted, "id-alice"),
@@ -129,11 +139,6 @@ fn assert_full_customization(booted: &Booted) {
         evidence(booted, "tree"),
         "750 750 640 tree top",
         "additionalDirs with newDirPermissions and childFilePermissions"
-    );
-    assert_eq!(
-        evidence(booted, "jq"),
-        "7",
-        "jq and its libraries installed"
     );
 }
 
@@ -174,6 +179,27 @@ fn x86_64_disk_outputs_carry_every_os_customization_and_boot() {
         evidence(&booted, "hello")
     );
     assert_eq!(evidence(&booted, "jq"), "7", "the rest stays");
+}
+
+#[test]
+fn aarch64_disk_output_carries_the_os_customizations_and_boots() {
+    let work = work_dir();
+    let output = work.path().join("arm64.raw");
+    let input = test_image("aarch64", "minimal", false).join("disk.qcow2");
+    build_disk(
+        &input,
+        &fixture("aarch64.yaml"),
+        &output,
+        "raw",
+        &["--arch", "aarch64"],
+    );
+    let booted = boot(&output, "uefi", "disk", 300);
+    assert!(
+        booted.cmdline.iter().any(|arg| arg.contains("arm64")),
+        "an arm64 kernel booted: {:?}",
+        booted.cmdline
+    );
+    assert_os_customization(&booted);
 }
 
 #[test]
