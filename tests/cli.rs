@@ -155,3 +155,42 @@ fn schema_is_valid_json_schema_and_checks_configs() {
         assert!(!validator.is_valid(&bad), "accepted {bad}");
     }
 }
+
+/// `customize` with bad build options exits 2 before anything starts (no VM, no build dir).
+#[test]
+fn customize_refuses_bad_build_options_before_starting() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(1 << 20))
+        .expect("raw image");
+    let config = dir.path().join("cfg.yaml");
+    fs_err::write(&config, "os:\n  hostname: ok\n").expect("write config");
+    let build_dir = dir.path().join("build");
+    let run = |extra: &[&str]| {
+        vmic()
+            .arg("customize")
+            .arg("--image-file")
+            .arg(&image)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--build-dir")
+            .arg(&build_dir)
+            .arg("--output-image-file")
+            .arg(dir.path().join("out.iso"))
+            .args(["--output-image-format", "iso"])
+            .args(extra)
+            .assert()
+            .code(2)
+    };
+    run(&["--squashfs-compression", "brotli"]).stderr(predicate::str::contains(
+        "--squashfs-compression brotli: unknown compressor brotli",
+    ));
+    run(&["--squashfs-compression", "zstd:30"])
+        .stderr(predicate::str::contains("use a level from 1 to 22"));
+    run(&["--package-source", "/nonexistent/debs"]).stderr(predicate::str::contains(
+        "--package-source /nonexistent/debs does not exist",
+    ));
+    assert!(!build_dir.exists(), "nothing was started");
+    assert!(!dir.path().join("out.iso").exists());
+}

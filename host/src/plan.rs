@@ -505,24 +505,13 @@ pub fn needs_network(packages_changed: bool, disable_base_repos: bool) -> bool {
     packages_changed && !disable_base_repos
 }
 
-/// A `*Lists` file: YAML with a `packages:` list.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PackageList {
-    packages: Vec<String>,
-}
-
 fn package_lists(config_dir: &Path, lists: Option<&Vec<String>>) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     for list in lists.into_iter().flatten() {
         let text = read_config_file(config_dir, list)?;
-        let parsed: PackageList = serde_saphyr::from_str(&text).with_context(|| {
-            format!(
-                "{}: expected a YAML file with a `packages:` list of names",
-                config_dir.join(list).display()
-            )
-        })?;
-        names.extend(parsed.packages);
+        let parsed = model::parse_package_list(&text)
+            .map_err(|error| anyhow::anyhow!("{}: {error}", config_dir.join(list).display()))?;
+        names.extend(parsed);
     }
     Ok(names)
 }
@@ -732,5 +721,80 @@ mod tests {
         assert!(!plan_for("iso-map.yaml", true).request.remaster_only);
         let config = Config::default();
         assert!(!changes_rootfs(&config));
+    }
+
+    #[test]
+    fn os_customization_reads_the_files_it_names_and_uploads_dirs_and_packages() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dir = root.path();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
+            fs_err::write(path, text).expect("write");
+        };
+        write("keys/a.pub", "# a comment\nssh-ed25519 AAAA a@x\n\n");
+        write("hash.txt", "$6$s$h\n");
+        write("lists/base.yaml", "packages: [jq, curl]\n");
+        write("tree/sub/f.txt", "f");
+        write("debs/hello.deb", "deb");
+        write(
+            "cfg.yaml",
+            "os:\n  users:\n  - name: alice\n    sshPublicKeys: [ssh-rsa BBBB b@x]\n    \
+             sshPublicKeyPaths: [keys/a.pub]\n    password:\n      type: hashed-file\n      \
+             value: hash.txt\n  packages:\n    installLists: [lists/base.yaml]\n    \
+             install: [hello]\n  additionalDirs:\n  - source: tree\n    destination: /opt/t\n    \
+             childFilePermissions: \"0640\"\n  modules:\n  - name: loop\n    loadMode: always\n",
+        );
+        let loaded = load_and_validate(&dir.join("cfg.yaml"), &ValidationContext::default())
+            .unwrap_or_else(|errors| panic!("{errors}"));
+        let sources = [dir.join("debs")];
+        let plan = |disable_base_repos| {
+            disk_plan(
+                &loaded.config,
+                &HostFacts {
+                    config_dir: &loaded.dir,
+                    input_is_iso: false,
+                    input_serial: "vmic-input",
+                    output_serial: "vmic-output",
+                    cpus: 2,
+                    exclude: Vec::new(),
+                    package_sources: &sources,
+                    disable_base_repos,
+                    squashfs_compression: None,
+                },
+            )
+            .expect("plan")
+        };
+        let offline = plan(true);
+        let os = &offline.request.customization.os;
+        assert_eq!(
+            os.users[0].ssh_public_keys,
+            ["ssh-rsa BBBB b@x", "ssh-ed25519 AAAA a@x"]
+        );
+        assert_eq!(
+            os.users[0].password,
+            Some(PasswordSpec::Hashed("$6$s$h".into()))
+        );
+        assert_eq!(
+            os.packages.install,
+            ["jq", "curl", "hello"],
+            "lists first, then inline"
+        );
+        assert_eq!(
+            os.packages.sources,
+            [PackageSource::Directory("/work/packages/0".into())]
+        );
+        assert!(
+            !os.packages.network,
+            "offline with --disable-base-image-repos"
+        );
+        assert!(plan(false).request.customization.os.packages.network);
+        assert_eq!(os.additional_dirs[0].source, "/work/dirs/0");
+        assert_eq!(os.additional_dirs[0].child_file_permissions, Some(0o640));
+        assert_eq!(os.modules[0].load_mode, ModuleLoadMode::Always);
+        let guests: Vec<&str> = offline.uploads.iter().map(|u| u.guest.as_str()).collect();
+        for expected in ["/work/dirs/0/sub/f.txt", "/work/packages/0/hello.deb"] {
+            assert!(guests.contains(&expected), "{expected} in {guests:?}");
+        }
     }
 }

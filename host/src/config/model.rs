@@ -416,6 +416,31 @@ pub struct Packages {
     pub update_lists: Option<Vec<String>>,
 }
 
+/// A `*Lists` file: YAML with a `packages:` list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackageList {
+    packages: Vec<String>,
+}
+
+/// The package names of a `*Lists` file, or why it is not one.
+pub fn parse_package_list(text: &str) -> Result<Vec<String>, String> {
+    let list: PackageList = serde_saphyr::from_str(text).map_err(|error| {
+        // The parser's message ends with a source snippet; its first line says what is wrong.
+        let error = error.to_string();
+        let first = error
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        format!("not a package list (expected `packages: [name, ...]`): {first}")
+    })?;
+    if let Some(index) = list.packages.iter().position(|name| name.trim().is_empty()) {
+        return Err(format!("packages[{index}] is an empty package name"));
+    }
+    Ok(list.packages)
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdditionalDir {

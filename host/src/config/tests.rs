@@ -25,7 +25,12 @@ fn fixture() -> Fixture {
     ] {
         let path = dir.join(file);
         fs_err::create_dir_all(path.parent().expect("has a parent")).expect("create dir");
-        fs_err::write(&path, "x\n").expect("write fixture file");
+        let content = if file == "packages.yaml" {
+            "packages: [jq, curl]\n"
+        } else {
+            "x\n"
+        };
+        fs_err::write(&path, content).expect("write fixture file");
     }
     fs_err::write(root.path().join("outside.sh"), "x\n").expect("write outside file");
     std::os::unix::fs::symlink("../../outside.sh", dir.join("scripts/escape.sh")).expect("symlink");
@@ -106,6 +111,7 @@ const BAD: &[Bad] = &[
     ("source is a directory", "os:\n  additionalFiles:\n  - source: files\n    destination: /a\n", None, false, "os.additionalFiles[0].source", 3, "is a directory"),
     ("missing ssh key file", "os:\n  users:\n  - name: test\n    sshPublicKeyPaths:\n    - keys/id.pub\n    - keys/missing.pub\n", None, false, "os.users[0].sshPublicKeyPaths[1]", 6, "does not exist"),
     ("missing password file", "os:\n  users:\n  - name: test\n    password:\n      type: hashed-file\n      value: missing-hash.txt\n", None, false, "os.users[0].password.value", 6, "does not exist"),
+    ("not a package list", "os:\n  packages:\n    removeLists: [files/a.txt]\n", None, false, "os.packages.removeLists[0]", 3, "not a package list (expected `packages: [name, ...]`)"),
     ("missing package list", "os:\n  packages:\n    installLists:\n    - packages.yaml\n    - missing.yaml\n", None, false, "os.packages.installLists[1]", 5, "does not exist"),
     ("missing additionalDirs source", "os:\n  additionalDirs:\n  - source: nodir\n    destination: /opt/x\n", None, false, "os.additionalDirs[0].source", 3, "does not exist"),
     ("non-octal permissions", "os:\n  additionalFiles:\n  - content: x\n    destination: /a\n    permissions: \"0688\"\n", None, false, "os.additionalFiles[0].permissions", 5, "'8' is not an octal digit"),

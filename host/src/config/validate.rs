@@ -329,7 +329,13 @@ impl Rules<'_> {
                 ("updateLists", &packages.update_lists),
             ] {
                 for (index, list) in lists.iter().flatten().enumerate() {
-                    self.source_file(&format!("os.packages.{field}[{index}]"), list);
+                    let path = format!("os.packages.{field}[{index}]");
+                    self.source_file(&path, list);
+                    if let Ok(text) = std::fs::read_to_string(self.resolve(list)) {
+                        if let Err(error) = super::model::parse_package_list(&text) {
+                            self.error(&path, format!("{}: {error}", self.resolve(list).display()));
+                        }
+                    }
                 }
             }
         }
