@@ -58,8 +58,9 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
     let cpu = match (vm.arch, vm.accel) {
         (_, Accel::Kvm | Accel::Hvf) => "host",
         (Arch::X86_64, Accel::Tcg) => "max",
-        // pauth-impdef avoids the cost of emulating the architected pointer-auth algorithm.
-        (Arch::Aarch64, Accel::Tcg) => "max,pauth-impdef=on",
+        // As for the builder VM: without pointer auth PAC instructions are NOPs. The aarch64
+        // test image's disk booted to its marker in 23.1 s instead of 28.0 s.
+        (Arch::Aarch64, Accel::Tcg) => "max,pauth=off,sve=off",
     };
     push(&[
         "-machine",
