@@ -404,8 +404,7 @@ fn make_rootfs_squashfs(
     request: &IsoBuild,
 ) -> anyhow::Result<()> {
     let compression =
-        argv::SquashfsCompression::parse(&request.squashfs.compression, &kernel_configs(root))
-            .map_err(|error| anyhow!(error))?;
+        argv::SquashfsCompression::resolve(request.squashfs.compression, &kernel_configs(root));
     build.log(format!("squashfs compression: {compression:?}"));
     let options = argv::SquashfsOptions {
         compression,

@@ -434,7 +434,7 @@ async fn drive_build(
         ],
         package_sources: &settings.package_sources,
         disable_base_repos: settings.disable_base_image_repos,
-        squashfs_compression: settings.squashfs_compression.clone(),
+        squashfs_compression: settings.squashfs_compression,
     };
     let (uploads, skipped, request) = if settings.output_format == OutputFormat::Iso {
         let plan = crate::plan::iso_plan(&settings.config.config, &facts)?;

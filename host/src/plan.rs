@@ -5,9 +5,9 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
 use vmic_protocol::{
-    Customization, DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild, IsoSettings,
-    ModuleLoadMode, ModuleSpec, OsCustomization, PackageChanges, PackageSource, PasswordSpec,
-    Script, SelinuxMode, ServiceChanges, SquashfsSettings, UserSpec,
+    Compression, Customization, DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild,
+    IsoSettings, ModuleLoadMode, ModuleSpec, OsCustomization, PackageChanges, PackageSource,
+    PasswordSpec, Script, SelinuxMode, ServiceChanges, SquashfsSettings, UserSpec,
 };
 
 use crate::config::model::{
@@ -63,8 +63,8 @@ pub struct HostFacts<'a> {
     /// `--package-source` paths.
     pub package_sources: &'a [PathBuf],
     pub disable_base_repos: bool,
-    /// mksquashfs `-comp` value (with an optional `:LEVEL`); `None` lets the agent choose.
-    pub squashfs_compression: Option<String>,
+    /// `--squashfs-compression`; `Auto` lets the agent choose what the image's kernel reads.
+    pub squashfs_compression: Compression,
 }
 
 fn guest_path(relative: &Path) -> String {
@@ -239,10 +239,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
             vmic_version: env!("CARGO_PKG_VERSION").to_string(),
         },
         squashfs: SquashfsSettings {
-            compression: facts
-                .squashfs_compression
-                .clone()
-                .unwrap_or_else(|| AUTO_COMPRESSION.to_string()),
+            compression: facts.squashfs_compression,
             threads: facts.cpus.max(1),
         },
         remaster_only: facts.input_is_iso && !changes_rootfs(config),
@@ -267,9 +264,6 @@ pub fn disk_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<DiskP
         },
     })
 }
-
-/// The squashfs compression value that lets the agent pick what the image's kernel reads.
-pub const AUTO_COMPRESSION: &str = "auto";
 
 /// What both outputs share: the os customization, the scripts and the uploads.
 struct CommonPlan {
@@ -668,7 +662,7 @@ mod tests {
                 exclude: Vec::new(),
                 package_sources: &[],
                 disable_base_repos: false,
-                squashfs_compression: None,
+                squashfs_compression: Compression::Auto,
             },
         )
         .expect("plan")
@@ -760,7 +754,7 @@ mod tests {
                     exclude: Vec::new(),
                     package_sources: &sources,
                     disable_base_repos,
-                    squashfs_compression: None,
+                    squashfs_compression: Compression::Auto,
                 },
             )
             .expect("plan")

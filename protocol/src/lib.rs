@@ -321,8 +321,7 @@ pub struct IsoSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SquashfsSettings {
-    /// mksquashfs `-comp` value.
-    pub compression: String,
+    pub compression: Compression,
     pub threads: u32,
 }
 
@@ -350,6 +349,65 @@ pub struct Script {
     pub interpreter: Option<String>,
     pub arguments: Vec<String>,
     pub environment: Vec<(String, String)>,
+}
+
+/// The squashfs compressor the user asked for (`--squashfs-compression`), checked on the host
+/// and resolved by the agent (`Auto` depends on what the image's kernel reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Compression {
+    #[default]
+    Auto,
+    /// Level 1-22; `None`: mksquashfs' default.
+    Zstd {
+        level: Option<u8>,
+    },
+    Xz,
+    /// Level 1-9; `None`: mksquashfs' default.
+    Gzip {
+        level: Option<u8>,
+    },
+    Lz4,
+}
+
+impl Compression {
+    /// Parse `auto`, `zstd[:N]`, `xz`, `gzip[:N]` or `lz4`; the error says what is allowed.
+    pub fn parse(value: &str) -> Result<Compression, String> {
+        let (name, level) = match value.split_once(':') {
+            Some((name, level)) => (name, Some(level)),
+            None => (value, None),
+        };
+        let range = match name {
+            "zstd" => Some(1..=22),
+            "gzip" => Some(1..=9),
+            "auto" | "xz" | "lz4" => None,
+            _ => {
+                return Err(format!(
+                    "unknown compressor {name}; use zstd[:LEVEL], xz, gzip[:LEVEL] or lz4"
+                ))
+            }
+        };
+        let level = match (level, range) {
+            (None, _) => None,
+            (Some(level), None) => return Err(format!("bad level {level}: {name} takes no level")),
+            (Some(level), Some(range)) => match level.parse::<u8>() {
+                Ok(number) if range.contains(&number) => Some(number),
+                _ => {
+                    return Err(format!(
+                        "bad level {level} for {name}: use a level from {} to {}",
+                        range.start(),
+                        range.end()
+                    ))
+                }
+            },
+        };
+        Ok(match name {
+            "zstd" => Compression::Zstd { level },
+            "gzip" => Compression::Gzip { level },
+            "xz" => Compression::Xz,
+            "lz4" => Compression::Lz4,
+            _ => Compression::Auto,
+        })
+    }
 }
 
 /// What the agent produced.
@@ -684,6 +742,23 @@ mod tests {
                 total: 10,
             },
         });
+    }
+
+    #[test]
+    fn compression_values() {
+        assert_eq!(Compression::parse("auto"), Ok(Compression::Auto));
+        assert_eq!(
+            Compression::parse("zstd:19"),
+            Ok(Compression::Zstd { level: Some(19) })
+        );
+        assert_eq!(
+            Compression::parse("gzip:1"),
+            Ok(Compression::Gzip { level: Some(1) })
+        );
+        assert_eq!(Compression::parse("lz4"), Ok(Compression::Lz4));
+        for bad in ["zstd:0", "zstd:23", "lz4:1", "brotli", "gzip:x", "auto:3"] {
+            assert!(Compression::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

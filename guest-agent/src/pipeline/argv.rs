@@ -1,6 +1,8 @@
 //! Argv builders for the external commands of the ISO pipeline, and the small files they
 //! read (dracut config, grub early configs). Pure: running them is the executor's job.
 
+use vmic_protocol::Compression;
+
 // --- dracut (step 4) ----------------------------------------------------------------------
 
 /// The temporary dracut config written into the image for the LiveOS initrd, removed after.
@@ -85,23 +87,12 @@ pub enum SquashfsCompression {
 pub const DEFAULT_ZSTD_LEVEL: u8 = 3;
 
 impl SquashfsCompression {
-    /// Parse `auto`, `zstd[:N]`, `xz`, `gzip[:N]` or `lz4`. `auto` picks zstd when the image's
-    /// kernel config (`/boot/config-*`) says it reads zstd squashfs, else xz (every distro
+    /// What mksquashfs gets for the requested compression. `Auto` picks zstd when the image's
+    /// kernel configs (`/boot/config-*`) say it reads zstd squashfs, else xz (every distro
     /// kernel with squashfs reads xz); without a kernel config zstd is assumed.
-    pub fn parse(value: &str, kernel_configs: &[String]) -> Result<Self, String> {
-        let (name, level) = match value.split_once(':') {
-            Some((name, level)) => (
-                name,
-                Some(
-                    level
-                        .parse::<u8>()
-                        .map_err(|_| format!("bad compression level in {value:?}"))?,
-                ),
-            ),
-            None => (value, None),
-        };
-        Ok(match (name, level) {
-            ("auto", None) => {
+    pub fn resolve(requested: Compression, kernel_configs: &[String]) -> SquashfsCompression {
+        match requested {
+            Compression::Auto => {
                 let zstd_readable = kernel_configs.is_empty()
                     || kernel_configs
                         .iter()
@@ -114,14 +105,12 @@ impl SquashfsCompression {
                     SquashfsCompression::Xz
                 }
             }
-            ("zstd", Some(level @ 1..=22)) => SquashfsCompression::Zstd { level: Some(level) },
-            ("zstd", None) => SquashfsCompression::Zstd { level: None },
-            ("gzip", Some(level @ 1..=9)) => SquashfsCompression::GzipLevel(level),
-            ("gzip", None) => SquashfsCompression::Gzip,
-            ("xz", None) => SquashfsCompression::Xz,
-            ("lz4", None) => SquashfsCompression::Lz4,
-            _ => return Err(format!("unsupported squashfs compression {value:?}")),
-        })
+            Compression::Zstd { level } => SquashfsCompression::Zstd { level },
+            Compression::Gzip { level: None } => SquashfsCompression::Gzip,
+            Compression::Gzip { level: Some(level) } => SquashfsCompression::GzipLevel(level),
+            Compression::Xz => SquashfsCompression::Xz,
+            Compression::Lz4 => SquashfsCompression::Lz4,
+        }
     }
 }
 
@@ -432,21 +421,24 @@ mod tests {
         let zstd_kernel = ["CONFIG_SQUASHFS=y\nCONFIG_SQUASHFS_ZSTD=y\n".to_string()];
         let xz_kernel = ["CONFIG_SQUASHFS=y\n# CONFIG_SQUASHFS_ZSTD is not set\n".to_string()];
         assert_eq!(
-            SquashfsCompression::parse("auto", &zstd_kernel),
-            Ok(Zstd {
+            SquashfsCompression::resolve(Compression::Auto, &zstd_kernel),
+            Zstd {
                 level: Some(DEFAULT_ZSTD_LEVEL)
-            })
+            }
         );
-        assert_eq!(SquashfsCompression::parse("auto", &xz_kernel), Ok(Xz));
         assert_eq!(
-            SquashfsCompression::parse("zstd:19", &[]),
-            Ok(Zstd { level: Some(19) })
+            SquashfsCompression::resolve(Compression::Auto, &xz_kernel),
+            Xz
         );
-        assert_eq!(SquashfsCompression::parse("gzip:1", &[]), Ok(GzipLevel(1)));
-        assert_eq!(SquashfsCompression::parse("lz4", &[]), Ok(Lz4));
-        for bad in ["zstd:0", "zstd:23", "lz4:1", "brotli", "gzip:x"] {
-            assert!(SquashfsCompression::parse(bad, &[]).is_err(), "{bad}");
-        }
+        assert_eq!(
+            SquashfsCompression::resolve(Compression::Zstd { level: Some(19) }, &xz_kernel),
+            Zstd { level: Some(19) }
+        );
+        assert_eq!(
+            SquashfsCompression::resolve(Compression::Gzip { level: Some(1) }, &[]),
+            GzipLevel(1)
+        );
+        assert_eq!(SquashfsCompression::resolve(Compression::Lz4, &[]), Lz4);
     }
 
     #[test]

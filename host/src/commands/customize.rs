@@ -20,7 +20,7 @@ pub struct CustomizeSettings {
     pub output_format: OutputFormat,
     pub package_sources: Vec<PathBuf>,
     pub disable_base_image_repos: bool,
-    pub squashfs_compression: Option<String>,
+    pub squashfs_compression: vmic_protocol::Compression,
     pub vm: VmArgs,
 }
 
@@ -80,9 +80,11 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
             )));
         }
     }
-    if let Some(compression) = &args.squashfs_compression {
-        check_squashfs_compression(compression).map_err(Failure::Usage)?;
-    }
+    let squashfs_compression = match &args.squashfs_compression {
+        None => vmic_protocol::Compression::Auto,
+        Some(value) => vmic_protocol::Compression::parse(value)
+            .map_err(|error| Failure::Usage(anyhow!("--squashfs-compression {value}: {error}")))?,
+    };
     Ok(CustomizeSettings {
         input,
         input_format,
@@ -92,44 +94,9 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         output_format,
         package_sources: args.package_source.clone(),
         disable_base_image_repos: args.disable_base_image_repos,
-        squashfs_compression: args.squashfs_compression.clone(),
+        squashfs_compression,
         vm: args.vm.clone(),
     })
-}
-
-/// `zstd[:1-22]`, `xz`, `gzip[:1-9]` or `lz4`: what mksquashfs and the kernel both know.
-pub fn check_squashfs_compression(value: &str) -> anyhow::Result<()> {
-    let (name, level) = match value.split_once(':') {
-        Some((name, level)) => (name, Some(level)),
-        None => (value, None),
-    };
-    let range = match name {
-        "zstd" => Some(1..=22),
-        "gzip" => Some(1..=9),
-        "xz" | "lz4" => None,
-        _ => {
-            return Err(crate::report::hinted(
-                format!("--squashfs-compression {value}: unknown compressor {name}"),
-                "use zstd[:LEVEL], xz, gzip[:LEVEL] or lz4",
-            ))
-        }
-    };
-    if let Some(level) = level {
-        let ok = range
-            .clone()
-            .zip(level.parse::<u32>().ok())
-            .is_some_and(|(range, level)| range.contains(&level));
-        if !ok {
-            return Err(crate::report::hinted(
-                format!("--squashfs-compression {value}: bad level {level} for {name}"),
-                match range {
-                    Some(range) => format!("use a level from {} to {}", range.start(), range.end()),
-                    None => format!("{name} takes no level"),
-                },
-            ));
-        }
-    }
-    Ok(())
 }
 
 pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
