@@ -230,18 +230,10 @@ pub async fn build(
     }
     options.run_dir = Some(build_dir.clone());
     options.disks = disks;
-    options.network = settings
-        .config
-        .config
-        .os
-        .as_ref()
-        .and_then(|os| os.packages.as_ref())
-        .is_some_and(|packages| {
-            crate::plan::needs_network(
-                crate::plan::packages_changed(packages),
-                settings.disable_base_image_repos,
-            )
-        });
+    // Planned before the VM starts: files the config names are read (and fail) now, and the
+    // plan says whether the VM needs a network.
+    let planned = plan(settings, &build_dir, &input, options.cpus)?;
+    options.network = planned.os().packages.network;
     if options.network {
         tracing::info!(
             "the builder VM gets user-mode networking for the image's package repositories"
@@ -249,7 +241,7 @@ pub async fn build(
     }
     progress.step("Booting", &format!("{arch} builder VM"));
     let vm = RunningVm::start(options).await?;
-    let result = drive_build(&vm, settings, &build_dir, &input, progress).await;
+    let result = drive_build(&vm, planned, progress).await;
     let outcome = match result {
         Ok(outcome) => {
             vm.shutdown().await?;
@@ -409,22 +401,34 @@ async fn upload(
     Ok(())
 }
 
-async fn drive_build(
-    vm: &RunningVm,
+/// The request for the agent and the files it needs, from the settings.
+struct Planned {
+    uploads: Vec<crate::plan::Upload>,
+    request: Request,
+}
+
+impl Planned {
+    fn os(&self) -> &vmic_protocol::OsCustomization {
+        match &self.request {
+            Request::BuildIso(build) => &build.customization.os,
+            Request::CustomizeDisk(build) => &build.customization.os,
+            _ => unreachable!("a plan is a build request"),
+        }
+    }
+}
+
+fn plan(
     settings: &CustomizeSettings,
     build_dir: &Path,
     input: &Path,
-    progress: &mut Progress,
-) -> anyhow::Result<Response> {
-    let session = &vm.session;
-    progress.step("Uploading", "config directory");
-    mount_scratch(session).await?;
+    cpus: u32,
+) -> anyhow::Result<Planned> {
     let facts = crate::plan::HostFacts {
         config_dir: &fs_err::canonicalize(&settings.config.dir)?,
         input_is_iso: settings.input_format == ImageFormat::Iso,
         input_serial: INPUT_SERIAL,
         output_serial: OUTPUT_SERIAL,
-        cpus: vm.cpus,
+        cpus,
         exclude: vec![
             build_dir.to_path_buf(),
             input.to_path_buf(),
@@ -454,6 +458,18 @@ async fn drive_build(
     for (path, why) in &skipped {
         tracing::warn!("not copied to /_imageconfigs: {} ({why})", path.display());
     }
+    Ok(Planned { uploads, request })
+}
+
+async fn drive_build(
+    vm: &RunningVm,
+    planned: Planned,
+    progress: &mut Progress,
+) -> anyhow::Result<Response> {
+    let session = &vm.session;
+    progress.step("Uploading", "config directory");
+    mount_scratch(session).await?;
+    let Planned { uploads, request } = planned;
     upload(session, &uploads).await?;
 
     let mut handle = session.start(request).await?;

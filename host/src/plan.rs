@@ -480,7 +480,7 @@ fn upload_tree(local: &Path, guest: &str, uploads: &mut Vec<Upload>) -> anyhow::
 }
 
 /// Whether `os.packages` asks for anything at all.
-pub fn packages_changed(packages: &model::Packages) -> bool {
+fn packages_changed(packages: &model::Packages) -> bool {
     packages.update_existing_packages == Some(true)
         || [
             &packages.install,
@@ -495,7 +495,7 @@ pub fn packages_changed(packages: &model::Packages) -> bool {
 }
 
 /// The builder VM gets a (user-mode) network only to reach the image's own repositories.
-pub fn needs_network(packages_changed: bool, disable_base_repos: bool) -> bool {
+fn needs_network(packages_changed: bool, disable_base_repos: bool) -> bool {
     packages_changed && !disable_base_repos
 }
 
