@@ -22,8 +22,7 @@ pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result
     check_arch(&root, vm_arch())?;
 
     build.step("Customizing")?;
-    let mut chroot_mounts = customize_image(&build, &root, &request.customization)?;
-    chroot_mounts.unmount_below(&root);
+    let chroot_mounts = customize_image(&build, &root, &request.customization)?;
     drop(chroot_mounts);
     remove_config_mountpoint(&root);
 

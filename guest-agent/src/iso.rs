@@ -65,7 +65,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         };
         check_arch(&root, arch)?;
         build.step("Customizing")?;
-        let mut chroot_mounts = customize_image(&build, &root, &request.customization)?;
+        let chroot_mounts = customize_image(&build, &root, &request.customization)?;
 
         let grub = read_grub_cfg(&root)?;
         let rewritten = grub_cfg::rewrite_for_iso(
@@ -109,7 +109,6 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         build.log(format!(
             "dracut took {dracut_seconds:.1} s and mksquashfs {squash_seconds:.1} s, side by side"
         ));
-        chroot_mounts.unmount_below(&root);
         drop(chroot_mounts);
         remove_config_mountpoint(&root);
         let rootfs_sha256 = hex::encode(sha256_file(&rootfs)?);

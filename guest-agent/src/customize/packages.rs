@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use vmic_protocol::{PackageChanges, PackageSource};
 
-use crate::build::{strings, Build, Mounts};
+use crate::build::{output_tail, strings, Build, Mounts};
 use crate::rootfs::scoped_join;
 
 /// Where local package directories appear inside the chroot.
@@ -325,12 +325,12 @@ pub(crate) fn apply(
                     name: format!("vmic-local-{index}"),
                     path: format!("{LOCAL_REPOS}/{index}"),
                 };
-                index_local_repo(build, root, manager, Path::new(dir))?;
                 let target = scoped_join(root, &repo.path)?;
                 let mut argv = strings(["mount", "--bind"]);
                 argv.push(dir.clone());
                 argv.push(target.to_string_lossy().into_owned());
                 mounts.mount(build, argv, &target)?;
+                index_local_repo(build, root, manager, Path::new(dir), &repo.path)?;
                 let (file, text) = match manager {
                     Manager::Apt => (format!("{}.list", repo.name), apt_source_line(&repo)),
                     Manager::Dnf | Manager::Tdnf => {
@@ -393,24 +393,16 @@ pub(crate) fn apply(
         build.log(format!("running {}", argv.join(" ")));
         let result = build.run_unchecked(&argv, Some(root), env.clone())?;
         if result.code != 0 {
-            let stderr = String::from_utf8_lossy(&result.stderr);
-            let stdout = String::from_utf8_lossy(&result.stdout);
-            let text = if stderr.trim().is_empty() {
-                stdout
-            } else {
-                stderr
-            };
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
             let hint = if !packages.network && packages.sources.is_empty() {
                 "\n(the builder VM is offline: pass --package-source DIR with the packages)"
             } else {
                 ""
             };
             return Err(anyhow!(
-                "`{}` failed with exit code {}:\n{tail}{hint}",
+                "`{}` failed with exit code {}{}{hint}",
                 argv.join(" "),
-                result.code
+                result.code,
+                output_tail(&result)
             ));
         }
     }
@@ -419,12 +411,14 @@ pub(crate) fn apply(
     Ok(())
 }
 
-/// Make `dir` a repository the image's package manager can read.
+/// Make `dir` a repository the image's package manager can read; it is bind-mounted at
+/// `in_chroot` already, which is how the image's dpkg-deb reaches its files.
 fn index_local_repo(
     build: &Build<'_>,
     root: &Path,
     manager: Manager,
     dir: &Path,
+    in_chroot: &str,
 ) -> anyhow::Result<()> {
     match manager {
         Manager::Apt => {
@@ -432,21 +426,13 @@ fn index_local_repo(
             if debs.is_empty() {
                 bail!("--package-source {}: no .deb files in it", dir.display());
             }
-            // dpkg-deb runs in the image; the .deb is reached through a temporary bind mount.
-            let staging = format!("{LOCAL_REPOS}/.index");
-            let target = scoped_join(root, &staging)?;
-            let mut mounts = Mounts::default();
-            let mut argv = strings(["mount", "--bind", "-o", "ro"]);
-            argv.push(dir.to_string_lossy().into_owned());
-            argv.push(target.to_string_lossy().into_owned());
-            mounts.mount(build, argv, &target)?;
             let mut index = String::new();
             for deb in &debs {
                 let relative = deb.to_string_lossy();
                 let argv = vec![
                     "dpkg-deb".to_string(),
                     "-f".to_string(),
-                    format!("{staging}/{relative}"),
+                    format!("{in_chroot}/{relative}"),
                 ];
                 let result = build
                     .run(&argv, Some(root))
@@ -459,8 +445,6 @@ fn index_local_repo(
                     &sha256,
                 ));
             }
-            mounts.unmount_below(&target);
-            let _ = std::fs::remove_dir(&target);
             std::fs::write(dir.join("Packages"), index)
                 .with_context(|| format!("writing {}/Packages", dir.display()))?;
             build.log(format!(
