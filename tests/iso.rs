@@ -78,6 +78,18 @@ fn fail_iso(input: &Path, config: &Path, code: i32, extra: &[&str]) -> String {
     failed.stderr
 }
 
+#[test]
+fn a_kernel_message_inside_a_marker_line_is_cut_out() {
+    let console = "VMIC-TEST-BOOTED host=h cmdline=a b\n\
+                   VMIC-TEST-FILE /etc/vmic-test/probe: boot-entrie[   16.592963] kvm: Nested Virtualization enabled\n\
+                   s=0\n\
+                   [   17.000001] a message on its own line\n\
+                   VMIC-TEST-END\n";
+    let booted = common::parse_marker(console).expect("marker parsed");
+    assert_eq!(booted.probe("boot-entries"), Some("0"));
+    assert_eq!(booted.cmdline, ["a", "b"]);
+}
+
 /// Everything `live.yaml` must show on a booted ISO; `iso_args` are the ISO's user args, which
 /// end the command line in order.
 fn assert_live_iso(booted: &Booted, iso_args: &[&str]) {

@@ -230,6 +230,7 @@ impl Booted {
 
 /// Parse the marker's lines out of a console log.
 pub fn parse_marker(console: &str) -> Option<Booted> {
+    let console = without_interleaved_printk(console);
     let mut lines = console.lines().filter_map(|line| {
         let at = line.find("VMIC-TEST-")?;
         Some(line[at..].trim_end().to_string())
@@ -254,6 +255,44 @@ pub fn parse_marker(console: &str) -> Option<Booted> {
         }
     }
     None
+}
+
+/// The serial console carries the kernel's messages too, and one can land in the middle of a
+/// marker line (`boot-entrie[   16.59] kvm: Nested Virtualization enabled\ns=0`): cut such a
+/// message out and join the line back together.
+pub fn without_interleaved_printk(console: &str) -> String {
+    let mut out = String::with_capacity(console.len());
+    let mut rest = console;
+    while let Some(line_end) = rest.find('\n') {
+        let line = &rest[..line_end];
+        match printk_start(line) {
+            Some(at) if at > 0 => {
+                out.push_str(&line[..at]);
+                rest = &rest[line_end + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..=line_end]);
+                rest = &rest[line_end + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where a `[   12.345678] ` kernel timestamp starts in `line`.
+fn printk_start(line: &str) -> Option<usize> {
+    line.match_indices('[').map(|(at, _)| at).find(|&at| {
+        let Some(close) = line[at..].find("] ") else {
+            return false;
+        };
+        let stamp = line[at + 1..at + close].trim_start();
+        let (seconds, micros) = stamp.split_once('.').unwrap_or(("", ""));
+        !seconds.is_empty()
+            && seconds.bytes().all(|b| b.is_ascii_digit())
+            && micros.len() == 6
+            && micros.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// Boot `image` with `vmic boot` until the marker's last line; returns what it printed.
