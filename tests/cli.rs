@@ -85,14 +85,18 @@ fn validate_config_checks_iso_settings_against_the_output_format() {
 fn validate_config_warns_about_settings_the_build_cannot_do_yet() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("cfg.yaml");
-    fs_err::write(&path, "os:\n  hostname: ok\n  uki:\n    kernels: auto\n").expect("write config");
+    fs_err::write(
+        &path,
+        "previewFeatures: [uki]\nos:\n  hostname: ok\n  uki:\n    mode: create\n",
+    )
+    .expect("write config");
     vmic()
         .args(["validate-config", "--config-file"])
         .arg(&path)
         .assert()
         .success()
         .stderr(format!(
-            "warning: {0}:3:3: os.uki: not supported yet: os.uki\nok: {0}\n",
+            "warning: {0}:4:3: os.uki: not supported yet: os.uki\nok: {0}\n",
             path.display()
         ));
 }

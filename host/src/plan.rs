@@ -726,7 +726,7 @@ mod tests {
             fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
             fs_err::write(path, text).expect("write");
         };
-        write("keys/a.pub", "# a comment\nssh-ed25519 AAAA a@x\n\n");
+        write("keys/a.pub", "# a comment\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm a@x\n\n");
         write("hash.txt", "$6$s$h\n");
         write("lists/base.yaml", "packages: [jq, curl]\n");
         write("tree/sub/f.txt", "f");
@@ -763,7 +763,7 @@ mod tests {
         let os = &offline.request.customization.os;
         assert_eq!(
             os.users[0].ssh_public_keys,
-            ["ssh-rsa BBBB b@x", "ssh-ed25519 AAAA a@x"]
+            ["ssh-rsa BBBB b@x", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm a@x"]
         );
         assert_eq!(
             os.users[0].password,

@@ -6,12 +6,18 @@
 //! model's JSON Schema (unknown keys, types, enum values), serde builds the [`model::Config`],
 //! and [`validate`] applies the semantic and cross-field rules.
 //!
+//! A config with `baseConfigs` is loaded with its bases ([`chain`]): each file is checked on
+//! its own (errors name the file the value came from), then the chain is merged by the Image
+//! Customizer's rules into [`LoadedConfig::config`].
+//!
 //! `customize` calls [`load_and_validate`] and then rejects a non-empty [`unsupported_fields`]
 //! (settings parsed and checked but not yet carried out by the build); `validate-config` shows
 //! those as warnings.
 
+pub mod chain;
 pub mod load;
 pub mod model;
+pub mod ssh_key;
 pub mod structure;
 pub mod validate;
 
@@ -61,7 +67,8 @@ impl ConfigErrors {
 
     fn sorted(mut self) -> ConfigErrors {
         // Stable: problems at one position keep the order the rules found them in.
-        self.errors.sort_by_key(|error| error.position);
+        self.errors
+            .sort_by(|a, b| (&a.file, a.position).cmp(&(&b.file, b.position)));
         self.errors.dedup();
         self
     }
@@ -97,6 +104,13 @@ pub struct LoadedConfig {
     pub dir: PathBuf,
     /// Where each key path was written, for errors found later (e.g. "not supported yet").
     pub sources: SourceMap,
+    /// Every file of a `baseConfigs` chain, bases first and this file last, each as written;
+    /// empty when the config was checked on its own (one file, or a base being checked).
+    /// `config` is their merge: values from a base file that name host paths are absolute
+    /// (joined with that file's directory), this file's stay relative to `dir`.
+    pub chain: Vec<LoadedConfig>,
+    /// `--output-image-format`, when given (it overrides the config's format).
+    pub cli_output_format: Option<OutputFormat>,
 }
 
 impl LoadedConfig {
@@ -117,7 +131,8 @@ impl LoadedConfig {
     }
 }
 
-/// The command line's name for a config output format (`cosi` has none: vmic cannot write it).
+/// The command line's name for a config output format (`cosi`, `pxe-*` and `baremetal-image`
+/// have none: vmic cannot write them yet).
 pub fn output_format_of(format: ImageFormat) -> Option<OutputFormat> {
     Some(match format {
         ImageFormat::Iso => OutputFormat::Iso,
@@ -126,7 +141,34 @@ pub fn output_format_of(format: ImageFormat) -> Option<OutputFormat> {
         ImageFormat::Vhd => OutputFormat::Vhd,
         ImageFormat::VhdFixed => OutputFormat::VhdFixed,
         ImageFormat::Vhdx => OutputFormat::Vhdx,
-        ImageFormat::Cosi => return None,
+        ImageFormat::Cosi
+        | ImageFormat::PxeDir
+        | ImageFormat::PxeTar
+        | ImageFormat::BaremetalImage => return None,
+    })
+}
+
+/// The config model's name for a command line output format.
+pub fn image_format_of(format: OutputFormat) -> ImageFormat {
+    match format {
+        OutputFormat::Iso => ImageFormat::Iso,
+        OutputFormat::Raw => ImageFormat::Raw,
+        OutputFormat::Qcow2 => ImageFormat::Qcow2,
+        OutputFormat::Vhd => ImageFormat::Vhd,
+        OutputFormat::VhdFixed => ImageFormat::VhdFixed,
+        OutputFormat::Vhdx => ImageFormat::Vhdx,
+    }
+}
+
+/// The output format in effect in the config's own terms (PXE included): the command line's,
+/// else the config's.
+fn effective_image_format(config: &Config, ctx: &ValidationContext) -> Option<ImageFormat> {
+    ctx.output_format.map(image_format_of).or_else(|| {
+        config
+            .output
+            .as_ref()
+            .and_then(|output| output.image.as_ref())
+            .and_then(|image| image.format)
     })
 }
 
@@ -159,16 +201,41 @@ pub fn load_and_validate(
         .filter(|parent| !parent.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_owned();
-    validate_str(&text, path, &dir, ctx)
+    let top = parse_str(&text, path, &dir)?;
+    if top.loaded.config.base_configs.is_none() {
+        return validated(top, ctx);
+    }
+    chain::load_chain(top, ctx)
 }
 
-/// Validate config text as if read from `path`, with relative paths resolved against `dir`.
+/// Run the semantic rules on a parsed file.
+fn validated(parsed: Parsed, ctx: &ValidationContext) -> Result<LoadedConfig, ConfigErrors> {
+    let Parsed {
+        mut loaded,
+        mut errors,
+    } = parsed;
+    loaded.cli_output_format = ctx.output_format;
+    errors.extend(validate::validate(&loaded, ctx));
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors { errors }.sorted())
+    }
+}
+
+/// Validate config text as if read from `path`, with relative paths resolved against `dir`
+/// (`baseConfigs` are checked on their own but not followed: see [`load_and_validate`]).
 pub fn validate_str(
     text: &str,
     path: &Path,
     dir: &Path,
     ctx: &ValidationContext,
 ) -> Result<LoadedConfig, ConfigErrors> {
+    validated(parse_str(text, path, dir)?, ctx)
+}
+
+/// Parse config text and check its structure (syntax, keys, types, values) into the model.
+fn parse_str(text: &str, path: &Path, dir: &Path) -> Result<Parsed, ConfigErrors> {
     let error = |position: Position, key_path: String, message: String| ConfigError {
         file: path.to_owned(),
         position: Some(position),
@@ -189,6 +256,21 @@ pub fn validate_str(
     let Some(root) = root else {
         return Err(ConfigErrors { errors }.sorted());
     };
+    if let load::NodeKind::Mapping(entries) = &root.kind {
+        // A `*Lists` file given as the config: say what it is rather than "unknown key".
+        if let [(key, _)] = entries.as_slice() {
+            if key.text == "packages" {
+                errors.push(error(
+                    key.position,
+                    "packages".to_owned(),
+                    "this is a package list file, not a config: name it in \
+                     os.packages.installLists (or removeLists/updateLists) of a config"
+                        .to_owned(),
+                ));
+                return Err(ConfigErrors { errors }.sorted());
+            }
+        }
+    }
 
     let schema = schema_value();
     let mut walker = structure::Walker::new(&schema);
@@ -218,38 +300,76 @@ pub fn validate_str(
             return Err(ConfigErrors { errors }.sorted());
         }
     };
-    let loaded = LoadedConfig {
-        config,
-        path: path.to_owned(),
-        dir: dir.to_owned(),
-        sources: walker.sources,
-    };
-    errors.extend(validate::validate(&loaded, ctx));
-    if errors.is_empty() {
-        Ok(loaded)
-    } else {
-        Err(ConfigErrors { errors }.sorted())
-    }
+    Ok(Parsed {
+        loaded: LoadedConfig {
+            config,
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+            sources: walker.sources,
+            chain: Vec::new(),
+            cli_output_format: None,
+        },
+        errors,
+    })
 }
 
-/// Settings the build cannot carry out yet, each as "not supported yet: <path>" at the key.
-/// `customize` rejects a config that has any; `validate-config` shows them as warnings.
+/// A file whose structure allowed building the model; `errors` are the structural problems
+/// of the parts left out, reported together with the semantic ones.
+struct Parsed {
+    loaded: LoadedConfig,
+    errors: Vec<ConfigError>,
+}
+
+/// Settings the build cannot carry out yet, each as "not supported yet: <path>" at the key, in
+/// every file of a `baseConfigs` chain. `customize` rejects a config that has any;
+/// `validate-config` shows them as warnings.
 pub fn unsupported_fields(loaded: &LoadedConfig) -> ConfigErrors {
     const UNSUPPORTED: &[&str] = &[
         "storage",
+        "pxe",
         "iso.initramfsType",
         "iso.kdumpBootFiles",
+        "input.image.oci",
+        "input.image.azureLinux",
         "os.bootloader",
         "os.overlays",
         "os.uki",
         "os.imageHistory",
+        "os.packages.snapshotTime",
+        "os.packages.removePackageManager",
         "output.artifacts",
+        "output.selinuxPolicyPath",
+        "output.image.cosi",
     ];
-    let errors = UNSUPPORTED
-        .iter()
-        .filter(|path| loaded.sources.contains(path))
-        .map(|path| loaded.error_at(path, format!("not supported yet: {path}")))
-        .collect();
+    let files = if loaded.chain.is_empty() {
+        std::slice::from_ref(loaded)
+    } else {
+        loaded.chain.as_slice()
+    };
+    let mut errors = Vec::new();
+    for file in files {
+        errors.extend(
+            UNSUPPORTED
+                .iter()
+                .filter(|path| file.sources.contains(path))
+                .map(|path| file.error_at(path, format!("not supported yet: {path}"))),
+        );
+        // Formats vmic cannot write yet; the command line's format replaces the config's.
+        let format = file
+            .config
+            .output
+            .as_ref()
+            .and_then(|output| output.image.as_ref())
+            .and_then(|image| image.format);
+        if let Some(format) = format {
+            if loaded.cli_output_format.is_none() && output_format_of(format).is_none() {
+                errors.push(file.error_at(
+                    "output.image.format",
+                    format!("not supported yet: output.image.format {format}"),
+                ));
+            }
+        }
+    }
     ConfigErrors { errors }.sorted()
 }
 

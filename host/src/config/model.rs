@@ -26,10 +26,81 @@ pub struct Config {
     pub os: Option<Os>,
     /// Scripts run chrooted inside the image.
     pub scripts: Option<Scripts>,
-    /// AzL-IC preview features to enable.
-    pub preview_features: Option<Vec<String>>,
+    /// PXE boot artifacts (for the `pxe-dir`/`pxe-tar` output formats).
+    pub pxe: Option<Pxe>,
+    /// AzL-IC preview features to enable; gated settings are refused without theirs.
+    pub preview_features: Option<Vec<PreviewFeature>>,
     /// The output image (`--output-image-file`/`--output-image-format` override it).
     pub output: Option<Output>,
+    /// Configs this one inherits from (preview feature `base-configs`), paths relative to this
+    /// file's directory; see [`super::chain`].
+    pub base_configs: Option<Vec<BaseConfig>>,
+}
+
+/// AzL-IC's preview feature names (`previewfeaturetype.go`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PreviewFeature {
+    Uki,
+    OutputArtifacts,
+    InjectFiles,
+    ReinitializeVerity,
+    PackageSnapshotTime,
+    KdumpBootFiles,
+    PreviewDistroVersion,
+    BaseConfigs,
+    InputImageOci,
+    OutputSelinuxPolicy,
+    Btrfs,
+    Create,
+    UnsupportedDistroVersion,
+    ToolsDir,
+    RemovePackageManager,
+}
+
+impl PreviewFeature {
+    pub fn name(self) -> &'static str {
+        match self {
+            PreviewFeature::Uki => "uki",
+            PreviewFeature::OutputArtifacts => "output-artifacts",
+            PreviewFeature::InjectFiles => "inject-files",
+            PreviewFeature::ReinitializeVerity => "reinitialize-verity",
+            PreviewFeature::PackageSnapshotTime => "package-snapshot-time",
+            PreviewFeature::KdumpBootFiles => "kdump-boot-files",
+            PreviewFeature::PreviewDistroVersion => "preview-distro-version",
+            PreviewFeature::BaseConfigs => "base-configs",
+            PreviewFeature::InputImageOci => "input-image-oci",
+            PreviewFeature::OutputSelinuxPolicy => "output-selinux-policy",
+            PreviewFeature::Btrfs => "btrfs",
+            PreviewFeature::Create => "create",
+            PreviewFeature::UnsupportedDistroVersion => "unsupported-distro-version",
+            PreviewFeature::ToolsDir => "tools-dir",
+            PreviewFeature::RemovePackageManager => "remove-package-manager",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BaseConfig {
+    /// The base config file, relative to the directory of the file that names it.
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pxe {
+    /// Files copied next to the PXE boot files.
+    pub additional_files: Option<AdditionalFiles>,
+    /// Kernel arguments appended to every boot entry of the PXE grub.cfg.
+    pub kernel_command_line: Option<KernelCommandLine>,
+    pub initramfs_type: Option<InitramfsType>,
+    /// URL of the directory the bootstrap initrd fetches the ISO from (exclusive with
+    /// `bootstrapFileUrl`).
+    pub bootstrap_base_url: Option<String>,
+    /// URL of the ISO the bootstrap initrd fetches.
+    pub bootstrap_file_url: Option<String>,
+    pub kdump_boot_files: Option<KdumpBootFiles>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
@@ -43,6 +114,40 @@ pub struct Input {
 pub struct InputImage {
     /// Path of the input image, relative to the config file's directory.
     pub path: Option<String>,
+    /// An OCI artifact holding the image (preview feature `input-image-oci`).
+    pub oci: Option<OciImage>,
+    /// An Azure Linux marketplace image by version and variant.
+    pub azure_linux: Option<AzureLinuxImage>,
+}
+
+/// `oci: URI` or `oci: {uri, platform}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum OciImage {
+    Uri(String),
+    Full(OciImageFields),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OciImageFields {
+    pub uri: Option<String>,
+    pub platform: Option<OciPlatform>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OciPlatform {
+    pub os: Option<String>,
+    pub architecture: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AzureLinuxImage {
+    /// `MAJOR.MINOR` or `MAJOR.MINOR.DATE`.
+    pub version: Option<String>,
+    pub variant: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
@@ -51,6 +156,9 @@ pub struct Output {
     pub image: Option<OutputImage>,
     /// Extra build artifacts (AzL-IC preview feature `output-artifacts`).
     pub artifacts: Option<OutputArtifacts>,
+    /// Directory to copy the image's SELinux policy to (preview feature
+    /// `output-selinux-policy`).
+    pub selinux_policy_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
@@ -59,6 +167,21 @@ pub struct OutputImage {
     /// Output file, relative to the config file's directory.
     pub path: Option<String>,
     pub format: Option<ImageFormat>,
+    /// Settings of the `cosi` format.
+    pub cosi: Option<CosiConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CosiConfig {
+    pub compression: Option<CosiCompression>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CosiCompression {
+    /// zstd level.
+    pub level: Option<i64>,
 }
 
 /// Output image formats, spelled as on the AzL-IC command line.
@@ -72,6 +195,9 @@ pub enum ImageFormat {
     VhdFixed,
     Vhdx,
     Cosi,
+    PxeDir,
+    PxeTar,
+    BaremetalImage,
 }
 
 impl ImageFormat {
@@ -84,6 +210,9 @@ impl ImageFormat {
             ImageFormat::VhdFixed => "vhd-fixed",
             ImageFormat::Vhdx => "vhdx",
             ImageFormat::Cosi => "cosi",
+            ImageFormat::PxeDir => "pxe-dir",
+            ImageFormat::PxeTar => "pxe-tar",
+            ImageFormat::BaremetalImage => "baremetal-image",
         }
     }
 }
@@ -97,8 +226,18 @@ impl fmt::Display for ImageFormat {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputArtifacts {
-    pub items: Option<Vec<String>>,
+    pub items: Option<Vec<OutputArtifactsItem>>,
     pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputArtifactsItem {
+    Ukis,
+    UkiAddons,
+    Shim,
+    Bootloader,
+    VerityHash,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
@@ -109,13 +248,22 @@ pub struct Storage {
     pub filesystems: Option<Vec<FileSystem>>,
     pub verity: Option<Vec<Verity>>,
     pub reset_partitions_uuids_type: Option<ResetPartitionsUuidsType>,
+    /// Recompute the image's existing verity hashes (preview feature `reinitialize-verity`).
+    pub reinitialize_verity: Option<ReinitializeVerity>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootType {
     Efi,
-    LegacyBios,
+    Legacy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReinitializeVerity {
+    None,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -151,14 +299,87 @@ pub struct FileSystem {
     #[serde(rename = "type")]
     pub filesystem_type: Option<String>,
     pub mount_point: Option<MountPoint>,
+    /// Subvolumes of a btrfs file system (preview feature `btrfs`).
+    pub btrfs: Option<BtrfsConfig>,
+}
+
+/// `mountPoint: /path` or `mountPoint: {path, options, idType}`.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum MountPoint {
+    Path(String),
+    Full(MountPointFields),
+}
+
+impl MountPoint {
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            MountPoint::Path(path) => Some(path),
+            MountPoint::Full(fields) => fields.path.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MountPoint {
+pub struct MountPointFields {
     pub path: Option<String>,
     pub options: Option<String>,
-    pub id_type: Option<String>,
+    pub id_type: Option<MountIdType>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MountIdType {
+    Uuid,
+    PartUuid,
+    PartLabel,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BtrfsConfig {
+    pub subvolumes: Option<Vec<BtrfsSubvolume>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BtrfsSubvolume {
+    /// Relative to the file system's root, e.g. `home` or `var/log`.
+    pub path: Option<String>,
+    pub mount_point: Option<MountPoint>,
+    pub quota: Option<BtrfsQuota>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BtrfsQuota {
+    /// A disk size such as `10G`.
+    pub referenced_limit: Option<String>,
+    pub exclusive_limit: Option<String>,
+}
+
+/// A partition named by its GPT label.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentifiedPartition {
+    pub id_type: Option<IdentifiedPartitionType>,
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentifiedPartitionType {
+    PartLabel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum CorruptionOption {
+    IoError,
+    Ignore,
+    Panic,
+    Restart,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
@@ -167,8 +388,15 @@ pub struct Verity {
     pub id: Option<String>,
     pub name: Option<String>,
     pub data_device_id: Option<String>,
+    /// An existing partition (with `reinitializeVerity`), instead of `dataDeviceId`.
+    pub data_device: Option<IdentifiedPartition>,
+    pub data_device_mount_id_type: Option<MountIdType>,
     pub hash_device_id: Option<String>,
-    pub corruption_option: Option<String>,
+    pub hash_device: Option<IdentifiedPartition>,
+    pub hash_device_mount_id_type: Option<MountIdType>,
+    pub corruption_option: Option<CorruptionOption>,
+    /// Signature file of the root hash (needs preview feature `output-artifacts`).
+    pub hash_signature_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
@@ -414,6 +642,11 @@ pub struct Packages {
     pub install_lists: Option<Vec<String>>,
     pub remove_lists: Option<Vec<String>>,
     pub update_lists: Option<Vec<String>>,
+    /// Only packages published before this time: `YYYY-MM-DD` or RFC 3339 (preview feature
+    /// `package-snapshot-time`).
+    pub snapshot_time: Option<String>,
+    /// Remove the package manager at the end (preview feature `remove-package-manager`).
+    pub remove_package_manager: Option<bool>,
 }
 
 /// A `*Lists` file: YAML with a `packages:` list.
@@ -557,21 +790,22 @@ pub struct Overlay {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Uki {
-    /// `auto` or a list of kernel versions.
-    pub kernels: Option<UkiKernels>,
+    pub mode: Option<UkiMode>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum UkiKernels {
-    Auto(String),
-    List(Vec<String>),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UkiMode {
+    Create,
+    Passthrough,
+    Modify,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ImageHistory {
-    pub disabled: Option<bool>,
+/// `none`: do not write `/usr/share/image-customizer/history.json` into the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageHistory {
+    None,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]

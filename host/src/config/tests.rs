@@ -19,16 +19,18 @@ fn fixture() -> Fixture {
         "files/b.txt",
         "scripts/ok.sh",
         "keys/id.pub",
+        "keys/id",
         "hash.txt",
         "packages.yaml",
         "tree/inner.txt",
     ] {
         let path = dir.join(file);
         fs_err::create_dir_all(path.parent().expect("has a parent")).expect("create dir");
-        let content = if file == "packages.yaml" {
-            "packages: [jq, curl]\n"
-        } else {
-            "x\n"
+        let content = match file {
+            "packages.yaml" => "packages: [jq, curl]\n",
+            "keys/id.pub" => "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm a@b\n",
+            "keys/id" => "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+            _ => "x\n",
         };
         fs_err::write(&path, content).expect("write fixture file");
     }
@@ -64,7 +66,7 @@ type Bad = (
 );
 
 const BAD: &[Bad] = &[
-    ("unknown top-level key", "os: {}\nfoo: 1\n", None, false, "foo", 2, "unknown key; allowed here: input, iso, os, output, previewFeatures, scripts, storage"),
+    ("unknown top-level key", "os: {}\nfoo: 1\n", None, false, "foo", 2, "unknown key; allowed here: baseConfigs, input, iso, os, output, previewFeatures, pxe, scripts, storage"),
     ("unknown iso.kernelCommandLine key", "iso:\n  kernelCommandLine:\n    extra: ds=nocloud\n", None, false, "iso.kernelCommandLine.extra", 3, "allowed here: extraCommandLine"),
     ("unknown additionalFiles item key", "os:\n  additionalFiles:\n  - source: files/a.txt\n    destination: /a\n    mode: \"0644\"\n", None, false, "os.additionalFiles[0].mode", 5, "unknown key"),
     ("unknown script key", "scripts:\n  postCustomization:\n  - content: echo\n    cmd: x\n", None, false, "scripts.postCustomization[0].cmd", 4, "unknown key"),
@@ -82,7 +84,7 @@ const BAD: &[Bad] = &[
     ("unknown selinux mode", "os:\n  selinux:\n    mode: strict\n", None, false, "os.selinux.mode", 3, "allowed: disabled, permissive, enforcing, force-enforcing"),
     ("unknown initramfsType", "iso:\n  initramfsType: tiny\n", None, false, "iso.initramfsType", 2, "allowed: bootstrap, full-os"),
     ("unknown module loadMode", "os:\n  modules:\n  - name: vfio\n    loadMode: sometimes\n", None, false, "os.modules[0].loadMode", 4, "allowed: always, auto, disable, inherit"),
-    ("unknown bootType", "storage:\n  bootType: uefi\n", None, false, "storage.bootType", 2, "allowed: efi, legacy-bios"),
+    ("unknown bootType", "storage:\n  bootType: uefi\n", None, false, "storage.bootType", 2, "allowed: efi, legacy"),
     ("unknown password type", "os:\n  users:\n  - name: test\n    password:\n      type: secret\n      value: x\n", None, false, "os.users[0].password.type", 5, "allowed: locked"),
     ("duplicate key", "os:\n  hostname: a\n  hostname: b\n", None, false, "os.hostname", 3, "duplicate key (first set at line 2)"),
     ("duplicate map-form source", "iso:\n  additionalFiles:\n    files/a.txt: /a\n    files/a.txt: /b\n", None, false, "iso.additionalFiles[\"files/a.txt\"]", 4, "duplicate key"),
@@ -141,10 +143,21 @@ const BAD: &[Bad] = &[
     ("missing destination", "os:\n  additionalFiles:\n  - content: x\n", None, false, "os.additionalFiles[0].destination", 3, "missing `destination`"),
     ("duplicate destination", "os:\n  additionalFiles:\n  - content: x\n    destination: /a\n  - content: y\n    destination: /a\n", None, false, "os.additionalFiles[1].destination", 6, "already written by os.additionalFiles[0]"),
     ("relative additionalDirs destination", "os:\n  additionalDirs:\n  - source: tree\n    destination: opt\n", None, false, "os.additionalDirs[0].destination", 4, "relative path"),
-    ("cosi output", "output:\n  image:\n    format: cosi\n", None, false, "output.image.format", 3, "vmic cannot write cosi images"),
+    ("remove package manager with iso output", "previewFeatures: [remove-package-manager]\nos:\n  packages:\n    removePackageManager: true\n", ISO, false, "os.packages.removePackageManager", 4, "cannot be removed with iso output"),
+    ("uki without its preview feature", "os:\n  uki:\n    mode: create\n", None, false, "os.uki", 2, "the 'uki' preview feature must be enabled to use 'os.uki'"),
+    ("baseConfigs without its preview feature", "baseConfigs:\n- path: base.yaml\n", None, false, "baseConfigs", 1, "the 'base-configs' preview feature must be enabled"),
+    ("iso root arg", "iso:\n  kernelCommandLine:\n    extraCommandLine: [quiet, root=/dev/sda1]\n", None, false, "iso.kernelCommandLine.extraCommandLine[1]", 3, "not allowed on an ISO"),
+    ("iso selinux arg", "iso:\n  kernelCommandLine:\n    extraCommandLine: \"security=selinux\"\n", None, false, "iso.kernelCommandLine.extraCommandLine", 3, "SELinux is always off"),
+    ("pxe enforcing arg", "pxe:\n  kernelCommandLine:\n    extraCommandLine: [enforcing=1]\n", None, false, "pxe.kernelCommandLine.extraCommandLine[0]", 3, "not allowed on a PXE image"),
+    ("os root arg with iso output", "os:\n  kernelCommandLine:\n    extraCommandLine: [root=/dev/sda1]\n", ISO, false, "os.kernelCommandLine.extraCommandLine[0]", 3, "cannot be kept on an ISO"),
+    ("ssh key file is not a key", "os:\n  users:\n  - name: a\n    sshPublicKeyPaths: [hash.txt]\n", None, false, "os.users[0].sshPublicKeyPaths[0]", 4, "line 1: no key type"),
+    ("ssh key file is a private key", "os:\n  users:\n  - name: a\n    sshPublicKeyPaths: [keys/id]\n", None, false, "os.users[0].sshPublicKeyPaths[0]", 4, "this is a private key"),
+    ("inline private key", "os:\n  users:\n  - name: a\n    sshPublicKeys:\n    - |\n      -----BEGIN OPENSSH PRIVATE KEY-----\n      AAAA\n      -----END OPENSSH PRIVATE KEY-----\n", None, false, "os.users[0].sshPublicKeys[0]", 6, "this is a private key"),
+    ("pxe url protocol", "pxe:\n  bootstrapFileUrl: file:///x.iso\n", None, false, "pxe.bootstrapFileUrl", 2, "unsupported URL protocol"),
+    ("snapshot time format", "previewFeatures: [package-snapshot-time]\nos:\n  packages:\n    snapshotTime: 2024-13-01\n", None, false, "os.packages.snapshotTime", 4, "must be YYYY-MM-DD"),
     ("empty output path", "output:\n  image:\n    path: \"\"\n", None, false, "output.image.path", 3, "empty path"),
-    ("empty preview feature", "previewFeatures:\n- \"\"\n", None, false, "previewFeatures[0]", 2, "empty preview feature"),
-    ("uki kernels not auto", "os:\n  uki:\n    kernels: all\n", None, false, "os.uki.kernels", 3, "allowed: auto"),
+    ("empty preview feature", "previewFeatures:\n- \"\"\n", None, false, "previewFeatures[0]", 2, "unsupported value \"\""),
+    ("uki mode", "previewFeatures: [uki]\nos:\n  uki:\n    mode: all\n", None, false, "os.uki.mode", 4, "allowed: create, passthrough, modify"),
     ("invalid YAML", "os:\n  hostname: [a\n", None, false, "", 2, "invalid YAML"),
     ("two documents", "os: {}\n---\nos: {}\n", None, false, "", 2, "one YAML document"),
 ];
@@ -211,7 +224,12 @@ const GOOD: &[(&str, &str, Option<OutputFormat>)] = &[
     ("selinux enforcing with raw output", "os:\n  selinux:\n    mode: enforcing\n", RAW),
     ("additionalDirs", "os:\n  additionalDirs:\n  - source: tree\n    destination: /opt/tree\n    newDirPermissions: \"0755\"\n", None),
     ("groups", "os:\n  groups:\n  - name: builders\n    gid: 2000\n", None),
-    ("preview features and uki", "previewFeatures: [uki]\nos:\n  uki:\n    kernels: auto\n", None),
+    ("preview features and uki", "previewFeatures: [uki]\nos:\n  uki:\n    mode: modify\n", None),
+    ("snapshot times", "previewFeatures: [package-snapshot-time]\nos:\n  packages:\n    snapshotTime: \"2024-05-20\"\n", None),
+    ("rfc 3339 snapshot time", "previewFeatures: [package-snapshot-time]\nos:\n  packages:\n    snapshotTime: 2024-05-20T15:04:05.5+02:00\n", None),
+    ("selinux=0 on the iso", "iso:\n  kernelCommandLine:\n    extraCommandLine: [selinux=0, rootwait]\n", ISO),
+    ("root arg on a disk", "os:\n  kernelCommandLine:\n    extraCommandLine: [root=/dev/sda1]\n", RAW),
+    ("public key file", "os:\n  users:\n  - name: a\n    sshPublicKeyPaths: [keys/id.pub]\n    sshPublicKeys: [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm\"]\n", None),
     ("JSON", "{\"os\": {\"hostname\": \"json-host\", \"kernelCommandLine\": {\"extraCommandLine\": [\"quiet\"]}}}", None),
     ("anchors and aliases", "os:\n  additionalFiles:\n  - &file\n    source: files/a.txt\n    destination: /a\niso:\n  additionalFiles:\n  - *file\n", ISO),
     ("empty sections", "os:\niso:\nscripts:\n", ISO),
@@ -408,4 +426,129 @@ fn permission_and_hostname_checks() {
     for bad in ["", "-a", "a-", "a_b", "a.", "a b", "ä"] {
         assert!(validate::check_hostname(bad).is_err(), "{bad}");
     }
+}
+
+/// A three-level `baseConfigs` chain in three directories: the merge follows AzL-IC's rules and
+/// every base path keeps the directory it is relative to.
+#[test]
+fn base_configs_merge_by_the_image_customizer_rules() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let write = |name: &str, text: &str| {
+        let path = root.path().join(name);
+        fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
+        fs_err::write(&path, text).expect("write");
+    };
+    write("lower/motd", "x\n");
+    write(
+        "lower/grand.yaml",
+        "os:\n  hostname: grand\n  packages:\n    install: [a]\n  additionalFiles:\n  - source: motd\n    destination: /etc/motd\n  kernelCommandLine:\n    extraCommandLine: [grand=1]\niso:\n  initramfsType: bootstrap\noutput:\n  image:\n    path: grand.iso\n    format: raw\n",
+    );
+    write(
+        "middle/parent.yaml",
+        "previewFeatures: [base-configs]\nbaseConfigs:\n- path: ../lower/grand.yaml\nos:\n  hostname: parent\n  packages:\n    install: [b]\n  kernelCommandLine:\n    extraCommandLine: [parent=1]\noutput:\n  image:\n    format: iso\n",
+    );
+    write(
+        "top/config.yaml",
+        "previewFeatures: [base-configs]\nbaseConfigs:\n- path: ../middle/parent.yaml\nos:\n  packages:\n    install: [c]\n  kernelCommandLine:\n    extraCommandLine: [top=1]\n",
+    );
+    let loaded = load_and_validate(
+        &root.path().join("top/config.yaml"),
+        &ValidationContext::default(),
+    )
+    .unwrap_or_else(|errors| panic!("chain rejected:\n{errors}"));
+    let os = loaded.config.os.as_ref().expect("os");
+    // Scalars: the last file that sets one wins.
+    assert_eq!(os.hostname.as_deref(), Some("parent"));
+    let output = loaded
+        .config
+        .output
+        .as_ref()
+        .and_then(|o| o.image.as_ref())
+        .expect("image");
+    assert_eq!(output.format, Some(ImageFormat::Iso));
+    // Lists append, bases first.
+    let packages = os.packages.as_ref().and_then(|p| p.install.clone());
+    assert_eq!(packages, Some(vec!["a".into(), "b".into(), "c".into()]));
+    let args = os
+        .kernel_command_line
+        .as_ref()
+        .and_then(|k| k.extra_command_line.clone());
+    assert_eq!(
+        args.map(|args| args.0),
+        Some(vec!["grand=1".into(), "parent=1".into(), "top=1".into()])
+    );
+    // Paths from a base are relative to that base's directory.
+    let lower = std::path::absolute(root.path().join("lower")).expect("absolute");
+    let files = os.additional_files.as_ref().expect("files");
+    assert_eq!(
+        files.0[0].source.as_deref().map(PathBuf::from),
+        Some(lower.join("motd"))
+    );
+    assert_eq!(
+        output.path.as_deref().map(PathBuf::from),
+        Some(lower.join("grand.iso"))
+    );
+    assert!(loaded.config.base_configs.is_none());
+    assert_eq!(loaded.chain.len(), 3);
+    // "not supported yet" is found in the base that wrote it.
+    let unsupported = unsupported_fields(&loaded);
+    assert_eq!(unsupported.errors.len(), 1, "{unsupported}");
+    assert!(unsupported.errors[0].file.ends_with("lower/grand.yaml"));
+    assert_eq!(unsupported.errors[0].path, "iso.initramfsType");
+}
+
+#[test]
+fn base_config_cycles_and_errors_name_their_file() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let dir = fs_err::canonicalize(root.path()).expect("canonical");
+    let write = |name: &str, text: &str| fs_err::write(dir.join(name), text).expect("write");
+    write(
+        "a.yaml",
+        "previewFeatures: [base-configs]\nbaseConfigs:\n- path: b.yaml\n",
+    );
+    write(
+        "b.yaml",
+        "previewFeatures: [base-configs]\nbaseConfigs:\n- path: a.yaml\n",
+    );
+    let errors =
+        load_and_validate(&dir.join("a.yaml"), &ValidationContext::default()).expect_err("a cycle");
+    assert_eq!(errors.errors.len(), 1, "{errors}");
+    let error = &errors.errors[0];
+    assert_eq!(error.file, dir.join("b.yaml"));
+    assert_eq!(error.path, "baseConfigs[0].path");
+    assert_eq!(error.position.map(|p| p.line), Some(3));
+    let (a, b) = (dir.join("a.yaml"), dir.join("b.yaml"));
+    assert!(
+        error.message.contains(&format!(
+            "cycle in baseConfigs: {} -> {} -> {}",
+            a.display(),
+            b.display(),
+            a.display()
+        )),
+        "{error}"
+    );
+
+    write("c.yaml", "previewFeatures: [base-configs]\nbaseConfigs:\n- path: d.yaml\nstorage:\n  bootType: efi\n");
+    write(
+        "d.yaml",
+        "os:\n  hostname: bad_host\nstorage:\n  bootType: legacy\n",
+    );
+    let errors = load_and_validate(&dir.join("c.yaml"), &ValidationContext::default())
+        .expect_err("bad base");
+    let text = errors.to_string();
+    assert!(
+        text.contains(&format!(
+            "{}:2:13: os.hostname: invalid host name",
+            dir.join("d.yaml").display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "{}:4:1: storage: storage is already set in {}",
+            dir.join("c.yaml").display(),
+            dir.join("d.yaml").display()
+        )),
+        "{text}"
+    );
 }

@@ -4,9 +4,12 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 
-use super::model::{AdditionalFiles, Config, KernelCommandLine, PasswordType, Script, SelinuxMode};
+use super::model::{
+    AdditionalFiles, Config, ImageFormat, KernelCommandLine, PasswordType, PreviewFeature, Script,
+    SelinuxMode,
+};
 use super::{
-    effective_output_format, output_format_of, ConfigError, LoadedConfig, ValidationContext,
+    effective_image_format, effective_output_format, ConfigError, LoadedConfig, ValidationContext,
 };
 use crate::cli::OutputFormat;
 
@@ -17,7 +20,7 @@ pub fn validate(loaded: &LoadedConfig, ctx: &ValidationContext) -> Vec<ConfigErr
         errors: Vec::new(),
     };
     let config = &loaded.config;
-    rules.output(config, ctx);
+    rules.output(config);
     if let Some(os) = &config.os {
         if let Some(hostname) = &os.hostname {
             rules.hostname(hostname);
@@ -36,8 +39,30 @@ pub fn validate(loaded: &LoadedConfig, ctx: &ValidationContext) -> Vec<ConfigErr
         }
         if let Some(command_line) = &iso.kernel_command_line {
             rules.kernel_args("iso.kernelCommandLine.extraCommandLine", command_line);
+            rules.live_kernel_args(
+                "iso.kernelCommandLine.extraCommandLine",
+                command_line,
+                "an ISO",
+            );
         }
     }
+    if let Some(pxe) = &config.pxe {
+        if let Some(files) = &pxe.additional_files {
+            rules.additional_files("pxe.additionalFiles", files);
+        }
+        if let Some(command_line) = &pxe.kernel_command_line {
+            rules.kernel_args("pxe.kernelCommandLine.extraCommandLine", command_line);
+            rules.live_kernel_args(
+                "pxe.kernelCommandLine.extraCommandLine",
+                command_line,
+                "a PXE image",
+            );
+        }
+        rules.pxe(pxe);
+    }
+    rules.live_os_kernel_args(config, ctx);
+    rules.preview_features(config);
+    rules.schema_rules(config, ctx);
     if let Some(scripts) = &config.scripts {
         for (list, entries) in [
             ("scripts.postCustomization", &scripts.post_customization),
@@ -49,14 +74,6 @@ pub fn validate(loaded: &LoadedConfig, ctx: &ValidationContext) -> Vec<ConfigErr
             for (index, script) in entries.iter().flatten().enumerate() {
                 rules.script(&format!("{list}[{index}]"), script);
             }
-        }
-    }
-    for (index, feature) in config.preview_features.iter().flatten().enumerate() {
-        if feature.trim().is_empty() {
-            rules.error(
-                &format!("previewFeatures[{index}]"),
-                "empty preview feature name; remove the entry or name a feature",
-            );
         }
     }
     rules.iso_output(config, ctx);
@@ -136,7 +153,9 @@ impl Rules<'_> {
                     &entry,
                     "neither `source` nor `content` is set; set exactly one of them",
                 ),
-                (Some(source), None) => self.source_file(&format!("{entry}.source"), source),
+                (Some(source), None) => {
+                    self.source_file(&format!("{entry}.source"), source);
+                }
                 (None, Some(_)) => {}
             }
             match file.destination.as_deref() {
@@ -193,14 +212,15 @@ impl Rules<'_> {
         }
     }
 
-    /// A file the config refers to must exist (relative to the config directory).
-    fn source_file(&mut self, path: &str, value: &str) {
+    /// A file the config refers to must exist (relative to the config directory); returns
+    /// whether it does.
+    fn source_file(&mut self, path: &str, value: &str) -> bool {
         if value.is_empty() {
             self.error(
                 path,
                 "empty file name; name a file relative to the config file",
             );
-            return;
+            return false;
         }
         let resolved = self.resolve(value);
         if !resolved.is_file() {
@@ -217,7 +237,9 @@ impl Rules<'_> {
                     self.loaded.dir.display()
                 ),
             );
+            return false;
         }
+        true
     }
 
     fn resolve(&self, value: &str) -> PathBuf {
@@ -330,7 +352,9 @@ impl Rules<'_> {
             ] {
                 for (index, list) in lists.iter().flatten().enumerate() {
                     let path = format!("os.packages.{field}[{index}]");
-                    self.source_file(&path, list);
+                    if !self.source_file(&path, list) {
+                        continue;
+                    }
                     if let Ok(text) = std::fs::read_to_string(self.resolve(list)) {
                         if let Err(error) = super::model::parse_package_list(&text) {
                             self.error(&path, format!("{}: {error}", self.resolve(list).display()));
@@ -385,7 +409,21 @@ impl Rules<'_> {
                 "user",
             );
             for (key_index, key_path) in user.ssh_public_key_paths.iter().flatten().enumerate() {
-                self.source_file(&format!("{entry}.sshPublicKeyPaths[{key_index}]"), key_path);
+                let path = format!("{entry}.sshPublicKeyPaths[{key_index}]");
+                if self.source_file(&path, key_path) {
+                    self.public_key_file(&path, key_path);
+                }
+            }
+            // Inline keys are taken as written, as the Image Customizer does (its own tests
+            // use placeholders), except a private key, which must never reach an image.
+            for (key_index, key) in user.ssh_public_keys.iter().flatten().enumerate() {
+                if super::ssh_key::is_private_key(key) {
+                    self.error(
+                        &format!("{entry}.sshPublicKeys[{key_index}]"),
+                        "this is a private key; give the public key (the `.pub` file's line) \
+                         and keep the private key out of the image",
+                    );
+                }
             }
             if let Some(password) = &user.password {
                 let password_path = format!("{entry}.password");
@@ -401,7 +439,7 @@ impl Rules<'_> {
                         "missing `value` for this password type",
                     ),
                     (Some(PasswordType::PlainTextFile | PasswordType::HashedFile), Some(file)) => {
-                        self.source_file(&format!("{password_path}.value"), file)
+                        self.source_file(&format!("{password_path}.value"), file);
                     }
                     (Some(_), Some(_)) => {}
                 }
@@ -475,15 +513,450 @@ impl Rules<'_> {
                 }
             }
         }
-        if let Some(super::model::UkiKernels::Auto(value)) =
-            os.uki.as_ref().and_then(|uki| uki.kernels.as_ref())
+    }
+
+    /// The LiveOS boot rules the agent applies when it writes the ISO's (or PXE) grub.cfg
+    /// (`guest-agent/src/pipeline/grub_cfg.rs` `validate_user_args`), checked before the VM
+    /// starts: the root is the LiveOS image, and SELinux is always off there.
+    fn live_kernel_args(&mut self, path: &str, command_line: &KernelCommandLine, media: &str) {
+        for (index, arg) in command_line
+            .extra_command_line
+            .iter()
+            .flat_map(|args| args.0.iter())
+            .enumerate()
         {
-            if value != "auto" {
+            if let Some(problem) = live_arg_problem(arg) {
                 self.error(
-                    "os.uki.kernels",
-                    format!("unsupported value {value:?}; allowed: auto, or a list of versions"),
+                    &format!("{path}[{index}]"),
+                    format!("kernel argument {arg:?} is not allowed on {media}: {problem}"),
                 );
             }
+        }
+    }
+
+    /// With ISO or PXE output the image's own args are rewritten for the LiveOS boot: `root=`
+    /// and the SELinux args of `os.kernelCommandLine` would be dropped without a word.
+    fn live_os_kernel_args(&mut self, config: &Config, ctx: &ValidationContext) {
+        let media = match effective_image_format(config, ctx) {
+            Some(ImageFormat::Iso) => "an ISO",
+            Some(ImageFormat::PxeDir | ImageFormat::PxeTar) => "a PXE image",
+            _ => return,
+        };
+        let Some(command_line) = config
+            .os
+            .as_ref()
+            .and_then(|os| os.kernel_command_line.as_ref())
+        else {
+            return;
+        };
+        for (index, arg) in command_line
+            .extra_command_line
+            .iter()
+            .flat_map(|args| args.0.iter())
+            .enumerate()
+        {
+            if let Some(problem) = live_arg_problem(arg) {
+                self.error(
+                    &format!("os.kernelCommandLine.extraCommandLine[{index}]"),
+                    format!(
+                        "kernel argument {arg:?} cannot be kept on {media} (output format \
+                         {}): {problem}",
+                        effective_image_format(config, ctx)
+                            .map(ImageFormat::name)
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// AzL-IC's preview feature gates (`Config.IsValid`): a gated setting without its feature
+    /// in this file's `previewFeatures` is an error, as there.
+    fn preview_features(&mut self, config: &Config) {
+        let enabled = |feature: PreviewFeature| {
+            config
+                .preview_features
+                .iter()
+                .flatten()
+                .any(|enabled| *enabled == feature)
+        };
+        let os = config.os.as_ref();
+        let packages = os.and_then(|os| os.packages.as_ref());
+        let storage = config.storage.as_ref();
+        let output = config.output.as_ref();
+        let mut gates: Vec<(String, PreviewFeature)> = Vec::new();
+        let mut gate = |set: bool, path: &str, feature| {
+            if set {
+                gates.push((path.to_owned(), feature));
+            }
+        };
+        gate(
+            config
+                .iso
+                .as_ref()
+                .is_some_and(|iso| iso.kdump_boot_files.is_some()),
+            "iso.kdumpBootFiles",
+            PreviewFeature::KdumpBootFiles,
+        );
+        gate(
+            config
+                .pxe
+                .as_ref()
+                .is_some_and(|pxe| pxe.kdump_boot_files.is_some()),
+            "pxe.kdumpBootFiles",
+            PreviewFeature::KdumpBootFiles,
+        );
+        gate(
+            os.is_some_and(|os| os.uki.is_some()),
+            "os.uki",
+            PreviewFeature::Uki,
+        );
+        gate(
+            packages.is_some_and(|packages| packages.snapshot_time.is_some()),
+            "os.packages.snapshotTime",
+            PreviewFeature::PackageSnapshotTime,
+        );
+        gate(
+            packages.is_some_and(|packages| packages.remove_package_manager.is_some()),
+            "os.packages.removePackageManager",
+            PreviewFeature::RemovePackageManager,
+        );
+        gate(
+            output.is_some_and(|output| output.artifacts.is_some()),
+            "output.artifacts",
+            PreviewFeature::OutputArtifacts,
+        );
+        gate(
+            output.is_some_and(|output| output.selinux_policy_path.is_some()),
+            "output.selinuxPolicyPath",
+            PreviewFeature::OutputSelinuxPolicy,
+        );
+        for (index, verity) in storage
+            .iter()
+            .flat_map(|storage| storage.verity.iter().flatten())
+            .enumerate()
+        {
+            gate(
+                verity.hash_signature_path.is_some(),
+                &format!("storage.verity[{index}].hashSignaturePath"),
+                PreviewFeature::OutputArtifacts,
+            );
+        }
+        gate(
+            storage.is_some_and(|storage| storage.reinitialize_verity.is_some()),
+            "storage.reinitializeVerity",
+            PreviewFeature::ReinitializeVerity,
+        );
+        gate(
+            config.base_configs.is_some(),
+            "baseConfigs",
+            PreviewFeature::BaseConfigs,
+        );
+        gate(
+            config
+                .input
+                .as_ref()
+                .and_then(|input| input.image.as_ref())
+                .is_some_and(|image| image.oci.is_some()),
+            "input.image.oci",
+            PreviewFeature::InputImageOci,
+        );
+        for (index, filesystem) in storage
+            .iter()
+            .flat_map(|storage| storage.filesystems.iter().flatten())
+            .enumerate()
+        {
+            gate(
+                filesystem.filesystem_type.as_deref() == Some("btrfs"),
+                &format!("storage.filesystems[{index}].type"),
+                PreviewFeature::Btrfs,
+            );
+        }
+        for (path, feature) in gates {
+            if !enabled(feature) {
+                let name = feature.name();
+                self.error_at_key(
+                    &path,
+                    format!(
+                        "the '{name}' preview feature must be enabled to use '{path}'; add \
+                         `previewFeatures: [{name}]` to this file"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The rest of AzL-IC's `IsValid()` rules for settings vmic parses but does not carry out
+    /// yet (so a config it accepts is one the Image Customizer accepts).
+    fn schema_rules(&mut self, config: &Config, ctx: &ValidationContext) {
+        for (index, base) in config.base_configs.iter().flatten().enumerate() {
+            if base
+                .path
+                .as_deref()
+                .is_none_or(|path| path.trim().is_empty())
+            {
+                self.error(
+                    &format!("baseConfigs[{index}].path"),
+                    "path must not be empty; name a config file relative to this one",
+                );
+            }
+        }
+        if let Some(image) = config.input.as_ref().and_then(|input| input.image.as_ref()) {
+            let sources = [
+                image.path.is_some(),
+                image.oci.is_some(),
+                image.azure_linux.is_some(),
+            ];
+            if sources.iter().filter(|set| **set).count() > 1 {
+                self.error(
+                    "input.image",
+                    "must only specify one of 'path', 'oci', and 'azureLinux'",
+                );
+            }
+            if let Some(oci) = &image.oci {
+                let uri = match oci {
+                    super::model::OciImage::Uri(uri) => Some(uri.as_str()),
+                    super::model::OciImage::Full(fields) => fields.uri.as_deref(),
+                };
+                if uri.is_none_or(|uri| uri.is_empty() || uri.contains(char::is_whitespace)) {
+                    self.error(
+                        "input.image.oci",
+                        "missing or invalid `uri`; give an OCI reference such as \
+                         mcr.microsoft.com/azurelinux/3.0/image/minimal-os:latest",
+                    );
+                }
+            }
+            if let Some(azure_linux) = &image.azure_linux {
+                let version = azure_linux.version.as_deref().unwrap_or_default();
+                if !is_azure_linux_version(version) {
+                    self.error(
+                        "input.image.azureLinux.version",
+                        format!("invalid version {version:?}; expected MAJOR.MINOR[.DATE]"),
+                    );
+                }
+                let variant = azure_linux.variant.as_deref().unwrap_or_default();
+                if !is_oci_name_component(variant) {
+                    self.error(
+                        "input.image.azureLinux.variant",
+                        format!(
+                            "invalid variant {variant:?}; allowed: lowercase letters and digits \
+                             separated by `.`, `_`, `__` or `-`"
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(time) = config
+            .os
+            .as_ref()
+            .and_then(|os| os.packages.as_ref())
+            .and_then(|packages| packages.snapshot_time.as_deref())
+        {
+            if !is_snapshot_time(time) {
+                self.error(
+                    "os.packages.snapshotTime",
+                    format!(
+                        "invalid snapshot time {time:?}: must be YYYY-MM-DD or full RFC3339 \
+                         (e.g., 2024-05-20T15:04:05Z)"
+                    ),
+                );
+            }
+        }
+        let remove_package_manager = config
+            .os
+            .as_ref()
+            .and_then(|os| os.packages.as_ref())
+            .and_then(|packages| packages.remove_package_manager)
+            == Some(true);
+        if remove_package_manager {
+            if let Some(
+                format @ (ImageFormat::Iso
+                | ImageFormat::PxeDir
+                | ImageFormat::PxeTar
+                | ImageFormat::Cosi
+                | ImageFormat::BaremetalImage),
+            ) = effective_image_format(config, ctx)
+            {
+                self.error_at_key(
+                    "os.packages.removePackageManager",
+                    format!(
+                        "the package manager cannot be removed with {format} output (as in the \
+                         Image Customizer)"
+                    ),
+                );
+            }
+        }
+        let storage = config.storage.as_ref();
+        let reset_bootloader = config
+            .os
+            .as_ref()
+            .and_then(|os| os.bootloader.as_ref())
+            .is_some_and(|bootloader| bootloader.reset_type.is_some());
+        if !reset_bootloader {
+            for field in ["disks", "resetPartitionsUuidsType"] {
+                let set = storage.is_some_and(|storage| match field {
+                    "disks" => storage.disks.is_some(),
+                    _ => storage.reset_partitions_uuids_type.is_some(),
+                });
+                if set {
+                    self.error_at_key(
+                        &format!("storage.{field}"),
+                        format!(
+                            "'os.bootloader.resetType' must be specified if 'storage.{field}' is \
+                             specified"
+                        ),
+                    );
+                }
+            }
+        }
+        for (index, filesystem) in storage
+            .iter()
+            .flat_map(|storage| storage.filesystems.iter().flatten())
+            .enumerate()
+        {
+            let entry = format!("storage.filesystems[{index}]");
+            if let Some(mount_point) = &filesystem.mount_point {
+                self.mount_point(&format!("{entry}.mountPoint"), mount_point);
+            }
+            let Some(btrfs) = &filesystem.btrfs else {
+                continue;
+            };
+            if filesystem.filesystem_type.as_deref() != Some("btrfs") {
+                self.error_at_key(
+                    &format!("{entry}.btrfs"),
+                    "`btrfs` settings need `type: btrfs`",
+                );
+            }
+            for (sub_index, subvolume) in btrfs.subvolumes.iter().flatten().enumerate() {
+                let sub = format!("{entry}.btrfs.subvolumes[{sub_index}]");
+                if let Err(problem) = check_subvolume_path(subvolume.path.as_deref().unwrap_or(""))
+                {
+                    self.error(&format!("{sub}.path"), format!("invalid path: {problem}"));
+                }
+                if let Some(mount_point) = &subvolume.mount_point {
+                    self.mount_point(&format!("{sub}.mountPoint"), mount_point);
+                    if let super::model::MountPoint::Full(fields) = mount_point {
+                        let options = fields.options.as_deref().unwrap_or_default();
+                        if options.split(',').any(|option| {
+                            option.starts_with("subvol=") || option.starts_with("subvolid=")
+                        }) {
+                            self.error(
+                                &format!("{sub}.mountPoint.options"),
+                                "'subvol=' and 'subvolid=' are added by the Image Customizer; \
+                                 remove them",
+                            );
+                        }
+                    }
+                }
+                for (field, limit) in [
+                    (
+                        "referencedLimit",
+                        subvolume
+                            .quota
+                            .as_ref()
+                            .and_then(|q| q.referenced_limit.as_deref()),
+                    ),
+                    (
+                        "exclusiveLimit",
+                        subvolume
+                            .quota
+                            .as_ref()
+                            .and_then(|q| q.exclusive_limit.as_deref()),
+                    ),
+                ] {
+                    if let Some(limit) = limit {
+                        if !is_disk_size(limit) {
+                            self.error(
+                                &format!("{sub}.quota.{field}"),
+                                format!(
+                                    "invalid size {limit:?}; give a positive size such as 10G \
+                                     (units K, M, G, T)"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn mount_point(&mut self, path: &str, mount_point: &super::model::MountPoint) {
+        let target = mount_point.path().unwrap_or_default();
+        if !target.starts_with('/') {
+            self.error(
+                path,
+                format!("mount point {target:?} must be an absolute path such as /var"),
+            );
+        }
+        if let super::model::MountPoint::Full(fields) = mount_point {
+            if fields
+                .options
+                .as_deref()
+                .is_some_and(|options| options.contains(char::is_whitespace))
+            {
+                self.error(
+                    &format!("{path}.options"),
+                    "options contain spaces, tabs, or newlines; separate them with commas",
+                );
+            }
+        }
+    }
+
+    /// `pxe`'s own rules (`Pxe.IsValid`).
+    fn pxe(&mut self, pxe: &super::model::Pxe) {
+        if pxe.initramfs_type == Some(super::model::InitramfsType::FullOs)
+            && (pxe.bootstrap_base_url.is_some() || pxe.bootstrap_file_url.is_some())
+        {
+            self.error_at_key(
+                "pxe.initramfsType",
+                "cannot specify either 'bootstrapBaseUrl' or 'bootstrapFileUrl' when the \
+                 initramfs type is set to 'full-os'",
+            );
+        }
+        if pxe.bootstrap_base_url.is_some() && pxe.bootstrap_file_url.is_some() {
+            self.error_at_key(
+                "pxe.bootstrapFileUrl",
+                "cannot specify both 'bootstrapBaseUrl' and 'bootstrapFileUrl'; keep one",
+            );
+        }
+        for (field, url) in [
+            ("bootstrapBaseUrl", &pxe.bootstrap_base_url),
+            ("bootstrapFileUrl", &pxe.bootstrap_file_url),
+        ] {
+            let Some(url) = url else {
+                continue;
+            };
+            const PROTOCOLS: [&str; 5] = ["ftp://", "http://", "https://", "nfs://", "tftp://"];
+            if !PROTOCOLS.iter().any(|protocol| url.starts_with(protocol)) {
+                self.error(
+                    &format!("pxe.{field}"),
+                    format!(
+                        "unsupported URL protocol in {url:?}; allowed: {}",
+                        PROTOCOLS.join(", ")
+                    ),
+                );
+            } else if url.contains(char::is_whitespace) {
+                self.error(&format!("pxe.{field}"), format!("invalid URL {url:?}"));
+            }
+        }
+    }
+
+    /// Every line of an `sshPublicKeyPaths` file must be a public key: a private key copied
+    /// there by mistake would end up in the image's `authorized_keys`.
+    fn public_key_file(&mut self, path: &str, value: &str) {
+        let file = self.resolve(value);
+        let text = match fs_err::read(&file) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                self.error(
+                    path,
+                    format!("cannot read {}: {}", file.display(), error.kind()),
+                );
+                return;
+            }
+        };
+        if let Err(problem) = super::ssh_key::check_public_key_file(&text) {
+            self.error(path, format!("{}: {problem}", file.display()));
         }
     }
 
@@ -514,7 +987,7 @@ impl Rules<'_> {
         }
     }
 
-    fn output(&mut self, config: &Config, ctx: &ValidationContext) {
+    fn output(&mut self, config: &Config) {
         if let Some(image) = config.input.as_ref().and_then(|input| input.image.as_ref()) {
             if image.path.as_deref() == Some("") {
                 self.error("input.image.path", "empty path; name the input image file");
@@ -529,17 +1002,6 @@ impl Rules<'_> {
         };
         if image.path.as_deref() == Some("") {
             self.error("output.image.path", "empty path; name the output file");
-        }
-        if let Some(format) = image.format {
-            if ctx.output_format.is_none() && output_format_of(format).is_none() {
-                self.error(
-                    "output.image.format",
-                    format!(
-                        "vmic cannot write {format} images; allowed: iso, raw, qcow2, vhd, \
-                         vhd-fixed, vhdx"
-                    ),
-                );
-            }
         }
     }
 
@@ -598,6 +1060,118 @@ impl Rules<'_> {
             }
         }
     }
+}
+
+/// Why a kernel argument cannot be given for a LiveOS boot (ISO or PXE), if it cannot.
+pub fn live_arg_problem(arg: &str) -> Option<&'static str> {
+    let key = arg.split_once('=').map_or(arg, |(key, _)| key);
+    if matches!(key, "security" | "selinux" | "enforcing") && arg != "selinux=0" {
+        return Some("SELinux is always off on LiveOS media (selinux=0)");
+    }
+    if key == "root" {
+        return Some("the root is the LiveOS image (root=live:...), set by vmic");
+    }
+    None
+}
+
+/// `MAJOR.MINOR` or `MAJOR.MINOR.DATE` (AzL-IC's `azureLinuxVersionRegex`).
+fn is_azure_linux_version(version: &str) -> bool {
+    let parts: Vec<&str> = version.split('.').collect();
+    (2..=3).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|part| !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit()))
+}
+
+/// An OCI name component: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+fn is_oci_name_component(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let alnum = |byte: u8| byte.is_ascii_lowercase() || byte.is_ascii_digit();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut index = 0;
+    while index < bytes.len() {
+        if alnum(bytes[index]) {
+            index += 1;
+            continue;
+        }
+        let start = index;
+        while index < bytes.len() && !alnum(bytes[index]) {
+            index += 1;
+        }
+        let separator = &name[start..index];
+        let dashes = separator.bytes().all(|byte| byte == b'-');
+        if !(matches!(separator, "." | "_" | "__") || dashes) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `YYYY-MM-DD` or an RFC 3339 date-time (what Go's `time.RFC3339` parses).
+fn is_snapshot_time(text: &str) -> bool {
+    let date_ok = |date: &str| {
+        let parts: Vec<&str> = date.split('-').collect();
+        parts.len() == 3
+            && [4, 2, 2]
+                .iter()
+                .zip(&parts)
+                .all(|(len, part)| part.len() == *len && part.bytes().all(|b| b.is_ascii_digit()))
+            && (1..=12).contains(&parts[1].parse::<u32>().unwrap_or(0))
+            && (1..=31).contains(&parts[2].parse::<u32>().unwrap_or(0))
+    };
+    let Some((date, time)) = text.split_once('T') else {
+        return date_ok(text);
+    };
+    let (clock, zone) = if let Some(clock) = time.strip_suffix('Z') {
+        (clock, None)
+    } else if let Some(index) = time.rfind(['+', '-']) {
+        (&time[..index], Some(&time[index + 1..]))
+    } else {
+        return false;
+    };
+    let clock = clock.split('.').next().unwrap_or_default();
+    let two_digits = |parts: &[&str], count: usize| {
+        parts.len() == count
+            && parts
+                .iter()
+                .all(|part| part.len() == 2 && part.bytes().all(|b| b.is_ascii_digit()))
+    };
+    date_ok(date)
+        && two_digits(&clock.split(':').collect::<Vec<_>>(), 3)
+        && zone.is_none_or(|zone| two_digits(&zone.split(':').collect::<Vec<_>>(), 2))
+}
+
+/// A btrfs subvolume path as AzL-IC accepts it (`validateSubvolumePath`).
+fn check_subvolume_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("path must not be empty");
+    }
+    if path.starts_with('/') {
+        return Err("path must not start with '/'");
+    }
+    if path.ends_with('/') {
+        return Err("path must not end with '/'");
+    }
+    for part in path.split('/') {
+        match part {
+            "" => return Err("path must not contain double slashes"),
+            ".." => return Err("path must not contain '..' components"),
+            "." => return Err("path must not contain '.' components"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A positive disk size: digits and a unit K, M, G or T (AzL-IC's `DiskSize`).
+fn is_disk_size(text: &str) -> bool {
+    let digits = text.trim_end_matches(['K', 'M', 'G', 'T']);
+    digits.len() + 1 == text.len()
+        && !digits.is_empty()
+        && digits.bytes().all(|byte| byte.is_ascii_digit())
+        && digits.parse::<u64>().is_ok_and(|value| value > 0)
 }
 
 /// A host name as AzL-IC accepts it: a DNS name (dot-separated RFC 1123 labels).
