@@ -88,7 +88,9 @@ pub(crate) fn customize_image(
     if !os.kernel_args.is_empty() {
         let path = scoped_join(root, pipeline::IMAGE_GRUB_CFG)?;
         let text = std::fs::read_to_string(&path).context("reading /boot/grub2/grub.cfg")?;
-        std::fs::write(&path, append_kernel_args(&text, &os.kernel_args))?;
+        let text = pipeline::grub_cfg::append_kernel_args(&text, &os.kernel_args)
+            .context("os.kernelCommandLine")?;
+        std::fs::write(&path, text).context("writing /boot/grub2/grub.cfg")?;
     }
     let relabel_with = match os.selinux_mode {
         Some(mode) => selinux::apply(build, root, mode).context("os.selinux")?,
@@ -101,32 +103,6 @@ pub(crate) fn customize_image(
     }
     run_scripts(build, root, &customization.finalize_customization)?;
     Ok(chroot_mounts)
-}
-
-/// Append `args` to every `linux`/`linuxefi` line that lacks them (os.kernelCommandLine).
-fn append_kernel_args(grub_cfg: &str, args: &[String]) -> String {
-    let mut out = String::with_capacity(grub_cfg.len());
-    for line in grub_cfg.split_inclusive('\n') {
-        let body = line.trim_end_matches('\n');
-        let first = body.split_whitespace().next().unwrap_or("");
-        if first == "linux" || first == "linuxefi" {
-            let present: Vec<&str> = body.split_whitespace().collect();
-            let mut body = body.to_string();
-            for arg in args {
-                if !present.contains(&arg.as_str()) {
-                    body.push(' ');
-                    body.push_str(arg);
-                }
-            }
-            out.push_str(&body);
-            if line.ends_with('\n') {
-                out.push('\n');
-            }
-        } else {
-            out.push_str(line);
-        }
-    }
-    out
 }
 
 /// A file of the image, or "" when it does not exist.
@@ -219,19 +195,4 @@ pub(crate) fn run_scripts(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn os_kernel_args_are_appended_once_to_linux_lines() {
-        let cfg = "menuentry x {\n  linux /boot/vmlinuz-1 root=UUID=a ro quiet\n  initrd /boot/initrd.img-1\n}\n";
-        let args = vec!["ds=nocloud".to_string(), "quiet".to_string()];
-        let once = append_kernel_args(cfg, &args);
-        assert!(once.contains("linux /boot/vmlinuz-1 root=UUID=a ro quiet ds=nocloud\n"));
-        assert_eq!(append_kernel_args(&once, &args), once);
-        assert!(once.contains("  initrd /boot/initrd.img-1\n"));
-    }
 }
