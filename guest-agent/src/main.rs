@@ -16,6 +16,7 @@ mod init;
 mod iso;
 mod pipeline;
 mod rootfs;
+mod scratch;
 mod server;
 
 use std::process::ExitCode;

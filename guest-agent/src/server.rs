@@ -400,6 +400,9 @@ fn dispatch(request: Request, context: &RequestContext) -> anyhow::Result<Respon
         Request::ListDisks => {
             disks::list(std::path::Path::new(disks::SYS_BLOCK)).map(Response::Disks)
         }
+        Request::MountScratch { serial, path } => {
+            crate::scratch::mount_scratch(&serial, &path, context)
+        }
         Request::BuildIso(build) => crate::iso::build(*build, context).map(Response::Iso),
         Request::CustomizeDisk(build) => {
             crate::disk::customize(*build, context).map(Response::Disk)
@@ -462,6 +465,7 @@ fn describe(request: &Request) -> String {
         Request::PutFile { path, size, .. } => format!("put {path} ({size} bytes)"),
         Request::GetFile { path } => format!("get {path}"),
         Request::ListDisks => "list disks".into(),
+        Request::MountScratch { serial, path } => format!("mount scratch disk {serial} at {path}"),
         Request::BuildIso(build) => format!("build ISO from {}", build.input_serial),
         Request::CustomizeDisk(build) => format!("customize disk {}", build.input_serial),
     }

@@ -14,7 +14,7 @@ use vmic_protocol::SelinuxMode;
 use crate::build::{strings, Build};
 use crate::pipeline::grub_cfg::{self, GrubCfgError};
 use crate::pipeline::IMAGE_GRUB_CFG;
-use crate::rootfs::scoped_join;
+use crate::rootfs::{read_image_text, scoped_join, MAX_IMAGE_TEXT};
 
 const CONFIG: &str = "/etc/selinux/config";
 /// The policy when the config names none (also what a created config names).
@@ -29,12 +29,7 @@ pub(crate) fn apply(
     root: &Path,
     mode: SelinuxMode,
 ) -> anyhow::Result<Option<String>> {
-    let config_path = scoped_join(root, CONFIG)?;
-    let config = match std::fs::read_to_string(&config_path) {
-        Ok(text) => Some(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => return Err(error).with_context(|| format!("reading {CONFIG}")),
-    };
+    let config = read_image_text(root, CONFIG, MAX_IMAGE_TEXT)?;
     let policy_type = config
         .as_deref()
         .map_or(DEFAULT_TYPE.to_owned(), policy_type);
@@ -47,10 +42,7 @@ pub(crate) fn apply(
         );
     }
 
-    let grub_path = scoped_join(root, IMAGE_GRUB_CFG)?;
-    let grub_cfg =
-        std::fs::read_to_string(&grub_path).with_context(|| format!("reading {IMAGE_GRUB_CFG}"))?;
-    let grub_cfg = set_kernel_args(&grub_cfg, mode)?;
+    let grub_cfg = set_kernel_args(&super::read_grub_cfg(root)?, mode)?;
 
     super::write_file(
         root,
@@ -58,7 +50,7 @@ pub(crate) fn apply(
         config_text(config.as_deref(), mode).as_bytes(),
         0o644,
     )?;
-    std::fs::write(&grub_path, grub_cfg).with_context(|| format!("writing {IMAGE_GRUB_CFG}"))?;
+    super::rewrite_file(root, IMAGE_GRUB_CFG, grub_cfg.as_bytes())?;
     build.log(format!("SELinux set to {}", config_mode(mode)));
 
     Ok((mode != SelinuxMode::Disabled).then_some(policy_type))
