@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context};
 use vmic_protocol::{Event, ExecRequest, ExecResult, Level, Response, Step, StepTime};
 
-use crate::server::RequestContext;
+use crate::context::RequestContext;
 
 /// Progress, step timing and command running for one build.
 pub(crate) struct Build<'a> {

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use vmic_protocol::{DiskBuild, DiskOutcome, Step};
 
 use crate::build::{disk_by_serial, Build, Mounts};
+use crate::context::RequestContext;
 use crate::customize::{customize_image, remove_config_mountpoint};
 use crate::image::{check_arch, mount_image, IMAGE_ROOT};
 use crate::iso::vm_arch;
-use crate::server::RequestContext;
 
 pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result<DiskOutcome> {
     let mut build = Build::new(context);

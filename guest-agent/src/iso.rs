@@ -11,6 +11,7 @@ use vmic_protocol::{ExecRequest, IsoBuild, IsoOutcome, Step};
 use crate::build::{
     disk_by_serial, fs_create_dir_all, output_tail, strings, succeeded, Build, Disk, Mounts,
 };
+use crate::context::RequestContext;
 use crate::customize::{
     copy_additional_files, customize_image, remove_config_mountpoint, write_file,
 };
@@ -19,7 +20,6 @@ use crate::pipeline::{
     self, argv, grub_cfg, iso_record, Arch, BootFile, EfiGrubSource, Generated, IsoSource, IsoTree,
 };
 use crate::rootfs::{open_image_file, read_image_text, scoped_join, MAX_IMAGE_TEXT};
-use crate::server::RequestContext;
 
 /// Where an input ISO is mounted.
 const INPUT_ISO: &str = "/mnt/iso";

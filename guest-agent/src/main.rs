@@ -6,6 +6,7 @@
 
 mod build;
 mod channel;
+mod context;
 mod customize;
 mod disk;
 mod disks;

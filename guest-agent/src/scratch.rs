@@ -7,7 +7,7 @@ use anyhow::Context;
 use vmic_protocol::Response;
 
 use crate::build::{disk_by_serial, fs_create_dir_all, Build};
-use crate::server::RequestContext;
+use crate::context::RequestContext;
 
 /// mkfs.ext4 for a throwaway file system: no journal, lazy init and no discard save seconds
 /// under TCG, and nothing on it has to survive a crash.
