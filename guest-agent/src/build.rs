@@ -5,15 +5,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
-use vmic_protocol::{Event, ExecRequest, ExecResult, Level, Response, StepTime};
+use vmic_protocol::{Event, ExecRequest, ExecResult, Level, Response, Step, StepTime};
 
-use crate::server::RequestContext;
+use crate::context::RequestContext;
 
 /// Progress, step timing and command running for one build.
 pub(crate) struct Build<'a> {
     pub(crate) context: &'a RequestContext,
     pub(crate) steps: Vec<StepTime>,
-    current: Option<(String, Instant)>,
+    current: Option<(Step, Instant)>,
 }
 
 impl<'a> Build<'a> {
@@ -26,18 +26,18 @@ impl<'a> Build<'a> {
     }
 
     /// Start a step: tell the host (progress event with 0/0) and time it.
-    pub(crate) fn step(&mut self, name: &str) -> anyhow::Result<()> {
+    pub(crate) fn step(&mut self, step: Step) -> anyhow::Result<()> {
         self.context.cancel.check()?;
         self.end_step();
         self.context.writer.event(
             Some(self.context.id),
             Event::Progress {
-                step: name.to_string(),
+                step,
                 done: 0,
                 total: 0,
             },
         );
-        self.current = Some((name.to_string(), Instant::now()));
+        self.current = Some((step, Instant::now()));
         Ok(())
     }
 

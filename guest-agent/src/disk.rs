@@ -4,29 +4,29 @@
 
 use std::path::PathBuf;
 
-use vmic_protocol::{DiskBuild, DiskOutcome};
+use vmic_protocol::{DiskBuild, DiskOutcome, Step};
 
 use crate::build::{disk_by_serial, Build, Mounts};
+use crate::context::RequestContext;
 use crate::customize::{customize_image, remove_config_mountpoint};
 use crate::image::{check_arch, mount_image, IMAGE_ROOT};
 use crate::iso::vm_arch;
-use crate::server::RequestContext;
 
 pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result<DiskOutcome> {
     let mut build = Build::new(context);
     let input = disk_by_serial(&request.input_serial)?.device;
     let mut mounts = Mounts::default();
 
-    build.step("Mounting")?;
+    build.step(Step::Mount)?;
     let root = mount_image(&build, &mut mounts, &input)?;
     check_arch(&root, vm_arch())?;
 
-    build.step("Customizing")?;
+    build.step(Step::Customize)?;
     let chroot_mounts = customize_image(&build, &root, &request.customization)?;
     drop(chroot_mounts);
     remove_config_mountpoint(&root);
 
-    build.step("Unmounting")?;
+    build.step(Step::Unmount)?;
     mounts.unmount_below(&PathBuf::from(IMAGE_ROOT));
     // SAFETY: sync(2) takes no arguments; every write must reach the overlay before the host
     // converts it.

@@ -10,7 +10,7 @@ use std::thread;
 use anyhow::Context as _;
 use vmic_protocol::{Event, ExecRequest, ExecResult, RequestId, Response, Stream};
 
-use crate::server::{kill_group, RequestContext, Writer};
+use crate::context::{kill_group, RequestContext, Writer};
 
 /// Largest `Event::Output` payload.
 const OUTPUT_CHUNK: usize = 64 << 10;

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use sha2::{Digest, Sha256 as Hasher};
 use vmic_protocol::{hex_digest, GuestMessage, Response, Sha256, CHUNK_LEN};
 
-use crate::server::{Incoming, RequestContext};
+use crate::context::{Incoming, RequestContext};
 
 /// How often a waiting `PutFile` looks at its cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(100);

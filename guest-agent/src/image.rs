@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::rootfs::MAX_IMAGE_TEXT;
 use anyhow::{anyhow, bail, Context};
 
 use crate::build::{strings, Build, Mounts};
@@ -35,8 +36,9 @@ pub(crate) fn mount_image(
         argv.push(root_partition.device.clone());
         argv.push(PROBE.to_string());
         probe.mount(build, argv, Path::new(PROBE))?;
-        std::fs::read_to_string(Path::new(PROBE).join("etc/fstab"))
+        crate::rootfs::read_image_text(Path::new(PROBE), "/etc/fstab", MAX_IMAGE_TEXT)
             .context("reading the image's /etc/fstab")?
+            .context("the image has no /etc/fstab")?
     };
     let plan = fstab::mount_plan(&fstab_text).context("the image's /etc/fstab")?;
     if !plan.iter().any(|entry| entry.mountpoint == "/") {

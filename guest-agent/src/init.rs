@@ -13,6 +13,7 @@ use vmic_protocol::{Level, AGENT_VSOCK_PORT};
 
 use crate::channel::ChannelSpec;
 use crate::console;
+use crate::context;
 use crate::server;
 
 /// `PATH` for the agent and everything it runs.
@@ -87,7 +88,7 @@ pub struct Note {
 }
 
 fn note(notes: &mut Vec<Note>, level: Level, message: String) {
-    if level != Level::Debug || server::debug_enabled() {
+    if level != Level::Debug || context::debug_enabled() {
         console!("{message}");
     }
     notes.push(Note { level, message });
@@ -161,7 +162,7 @@ pub fn run() -> ! {
     std::env::set_var("PATH", PATH);
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let ParsedCmdline { settings, warnings } = parse_cmdline(&cmdline);
-    server::set_debug(settings.debug);
+    context::set_debug(settings.debug);
     for warning in warnings {
         note(&mut notes, Level::Warn, warning);
     }

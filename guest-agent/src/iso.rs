@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
-use vmic_protocol::{ExecRequest, IsoBuild, IsoOutcome};
+use vmic_protocol::{ExecRequest, IsoBuild, IsoOutcome, Step};
 
 use crate::build::{
     disk_by_serial, fs_create_dir_all, output_tail, strings, succeeded, Build, Disk, Mounts,
 };
+use crate::context::RequestContext;
 use crate::customize::{
     copy_additional_files, customize_image, remove_config_mountpoint, write_file,
 };
@@ -18,8 +19,7 @@ use crate::image::{check_arch, mount_image, IMAGE_ROOT};
 use crate::pipeline::{
     self, argv, grub_cfg, iso_record, Arch, BootFile, EfiGrubSource, Generated, IsoSource, IsoTree,
 };
-use crate::rootfs::scoped_join;
-use crate::server::RequestContext;
+use crate::rootfs::{open_image_file, read_image_text, scoped_join, MAX_IMAGE_TEXT};
 
 /// Where an input ISO is mounted.
 const INPUT_ISO: &str = "/mnt/iso";
@@ -43,7 +43,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
     let output = disk_by_serial(&request.output_serial)?;
     let mut mounts = Mounts::default();
 
-    build.step("Mounting")?;
+    build.step(Step::Mount)?;
     let record = if request.input_is_iso {
         Some(mount_input_iso(&build, &mut mounts, &input)?)
     } else {
@@ -60,11 +60,11 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         remaster_tree(&mut build, &mut mounts, &request, record, &tree, &user_args)?
     } else {
         let root = match &record {
-            Some(_) => unpack_iso(&mut build, &work, arch)?,
+            Some(record) => unpack_iso(&mut build, record, &work, arch)?,
             None => mount_image(&build, &mut mounts, &input)?,
         };
         check_arch(&root, arch)?;
-        build.step("Customizing")?;
+        build.step(Step::Customize)?;
         let chroot_mounts = customize_image(&build, &root, &request.customization)?;
 
         let grub = read_grub_cfg(&root)?;
@@ -87,7 +87,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         // dracut is mostly one bash process; mksquashfs takes whatever CPU is left. The
         // squashfs leaves out everything dracut writes (see ROOTFS_EXCLUDES), so the two run
         // side by side: under emulation that hides most of the squashing time.
-        build.step("Initrd and squashfs")?;
+        build.step(Step::MakeInitrdAndSquashfs)?;
         check_dracut(&root)?;
         let rootfs = tree.join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
         fs_create_dir_all(rootfs.parent().expect("rootfs has a parent"))?;
@@ -113,7 +113,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         remove_config_mountpoint(&root);
         let rootfs_sha256 = hex::encode(sha256_file(&rootfs)?);
 
-        build.step("Mastering")?;
+        build.step(Step::MakeIso)?;
         populate_tree(
             &build,
             &root,
@@ -205,13 +205,14 @@ fn mount_input_iso(
     mounts
         .mount(build, argv, target)
         .context("the input is not a readable ISO 9660 image")?;
-    let record_path = target.join(iso_record::ISO_SETTINGS_PATH.trim_start_matches('/'));
-    let text = std::fs::read_to_string(&record_path).map_err(|_| {
-        anyhow!(
-            "the input ISO was not made by vmic (it has no {}); only vmic's LiveOS ISOs can be re-customized",
-            iso_record::ISO_SETTINGS_PATH
-        )
-    })?;
+    let text = read_image_text(target, iso_record::ISO_SETTINGS_PATH, MAX_IMAGE_TEXT)
+        .context("the input ISO's settings record")?
+        .ok_or_else(|| {
+            anyhow!(
+                "the input ISO was not made by vmic (it has no {}); only vmic's LiveOS ISOs can be re-customized",
+                iso_record::ISO_SETTINGS_PATH
+            )
+        })?;
     let record = iso_record::IsoSettingsRecord::parse(&text)?;
     if record.arch != vm_arch() {
         bail!(
@@ -224,6 +225,15 @@ fn mount_input_iso(
     Ok(record)
 }
 
+/// The input ISO's `rootfs.img` is the one its record names: nothing else vouches for the
+/// root file system a re-master keeps or a re-customization unpacks.
+fn verify_input_rootfs(record: &iso_record::IsoSettingsRecord) -> anyhow::Result<()> {
+    let rootfs = open_image_file(Path::new(INPUT_ISO), pipeline::ISO_ROOTFS_IMG)?
+        .with_context(|| format!("the input ISO has no {}", pipeline::ISO_ROOTFS_IMG))?;
+    record.check_rootfs(rootfs)?;
+    Ok(())
+}
+
 /// ISO → ISO with only `iso.*` changes: the ISO's own files, a new grub.cfg, same rootfs.
 fn remaster_tree(
     build: &mut Build<'_>,
@@ -233,7 +243,7 @@ fn remaster_tree(
     tree: &Path,
     user_args: &[String],
 ) -> anyhow::Result<String> {
-    build.step("Mastering")?;
+    build.step(Step::MakeIso)?;
     if record.label != request.iso.label {
         bail!(
             "the input ISO's label is {:?}; re-mastering keeps it, but {:?} was asked",
@@ -241,6 +251,7 @@ fn remaster_tree(
             request.iso.label
         );
     }
+    verify_input_rootfs(record)?;
     // rootfs.img is most of the ISO: bind-mount it into the tree instead of copying it (under
     // TCG the copy alone costs seconds, and re-mastering must stay cheap).
     let rootfs_in_iso = pipeline::ISO_ROOTFS_IMG.trim_start_matches('/');
@@ -259,8 +270,9 @@ fn remaster_tree(
     mounts
         .mount(build, argv, &rootfs)
         .context("binding the input ISO's rootfs.img into the new ISO tree")?;
-    let grub = std::fs::read_to_string(tree.join(pipeline::ISO_GRUB_CFG.trim_start_matches('/')))
-        .context("reading the input ISO's grub.cfg")?;
+    let grub = read_image_text(tree, pipeline::ISO_GRUB_CFG, MAX_IMAGE_TEXT)
+        .context("reading the input ISO's grub.cfg")?
+        .with_context(|| format!("the input ISO has no {}", pipeline::ISO_GRUB_CFG))?;
     let rewritten = grub_cfg::rewrite_for_iso(
         &grub,
         &grub_cfg::IsoBootSettings {
@@ -285,7 +297,13 @@ fn remaster_tree(
 }
 
 /// ISO → ISO with rootfs changes: unpack `rootfs.img` and put the ISO's `/boot` back.
-fn unpack_iso(build: &mut Build<'_>, work: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
+fn unpack_iso(
+    build: &mut Build<'_>,
+    record: &iso_record::IsoSettingsRecord,
+    work: &Path,
+    arch: Arch,
+) -> anyhow::Result<PathBuf> {
+    verify_input_rootfs(record)?;
     let root = work.join("root");
     let image = Path::new(INPUT_ISO).join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
     let mut argv = strings(["unsquashfs", "-no-progress", "-f", "-d"]);
@@ -311,8 +329,8 @@ fn unpack_iso(build: &mut Build<'_>, work: &Path, arch: Arch) -> anyhow::Result<
 }
 
 fn read_grub_cfg(root: &Path) -> anyhow::Result<String> {
-    let path = scoped_join(root, pipeline::IMAGE_GRUB_CFG)?;
-    std::fs::read_to_string(&path).map_err(|_| anyhow!(pipeline::IsoTreeError::GrubCfg))
+    read_image_text(root, pipeline::IMAGE_GRUB_CFG, MAX_IMAGE_TEXT)?
+        .ok_or_else(|| anyhow!(pipeline::IsoTreeError::GrubCfg))
 }
 
 /// Every regular file under the image's `/boot` (ESP included), with its size.

@@ -6,6 +6,7 @@
 
 mod build;
 mod channel;
+mod context;
 mod customize;
 mod disk;
 mod disks;
@@ -16,6 +17,7 @@ mod init;
 mod iso;
 mod pipeline;
 mod rootfs;
+mod scratch;
 mod server;
 
 use std::process::ExitCode;

@@ -3,83 +3,27 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, PoisonError, TryLockError};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use vmic_protocol::{
-    read_message, write_message, Event, GuestHello, GuestMessage, HostMessage, Level,
-    ProtocolError, RemoteError, Request, RequestId, Response, Sha256, CANCELLED, PROTOCOL_VERSION,
+    read_message, Event, GuestHello, GuestMessage, HostMessage, Level, ProtocolError, RemoteError,
+    Request, RequestId, Response, CANCELLED, PROTOCOL_VERSION,
 };
 
 use crate::channel::{Channel, ChannelSpec, Opener};
+use crate::context::{debug_enabled, CancelToken, Cancelled, Incoming, RequestContext, Writer};
 use crate::init::Note;
 use crate::{console, disks, exec, files};
 
 /// File chunks queued between the reader and a `PutFile` thread (backpressure beyond this).
 const DATA_QUEUE: usize = 16;
 
-static DEBUG: AtomicBool = AtomicBool::new(false);
 /// The session's writer, for the panic hook.
 static PANIC_WRITER: Mutex<Option<Writer>> = Mutex::new(None);
-
-pub fn set_debug(enabled: bool) {
-    DEBUG.store(enabled, Ordering::Relaxed);
-}
-
-pub fn debug_enabled() -> bool {
-    DEBUG.load(Ordering::Relaxed)
-}
-
-/// The sending half of the channel, shared by all threads; one frame per lock.
-#[derive(Clone)]
-pub struct Writer(Arc<Mutex<File>>);
-
-impl Writer {
-    fn new(file: File) -> Writer {
-        Writer(Arc::new(Mutex::new(file)))
-    }
-
-    pub fn send(&self, message: &GuestMessage) -> Result<(), ProtocolError> {
-        let mut file = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        write_message(&mut *file, message)
-    }
-
-    /// Best effort, for the panic hook: the panicking thread may hold the lock.
-    fn send_within(&self, message: &GuestMessage, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let mut file = match self.0.try_lock() {
-                Ok(file) => file,
-                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(TryLockError::WouldBlock) => return,
-            };
-            let _ = write_message(&mut *file, message);
-            return;
-        }
-    }
-
-    pub fn event(&self, id: Option<RequestId>, event: Event) {
-        if let Err(error) = self.send(&GuestMessage::Event { id, event }) {
-            console!("cannot send an event: {error}");
-        }
-    }
-
-    pub fn log(&self, level: Level, message: impl Into<String>) {
-        let message = message.into();
-        if level != Level::Debug || debug_enabled() {
-            console!("{message}");
-        }
-        self.event(None, Event::Log { level, message });
-    }
-}
 
 /// Report a panic to the host (if a session is up) and the console, then end this process;
 /// the PID 1 parent then powers the VM off.
@@ -102,83 +46,6 @@ pub fn install_panic_hook() {
         }
         std::process::exit(101);
     }));
-}
-
-/// The error a cancelled request ends with; [`remote_error`] puts it first in the chain.
-#[derive(Debug, thiserror::Error)]
-#[error("{CANCELLED}")]
-pub struct Cancelled;
-
-/// Cancellation of one request: a flag, plus the process groups to kill while they run (a
-/// request may run programs in parallel, e.g. dracut beside mksquashfs).
-#[derive(Default)]
-pub struct CancelToken(Mutex<CancelState>);
-
-#[derive(Default)]
-struct CancelState {
-    cancelled: bool,
-    process_groups: Vec<libc::pid_t>,
-}
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        state.cancelled = true;
-        for &group in &state.process_groups {
-            kill_group(group);
-        }
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .cancelled
-    }
-
-    pub fn check(&self) -> anyhow::Result<()> {
-        if self.is_cancelled() {
-            return Err(Cancelled.into());
-        }
-        Ok(())
-    }
-
-    /// Register a running child's process group (killed at once if already cancelled).
-    pub fn add_process_group(&self, group: libc::pid_t) {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        state.process_groups.push(group);
-        if state.cancelled {
-            kill_group(group);
-        }
-    }
-
-    /// Forget a process group; the caller does so before reaping its leader, so that an id
-    /// in the list is never stale.
-    pub fn remove_process_group(&self, group: libc::pid_t) {
-        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        state.process_groups.retain(|&known| known != group);
-    }
-}
-
-pub(crate) fn kill_group(group: libc::pid_t) {
-    // SAFETY: kill(2) of a process group we created and whose leader we have not reaped yet.
-    unsafe { libc::kill(-group, libc::SIGKILL) };
-}
-
-/// File data routed from the reader to a `PutFile` thread.
-pub enum Incoming {
-    Chunk(Vec<u8>),
-    End(Sha256),
-}
-
-/// What a request's thread gets.
-pub struct RequestContext {
-    pub id: RequestId,
-    pub writer: Writer,
-    pub cancel: Arc<CancelToken>,
-    /// `Data`/`DataEnd` for this id (`PutFile` only). In a mutex so that the context can be
-    /// shared by threads of one request (a build runs dracut and mksquashfs side by side).
-    pub incoming: Option<Mutex<Receiver<Incoming>>>,
 }
 
 struct Active {
@@ -400,6 +267,9 @@ fn dispatch(request: Request, context: &RequestContext) -> anyhow::Result<Respon
         Request::ListDisks => {
             disks::list(std::path::Path::new(disks::SYS_BLOCK)).map(Response::Disks)
         }
+        Request::MountScratch { serial, path } => {
+            crate::scratch::mount_scratch(&serial, &path, context)
+        }
         Request::BuildIso(build) => crate::iso::build(*build, context).map(Response::Iso),
         Request::CustomizeDisk(build) => {
             crate::disk::customize(*build, context).map(Response::Disk)
@@ -462,6 +332,7 @@ fn describe(request: &Request) -> String {
         Request::PutFile { path, size, .. } => format!("put {path} ({size} bytes)"),
         Request::GetFile { path } => format!("get {path}"),
         Request::ListDisks => "list disks".into(),
+        Request::MountScratch { serial, path } => format!("mount scratch disk {serial} at {path}"),
         Request::BuildIso(build) => format!("build ISO from {}", build.input_serial),
         Request::CustomizeDisk(build) => format!("customize disk {}", build.input_serial),
     }
@@ -473,7 +344,10 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
 
-    use vmic_protocol::{sha256, ExecRequest, ExecResult, HostHello, Stream, CHUNK_LEN};
+    use std::time::Instant;
+    use vmic_protocol::{
+        sha256, write_message, ExecRequest, ExecResult, HostHello, Sha256, Stream, CHUNK_LEN,
+    };
 
     use super::*;
 

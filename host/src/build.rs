@@ -336,38 +336,14 @@ fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
 
 /// Format and mount the scratch disk at the work directory.
 async fn mount_scratch(session: &crate::session::Session) -> anyhow::Result<()> {
-    let disks = match session
-        .start(Request::ListDisks)
-        .await?
-        .finish(|_| {})
-        .await?
-    {
-        Response::Disks(disks) => disks,
-        other => bail!("unexpected answer to ListDisks: {other:?}"),
+    let request = Request::MountScratch {
+        serial: SCRATCH_SERIAL.to_string(),
+        path: crate::plan::WORK_DIR.to_string(),
     };
-    let scratch = disks
-        .iter()
-        .find(|disk| disk.serial == SCRATCH_SERIAL)
-        .context("the builder VM does not see the scratch disk")?;
-    let device = format!("/dev/{}", scratch.name);
-    session
-        .run(&[
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            // Scratch needs no journal; skipping it and lazy init saves seconds under TCG.
-            "-O",
-            "^has_journal",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-            &device,
-        ])
-        .await?;
-    session.run(&["mkdir", "-p", crate::plan::WORK_DIR]).await?;
-    session
-        .run(&["mount", "-t", "ext4", &device, crate::plan::WORK_DIR])
-        .await?;
-    Ok(())
+    match session.start(request).await?.finish(|_| {}).await? {
+        Response::Done => Ok(()),
+        other => bail!("unexpected answer to MountScratch: {other:?}"),
+    }
 }
 
 /// Copy the plan's files into the builder VM.
@@ -477,7 +453,7 @@ async fn drive_build(
         .finish(|event| match event {
             Event::Progress { step, done, total } => {
                 if done == 0 && total == 0 {
-                    progress.step(&step, &step_message(&step));
+                    progress.step(step.title(), step.detail());
                 } else {
                     progress.update(done, total);
                 }
@@ -496,16 +472,4 @@ async fn drive_build(
         })
         .await?;
     Ok(response)
-}
-
-fn step_message(step: &str) -> String {
-    match step {
-        "Mounting" => "image partitions per /etc/fstab",
-        "Customizing" => "os settings and scripts",
-        "Initrd and squashfs" => "LiveOS initrd with the image's dracut, rootfs.img beside it",
-        "Mastering" => "ISO with xorriso, onto the output disk",
-        "Unmounting" => "image file systems",
-        _ => "",
-    }
-    .to_string()
 }

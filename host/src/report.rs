@@ -138,12 +138,20 @@ pub fn interactive(global: &GlobalArgs) -> bool {
     global.log_format == LogFormat::Text && std::io::stderr().is_terminal()
 }
 
+/// A step's wall time for `--timestamp-file`: the host's own steps and the guest's
+/// ([`vmic_protocol::Step::title`]) by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTime {
+    pub step: String,
+    pub seconds: f64,
+}
+
 /// Step progress for long work: an indicatif spinner per step on a TTY, structured log lines
 /// otherwise. Also records each step's wall time for `--timestamp-file`.
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     current: Option<(String, std::time::Instant)>,
-    pub steps: Vec<vmic_protocol::StepTime>,
+    pub steps: Vec<StepTime>,
     started: std::time::Instant,
 }
 
@@ -191,7 +199,10 @@ impl Progress {
 
     /// Record a step timed elsewhere (the guest's).
     pub fn record(&mut self, step: vmic_protocol::StepTime) {
-        self.steps.push(step);
+        self.steps.push(StepTime {
+            step: step.step.title().to_string(),
+            seconds: step.seconds,
+        });
     }
 
     pub fn finish_step(&mut self) {
@@ -201,7 +212,7 @@ impl Progress {
                 bar.println(format!("{step:>14} done in {seconds:.1} s"));
             }
             tracing::debug!(step, seconds, "step finished");
-            self.steps.push(vmic_protocol::StepTime { step, seconds });
+            self.steps.push(StepTime { step, seconds });
         }
     }
 

@@ -319,6 +319,7 @@ fn describe(request: &Request) -> String {
         Request::GetFile { path } => format!("download of {path}"),
         Request::Ping => "ping".to_string(),
         Request::ListDisks => "disk listing".to_string(),
+        Request::MountScratch { serial, .. } => format!("scratch disk {serial} setup"),
         Request::BuildIso(_) => "the ISO build".to_string(),
         Request::CustomizeDisk(_) => "the disk customization".to_string(),
         Request::Invalid => "invalid request".to_string(),
@@ -380,7 +381,7 @@ fn log_guest_event(event: &Event) {
             protocol::Level::Trace => tracing::trace!(target: "vmic::guest", "{message}"),
         },
         Event::Progress { step, done, total } => {
-            tracing::debug!(target: "vmic::guest", step, done, total, "progress")
+            tracing::debug!(target: "vmic::guest", step = step.title(), done, total, "progress")
         }
         Event::Output { .. } | Event::Invalid => {}
     }

@@ -18,13 +18,23 @@
 //!   |  <─── Event { id: 1, Output/Log } ───── |  any number, while the request runs
 //!   |  ──── Cancel { id: 1 } ───────────────> |  optional: the agent stops the request
 //!   |  <─── Response { id: 1, result } ────── |  exactly one per request
-//!   |  ──── Request { id: 2, PutFile } ─────> |
-//!   |  ──── Data { id: 2, chunk } ... ──────> |  file content, then DataEnd with its sha256
-//!   |  ──── DataEnd { id: 2, sha256 } ──────> |
-//!   |  <─── Response { id: 2, File } ──────── |  the agent checked size and sha256
-//!   |  ──── Request { id: 3, GetFile } ─────> |
-//!   |  <─── Data { id: 3 } ... DataEnd ────── |  the host checks the sha256
-//!   |  <─── Response { id: 3, File } ──────── |
+//!   |  ──── Request { id: 2, ListDisks } ───> |
+//!   |  <─── Response { id: 2, Disks } ─────── |  kernel name, virtio serial, size of each disk
+//!   |  ──── Request { id: 3, MountScratch } ─>|  serial + directory
+//!   |  <─── Response { id: 3, Done } ──────── |  the agent formatted and mounted that disk
+//!   |  ──── Request { id: 4, PutFile } ─────> |  (uploads land on the scratch disk)
+//!   |  ──── Data { id: 4, chunk } ... ──────> |  file content, then DataEnd with its sha256
+//!   |  ──── DataEnd { id: 4, sha256 } ──────> |
+//!   |  <─── Response { id: 4, File } ──────── |  the agent checked size and sha256
+//!   |  ──── Request { id: 5, BuildIso } ────> |  or CustomizeDisk: one whole build
+//!   |  <─── Event { id: 5, Progress } ─────── |  Progress { step: Step, 0, 0 } starts a Step;
+//!   |  <─── Event { id: 5, Progress } ─────── |  done/total > 0 is progress within it
+//!   |  <─── Event { id: 5, Log/Output } ───── |  any number, in between
+//!   |  ──── Cancel { id: 5 } ───────────────> |  optional: the build stops at the next check
+//!   |  <─── Response { id: 5, Iso/Disk } ──── |  IsoOutcome / DiskOutcome, each Step's time
+//!   |  ──── Request { id: 6, GetFile } ─────> |
+//!   |  <─── Data { id: 6 } ... DataEnd ────── |  the host checks the sha256
+//!   |  <─── Response { id: 6, File } ──────── |
 //!   |  ──── Shutdown ───────────────────────> |  the agent syncs and powers off
 //!   |  <─── Fatal (any time) ──────────────── |  panic or fatal error, then power-off
 //! ```
@@ -34,9 +44,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 3;
+pub const MIN_PROTOCOL_VERSION: u32 = 4;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -133,6 +143,12 @@ pub enum Request {
     },
     /// List the virtio disks with their serial strings.
     ListDisks,
+    /// Format the virtio disk with this serial (its content is lost) and mount it at `path`,
+    /// the work directory of the build requests and the target of uploads.
+    MountScratch {
+        serial: String,
+        path: String,
+    },
     /// Run the whole disk/ISO → LiveOS ISO pipeline; progress arrives as events.
     BuildIso(Box<IsoBuild>),
     /// Customize a disk image in place (writes land in the host's overlay, which the host
@@ -174,7 +190,7 @@ pub struct IsoBuild {
     pub input_is_iso: bool,
     /// virtio serial of the raw disk the ISO is written to, from offset 0.
     pub output_serial: String,
-    /// Guest directory for work files (a scratch disk the host had formatted and mounted).
+    /// Guest directory for work files (the scratch disk of [`Request::MountScratch`]).
     pub work_dir: String,
     pub customization: Customization,
     pub iso: IsoSettings,
@@ -423,8 +439,54 @@ pub struct IsoOutcome {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepTime {
-    pub step: String,
+    pub step: Step,
     pub seconds: f64,
+}
+
+/// A phase of a build request, as the host shows it: one `Event::Progress` with `0/0` starts
+/// it, [`StepTime`]s report it. The only table of step names: the host renders these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Step {
+    /// Never sent: keeps variant 0 invalid.
+    Invalid,
+    /// The input's file systems (per its fstab) or the input ISO.
+    Mount,
+    /// `os.*` settings and scripts in the mounted image.
+    Customize,
+    /// The LiveOS initrd (dracut) and `rootfs.img` (mksquashfs), side by side.
+    MakeInitrdAndSquashfs,
+    /// The ISO tree and xorriso onto the output disk.
+    MakeIso,
+    /// Unmounting the customized image (disk output).
+    Unmount,
+}
+
+impl Step {
+    /// The status word (`--timestamp-file` names steps by it).
+    pub fn title(self) -> &'static str {
+        match self {
+            Step::Invalid => "Invalid",
+            Step::Mount => "Mounting",
+            Step::Customize => "Customizing",
+            Step::MakeInitrdAndSquashfs => "Initrd and squashfs",
+            Step::MakeIso => "Mastering",
+            Step::Unmount => "Unmounting",
+        }
+    }
+
+    /// What the step does, beside its title.
+    pub fn detail(self) -> &'static str {
+        match self {
+            Step::Invalid => "",
+            Step::Mount => "image partitions per /etc/fstab",
+            Step::Customize => "os settings and scripts",
+            Step::MakeInitrdAndSquashfs => {
+                "LiveOS initrd with the image's dracut, rootfs.img beside it"
+            }
+            Step::MakeIso => "ISO with xorriso, onto the output disk",
+            Step::Unmount => "image file systems",
+        }
+    }
 }
 
 // f64 has no Eq; step times are informational, equal when their bits are.
@@ -458,10 +520,15 @@ pub enum Response {
     Invalid,
     Pong,
     Exec(ExecResult),
-    File { size: u64, sha256: Sha256 },
+    File {
+        size: u64,
+        sha256: Sha256,
+    },
     Disks(Vec<DiskInfo>),
     Iso(IsoOutcome),
     Disk(DiskOutcome),
+    /// A request that returns nothing else succeeded.
+    Done,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -491,7 +558,7 @@ pub enum Event {
         message: String,
     },
     Progress {
-        step: String,
+        step: Step,
         done: u64,
         total: u64,
     },
@@ -589,7 +656,11 @@ impl Message for GuestMessage {
                     ..
                 }
                 | GuestMessage::Event {
-                    event: Event::Invalid,
+                    event: Event::Invalid
+                        | Event::Progress {
+                            step: Step::Invalid,
+                            ..
+                        },
                     ..
                 }
         )
@@ -737,10 +808,30 @@ mod tests {
         round_trip(GuestMessage::Event {
             id: Some(1),
             event: Event::Progress {
-                step: "squashfs".into(),
+                step: Step::MakeInitrdAndSquashfs,
                 done: 5,
                 total: 10,
             },
+        });
+        round_trip(HostMessage::Request {
+            id: 2,
+            request: Request::MountScratch {
+                serial: "vmic-scratch".into(),
+                path: "/work".into(),
+            },
+        });
+        round_trip(GuestMessage::Response {
+            id: 2,
+            result: Ok(Response::Done),
+        });
+        round_trip(GuestMessage::Response {
+            id: 4,
+            result: Ok(Response::Disk(DiskOutcome {
+                steps: vec![StepTime {
+                    step: Step::Unmount,
+                    seconds: 1.5,
+                }],
+            })),
         });
     }
 
@@ -799,6 +890,12 @@ mod tests {
             Err(ProtocolError::EmptyFrame)
         ));
         assert!(decode::<GuestMessage>(&[200, 1, 2, 3]).is_err());
+        // Event(3), Some(1) id 1, Progress(2), step 0 (Invalid), done 0, total 0.
+        assert!(matches!(
+            decode::<GuestMessage>(&[3, 1, 1, 2, 0, 0, 0]),
+            Err(ProtocolError::InvalidMessage)
+        ));
+        assert!(decode::<GuestMessage>(&[3, 1, 1, 2, 1, 0, 0]).is_ok());
         // Trailing bytes after a valid message mean the peer and we disagree on the layout.
         let mut frame = encode(&HostMessage::Shutdown).expect("encodes");
         frame.push(0);

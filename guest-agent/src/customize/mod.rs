@@ -15,7 +15,7 @@ mod selinux;
 mod services;
 mod users;
 use crate::pipeline;
-use crate::rootfs::scoped_join;
+use crate::rootfs::{self, scoped_join};
 
 /// The config directory inside the image while scripts run.
 pub(crate) const IMAGE_CONFIGS: &str = "/_imageconfigs";
@@ -23,6 +23,7 @@ pub(crate) const IMAGE_CONFIGS: &str = "/_imageconfigs";
 pub(crate) fn write_file(root: &Path, path: &str, data: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let target = scoped_join(root, path)?;
+    rootfs::check_writable(&target, path)?;
     if let Some(parent) = target.parent() {
         fs_create_dir_all(parent)?;
     }
@@ -30,6 +31,13 @@ pub(crate) fn write_file(root: &Path, path: &str, data: &[u8], mode: u32) -> any
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the permissions of {path}"))?;
     Ok(())
+}
+
+/// Replace the content of an existing file of the image, keeping its owner and mode.
+pub(crate) fn rewrite_file(root: &Path, path: &str, data: &[u8]) -> anyhow::Result<()> {
+    let target = scoped_join(root, path)?;
+    rootfs::check_writable(&target, path)?;
+    std::fs::write(&target, data).with_context(|| format!("writing {path}"))
 }
 
 pub(crate) fn copy_additional_files(root: &Path, files: &[FileCopy]) -> anyhow::Result<()> {
@@ -86,9 +94,10 @@ pub(crate) fn customize_image(
     services::apply(build, root, &os.services).context("os.services")?;
     modules::apply(root, &os.modules).context("os.modules")?;
     if !os.kernel_args.is_empty() {
-        let path = scoped_join(root, pipeline::IMAGE_GRUB_CFG)?;
-        let text = std::fs::read_to_string(&path).context("reading /boot/grub2/grub.cfg")?;
-        std::fs::write(&path, append_kernel_args(&text, &os.kernel_args))?;
+        let text = read_grub_cfg(root).context("os.kernelCommandLine")?;
+        let text = pipeline::grub_cfg::append_kernel_args(&text, &os.kernel_args)
+            .context("os.kernelCommandLine")?;
+        rewrite_file(root, pipeline::IMAGE_GRUB_CFG, text.as_bytes())?;
     }
     let relabel_with = match os.selinux_mode {
         Some(mode) => selinux::apply(build, root, mode).context("os.selinux")?,
@@ -103,40 +112,15 @@ pub(crate) fn customize_image(
     Ok(chroot_mounts)
 }
 
-/// Append `args` to every `linux`/`linuxefi` line that lacks them (os.kernelCommandLine).
-fn append_kernel_args(grub_cfg: &str, args: &[String]) -> String {
-    let mut out = String::with_capacity(grub_cfg.len());
-    for line in grub_cfg.split_inclusive('\n') {
-        let body = line.trim_end_matches('\n');
-        let first = body.split_whitespace().next().unwrap_or("");
-        if first == "linux" || first == "linuxefi" {
-            let present: Vec<&str> = body.split_whitespace().collect();
-            let mut body = body.to_string();
-            for arg in args {
-                if !present.contains(&arg.as_str()) {
-                    body.push(' ');
-                    body.push_str(arg);
-                }
-            }
-            out.push_str(&body);
-            if line.ends_with('\n') {
-                out.push('\n');
-            }
-        } else {
-            out.push_str(line);
-        }
-    }
-    out
-}
-
 /// A file of the image, or "" when it does not exist.
 pub(crate) fn read_optional(root: &Path, path: &str) -> anyhow::Result<String> {
-    let target = scoped_join(root, path)?;
-    match std::fs::read_to_string(&target) {
-        Ok(text) => Ok(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(error) => Err(error).with_context(|| format!("reading {path}")),
-    }
+    Ok(rootfs::read_image_text(root, path, rootfs::MAX_IMAGE_TEXT)?.unwrap_or_default())
+}
+
+/// The image's grub.cfg, which must exist.
+pub(crate) fn read_grub_cfg(root: &Path) -> anyhow::Result<String> {
+    rootfs::read_image_text(root, pipeline::IMAGE_GRUB_CFG, rootfs::MAX_IMAGE_TEXT)?
+        .with_context(|| format!("the image has no {}", pipeline::IMAGE_GRUB_CFG))
 }
 
 /// Mount what programs in the chroot need, and the config directory read-only.
@@ -219,19 +203,4 @@ pub(crate) fn run_scripts(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn os_kernel_args_are_appended_once_to_linux_lines() {
-        let cfg = "menuentry x {\n  linux /boot/vmlinuz-1 root=UUID=a ro quiet\n  initrd /boot/initrd.img-1\n}\n";
-        let args = vec!["ds=nocloud".to_string(), "quiet".to_string()];
-        let once = append_kernel_args(cfg, &args);
-        assert!(once.contains("linux /boot/vmlinuz-1 root=UUID=a ro quiet ds=nocloud\n"));
-        assert_eq!(append_kernel_args(&once, &args), once);
-        assert!(once.contains("  initrd /boot/initrd.img-1\n"));
-    }
 }

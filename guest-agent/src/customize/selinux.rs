@@ -12,23 +12,15 @@ use anyhow::{bail, Context};
 use vmic_protocol::SelinuxMode;
 
 use crate::build::{strings, Build};
+use crate::pipeline::grub_cfg::{self, GrubCfgError};
 use crate::pipeline::IMAGE_GRUB_CFG;
-use crate::rootfs::scoped_join;
+use crate::rootfs::{read_image_text, scoped_join, MAX_IMAGE_TEXT};
 
 const CONFIG: &str = "/etc/selinux/config";
 /// The policy when the config names none (also what a created config names).
 const DEFAULT_TYPE: &str = "targeted";
 /// File systems `setfiles` can label; every other mount below the image root is skipped.
 const LABELED_FS_TYPES: [&str; 5] = ["ext2", "ext3", "ext4", "xfs", "btrfs"];
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-enum SelinuxError {
-    #[error(
-        "grub.cfg has no `linux` command to put the SELinux kernel arguments on (a grub.cfg \
-         that only loads boot-loader-spec entries is not supported)"
-    )]
-    NoLinuxCommand,
-}
 
 /// Configure the mode; returns the policy type whose labels the image needs once everything
 /// (scripts included) has written its files, or `None` when SELinux is off.
@@ -37,12 +29,7 @@ pub(crate) fn apply(
     root: &Path,
     mode: SelinuxMode,
 ) -> anyhow::Result<Option<String>> {
-    let config_path = scoped_join(root, CONFIG)?;
-    let config = match std::fs::read_to_string(&config_path) {
-        Ok(text) => Some(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => return Err(error).with_context(|| format!("reading {CONFIG}")),
-    };
+    let config = read_image_text(root, CONFIG, MAX_IMAGE_TEXT)?;
     let policy_type = config
         .as_deref()
         .map_or(DEFAULT_TYPE.to_owned(), policy_type);
@@ -55,10 +42,7 @@ pub(crate) fn apply(
         );
     }
 
-    let grub_path = scoped_join(root, IMAGE_GRUB_CFG)?;
-    let grub_cfg =
-        std::fs::read_to_string(&grub_path).with_context(|| format!("reading {IMAGE_GRUB_CFG}"))?;
-    let grub_cfg = set_kernel_args(&grub_cfg, &kernel_args(mode))?;
+    let grub_cfg = set_kernel_args(&super::read_grub_cfg(root)?, mode)?;
 
     super::write_file(
         root,
@@ -66,7 +50,7 @@ pub(crate) fn apply(
         config_text(config.as_deref(), mode).as_bytes(),
         0o644,
     )?;
-    std::fs::write(&grub_path, grub_cfg).with_context(|| format!("writing {IMAGE_GRUB_CFG}"))?;
+    super::rewrite_file(root, IMAGE_GRUB_CFG, grub_cfg.as_bytes())?;
     build.log(format!("SELinux set to {}", config_mode(mode)));
 
     Ok((mode != SelinuxMode::Disabled).then_some(policy_type))
@@ -205,37 +189,14 @@ fn config_text(config: Option<&str>, mode: SelinuxMode) -> String {
     out
 }
 
-/// Drop `security=`, `selinux=` and `enforcing=` from every `linux` command and append
-/// `args`. Other lines are kept byte for byte.
-fn set_kernel_args(grub_cfg: &str, args: &[&str]) -> Result<String, SelinuxError> {
-    let mut out = String::with_capacity(grub_cfg.len() + 64);
-    let mut linux_commands = 0;
-    for line in grub_cfg.split_inclusive('\n') {
-        let body = line.trim_end_matches('\n');
-        let mut words = body.split_whitespace();
-        let command = words.next().unwrap_or("");
-        if !matches!(command, "linux" | "linuxefi" | "linux16") {
-            out.push_str(line);
-            continue;
-        }
-        linux_commands += 1;
-        let indent = &body[..body.len() - body.trim_start().len()];
-        let mut parts = vec![command];
-        parts.extend(words.filter(|word| {
-            let key = word.split_once('=').map_or(*word, |(key, _)| key);
-            !matches!(key, "security" | "selinux" | "enforcing")
-        }));
-        parts.extend(args);
-        out.push_str(indent);
-        out.push_str(&parts.join(" "));
-        if line.ends_with('\n') {
-            out.push('\n');
-        }
-    }
-    if linux_commands == 0 {
-        return Err(SelinuxError::NoLinuxCommand);
-    }
-    Ok(out)
+/// Drop `security=`, `selinux=` and `enforcing=` from every `linux` command and append the
+/// mode's args.
+fn set_kernel_args(grub_cfg: &str, mode: SelinuxMode) -> Result<String, GrubCfgError> {
+    grub_cfg::replace_kernel_args(
+        grub_cfg,
+        &["security", "selinux", "enforcing"],
+        &kernel_args(mode),
+    )
 }
 
 #[cfg(test)]
@@ -246,31 +207,29 @@ mod tests {
 
     #[test]
     fn kernel_args_replace_earlier_selinux_args_idempotently() {
-        let disabled =
-            set_kernel_args(AZL_GRUB, &kernel_args(SelinuxMode::Disabled)).expect("disabled");
+        let disabled = set_kernel_args(AZL_GRUB, SelinuxMode::Disabled).expect("disabled");
         assert_eq!(
             disabled,
             "set timeout=0\nmenuentry \"AzL\" {\n\tlinux $bootprefix/$mariner_linux rd.auto=1 root=$rootdevice $mariner_cmdline selinux=0\n\tinitrd $bootprefix/$mariner_initrd\n}\n"
         );
-        let forced = set_kernel_args(&disabled, &kernel_args(SelinuxMode::ForceEnforcing))
-            .expect("force-enforcing");
+        let forced =
+            set_kernel_args(&disabled, SelinuxMode::ForceEnforcing).expect("force-enforcing");
         assert!(forced.contains(
             "\tlinux $bootprefix/$mariner_linux rd.auto=1 root=$rootdevice $mariner_cmdline security=selinux selinux=1 enforcing=1\n"
         ));
         assert_eq!(
-            set_kernel_args(&forced, &kernel_args(SelinuxMode::ForceEnforcing)).expect("again"),
+            set_kernel_args(&forced, SelinuxMode::ForceEnforcing).expect("again"),
             forced
         );
-        let enforcing =
-            set_kernel_args(&forced, &kernel_args(SelinuxMode::Enforcing)).expect("enforcing");
+        let enforcing = set_kernel_args(&forced, SelinuxMode::Enforcing).expect("enforcing");
         assert!(!enforcing.contains("enforcing=1"));
     }
 
     #[test]
     fn a_grub_cfg_without_linux_commands_is_an_error() {
         assert_eq!(
-            set_kernel_args("configfile /boot/grub2/other.cfg\n", &["selinux=0"]),
-            Err(SelinuxError::NoLinuxCommand)
+            set_kernel_args("configfile /boot/grub2/other.cfg\n", SelinuxMode::Disabled),
+            Err(GrubCfgError::NoLinuxCommand)
         );
     }
 

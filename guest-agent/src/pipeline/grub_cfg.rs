@@ -157,13 +157,115 @@ pub fn rewrite_for_iso(
         .filter(|a| *a != SELINUX_OFF)
         .collect();
 
-    let mut out = String::with_capacity(grub_cfg.len() + 512);
     let mut result = RewrittenGrubCfg {
         text: String::new(),
         kernels: Vec::new(),
         initrds: Vec::new(),
         linux_commands: 0,
     };
+    let text = edit_commands(grub_cfg, |first, words| match first {
+        "linux" | "linuxefi" | "linux16" if words.len() >= 2 => {
+            result.linux_commands += 1;
+            let (path, reference) = rewrite_boot_path(&words[1]);
+            push_unique(&mut result.kernels, reference);
+            let mut parts: Vec<String> = vec![words[0].raw.to_owned(), path];
+            parts.extend(
+                words[2..]
+                    .iter()
+                    .filter(|w| !is_replaced_arg(w, &user_args))
+                    .map(|w| w.raw.to_owned()),
+            );
+            parts.push(format!("root=live:LABEL={}", settings.label));
+            parts.extend(LIVE_ARGS.iter().map(|a| (*a).to_owned()));
+            parts.push(SELINUX_OFF.to_owned());
+            parts.extend(user_args.iter().map(|a| grub_quote(a)));
+            Some(parts.join(" "))
+        }
+        "initrd" | "initrdefi" | "initrd16" if words.len() >= 2 => {
+            let mut parts = vec![words[0].raw.to_owned()];
+            for word in &words[1..] {
+                let (path, reference) = rewrite_boot_path(word);
+                push_unique(&mut result.initrds, reference);
+                parts.push(path);
+            }
+            Some(parts.join(" "))
+        }
+        "search" | "search.fs_uuid" | "search.fs_label" | "search.file" => Some(search_command(
+            &settings.label,
+            search_variable(&words[1..]),
+        )),
+        "set" if words.len() == 2 => rewrite_set(&words[1], &settings.label),
+        _ => None,
+    });
+    if result.linux_commands == 0 {
+        return Err(GrubCfgError::NoLinuxCommand);
+    }
+    result.text = text;
+    Ok(result)
+}
+
+/// Appends each of `args` that a `linux`/`linuxefi`/`linux16` command lacks to it
+/// (`os.kernelCommandLine`); args already there stay where they are. Args are literal kernel
+/// args, quoted for grub here (so `a;b` stays one word).
+pub fn append_kernel_args(grub_cfg: &str, args: &[String]) -> Result<String, GrubCfgError> {
+    edit_linux_args(grub_cfg, |present| {
+        let mut kept: Vec<String> = present.iter().map(|w| w.raw.to_owned()).collect();
+        for arg in args {
+            if !present.iter().any(|w| w.value == *arg) {
+                kept.push(grub_quote(arg));
+            }
+        }
+        kept
+    })
+}
+
+/// Drops every arg whose key (`selinux` of `selinux=1`) is in `remove_keys` from each `linux`
+/// command, then appends `args` (quoted for grub). Idempotent.
+pub fn replace_kernel_args(
+    grub_cfg: &str,
+    remove_keys: &[&str],
+    args: &[&str],
+) -> Result<String, GrubCfgError> {
+    edit_linux_args(grub_cfg, |present| {
+        present
+            .iter()
+            .filter(|w| !remove_keys.contains(&arg_key(&w.value)))
+            .map(|w| w.raw.to_owned())
+            .chain(args.iter().map(|a| grub_quote(a)))
+            .collect()
+    })
+}
+
+/// Replaces the args (the words after the kernel path) of every `linux` command with what
+/// `edit` makes of them; the command and the kernel path are kept as written.
+fn edit_linux_args(
+    grub_cfg: &str,
+    mut edit: impl FnMut(&[Word<'_>]) -> Vec<String>,
+) -> Result<String, GrubCfgError> {
+    let mut linux_commands = 0;
+    let text = edit_commands(grub_cfg, |first, words| match first {
+        "linux" | "linuxefi" | "linux16" if words.len() >= 2 => {
+            linux_commands += 1;
+            let mut parts = vec![words[0].raw.to_owned(), words[1].raw.to_owned()];
+            parts.extend(edit(&words[2..]));
+            Some(parts.join(" "))
+        }
+        _ => None,
+    });
+    if linux_commands == 0 {
+        return Err(GrubCfgError::NoLinuxCommand);
+    }
+    Ok(text)
+}
+
+/// The one walk over grub.cfg every edit shares: each command (after `then`/`else`/`do`) is
+/// offered to `replace` with its unquoted first word; a returned text takes the command's
+/// place, everything else is kept byte for byte.
+fn edit_commands(
+    grub_cfg: &str,
+    mut replace: impl FnMut(&str, &[Word<'_>]) -> Option<String>,
+) -> String {
+    let mut out = String::with_capacity(grub_cfg.len() + 512);
     for line in logical_lines(grub_cfg) {
         let mut replacements: Vec<(usize, usize, String)> = Vec::new();
         for command in lex(line) {
@@ -172,40 +274,7 @@ pub fn rewrite_for_iso(
                 continue;
             };
             let range = (first.start, words.last().map_or(first.end, |w| w.end));
-            let replacement = match first.value.as_str() {
-                "linux" | "linuxefi" | "linux16" if words.len() >= 2 => {
-                    result.linux_commands += 1;
-                    let (path, reference) = rewrite_boot_path(&words[1]);
-                    push_unique(&mut result.kernels, reference);
-                    let mut parts: Vec<String> = vec![first.raw.to_owned(), path];
-                    parts.extend(
-                        words[2..]
-                            .iter()
-                            .filter(|w| !is_replaced_arg(w, &user_args))
-                            .map(|w| w.raw.to_owned()),
-                    );
-                    parts.push(format!("root=live:LABEL={}", settings.label));
-                    parts.extend(LIVE_ARGS.iter().map(|a| (*a).to_owned()));
-                    parts.push(SELINUX_OFF.to_owned());
-                    parts.extend(user_args.iter().map(|a| grub_quote(a)));
-                    Some(parts.join(" "))
-                }
-                "initrd" | "initrdefi" | "initrd16" if words.len() >= 2 => {
-                    let mut parts = vec![first.raw.to_owned()];
-                    for word in &words[1..] {
-                        let (path, reference) = rewrite_boot_path(word);
-                        push_unique(&mut result.initrds, reference);
-                        parts.push(path);
-                    }
-                    Some(parts.join(" "))
-                }
-                "search" | "search.fs_uuid" | "search.fs_label" | "search.file" => Some(
-                    search_command(&settings.label, search_variable(&words[1..])),
-                ),
-                "set" if words.len() == 2 => rewrite_set(&words[1], &settings.label),
-                _ => None,
-            };
-            if let Some(text) = replacement {
+            if let Some(text) = replace(first.value.as_str(), words) {
                 replacements.push((range.0, range.1, text));
             }
         }
@@ -217,11 +286,7 @@ pub fn rewrite_for_iso(
         }
         out.push_str(&line[cursor..]);
     }
-    if result.linux_commands == 0 {
-        return Err(GrubCfgError::NoLinuxCommand);
-    }
-    result.text = out;
-    Ok(result)
+    out
 }
 
 /// The `search` line that finds the ISO 9660 file system.
@@ -887,5 +952,75 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         let rewritten = rewrite_for_iso(&format!("linux /boot/vmlinuz-1\n{cfg}"), &settings(&[]))
             .expect("rewrite");
         assert!(rewritten.text.ends_with(cfg), "{}", rewritten.text);
+    }
+
+    #[test]
+    fn appended_args_go_on_every_linux_command_once() {
+        let cfg = "menuentry x {\n  linux /boot/vmlinuz-1 root=UUID=a ro quiet\n  initrd /boot/initrd.img-1\n}\n\
+                   menuentry \"old\" { linux16 /vmlinuz-0 ro ; initrd16 /initrd-0 }\n\
+                   if true; then linuxefi /vmlinuz-2 'quiet'; fi\n";
+        let args = strings(&["ds=nocloud", "quiet"]);
+        let once = append_kernel_args(cfg, &args).expect("append");
+        assert_eq!(
+            once,
+            "menuentry x {\n  linux /boot/vmlinuz-1 root=UUID=a ro quiet ds=nocloud\n  initrd /boot/initrd.img-1\n}\n\
+             menuentry \"old\" { linux16 /vmlinuz-0 ro ds=nocloud quiet ; initrd16 /initrd-0 }\n\
+             if true; then linuxefi /vmlinuz-2 'quiet' ds=nocloud; fi\n"
+        );
+        assert_eq!(append_kernel_args(&once, &args).expect("again"), once);
+    }
+
+    #[test]
+    fn an_appended_arg_with_a_semicolon_or_quotes_stays_one_word() {
+        let args = strings(&["ds=nocloud;s=file:///cidata/", "msg=it's fine"]);
+        let once =
+            append_kernel_args("linux /vmlinuz-1 ro\ninitrd /initrd-1\n", &args).expect("append");
+        assert_eq!(
+            once,
+            "linux /vmlinuz-1 ro 'ds=nocloud;s=file:///cidata/' 'msg=it'\\''s fine'\ninitrd /initrd-1\n"
+        );
+        // grub reads the line back as one command with the args as written.
+        let commands = lex(logical_lines(&once)[0]);
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        let values: Vec<&str> = commands[0].iter().map(|w| w.value.as_str()).collect();
+        assert_eq!(
+            values,
+            [
+                "linux",
+                "/vmlinuz-1",
+                "ro",
+                "ds=nocloud;s=file:///cidata/",
+                "msg=it's fine"
+            ]
+        );
+        assert_eq!(append_kernel_args(&once, &args).expect("again"), once);
+    }
+
+    #[test]
+    fn replaced_args_go_wherever_they_were_and_quoted_ones_too() {
+        let cfg =
+            "menuentry a { linux16 /vmlinuz-1 'selinux=1' ro security=selinux; initrd16 /i }\n\
+                   linux /vmlinuz-2 \\\n   enforcing=1 quiet\n";
+        let replaced =
+            replace_kernel_args(cfg, &["selinux", "security", "enforcing"], &["selinux=0"])
+                .expect("replace");
+        assert_eq!(
+            replaced,
+            "menuentry a { linux16 /vmlinuz-1 ro selinux=0; initrd16 /i }\nlinux /vmlinuz-2 quiet selinux=0\n"
+        );
+        let removed = replace_kernel_args(&replaced, &["selinux"], &[]).expect("remove");
+        assert!(!removed.contains("selinux"), "{removed}");
+        assert_eq!(
+            replace_kernel_args("set default=0\n", &["selinux"], &[]),
+            Err(GrubCfgError::NoLinuxCommand)
+        );
+        assert_eq!(
+            append_kernel_args("configfile /boot/grub2/grub.cfg\n", &strings(&["a"])),
+            Err(GrubCfgError::NoLinuxCommand)
+        );
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
     }
 }

@@ -55,6 +55,15 @@ pub enum IsoRecordError {
     UnsupportedFormat { found: u32, vmic_version: String },
     #[error("cannot write the settings record")]
     Render(#[source] serde_json::Error),
+    #[error(
+        "{} on the input ISO does not match its settings record (sha256 {actual}, the record \
+         says {recorded}): the ISO was changed after vmic made it; build a new ISO from the \
+         source disk image instead",
+        super::ISO_ROOTFS_IMG
+    )]
+    RootfsMismatch { recorded: String, actual: String },
+    #[error("reading {} on the input ISO", super::ISO_ROOTFS_IMG)]
+    ReadRootfs(#[source] std::io::Error),
 }
 
 impl IsoSettingsRecord {
@@ -63,6 +72,19 @@ impl IsoSettingsRecord {
         let mut text = serde_json::to_string_pretty(self).map_err(IsoRecordError::Render)?;
         text.push('\n');
         Ok(text)
+    }
+
+    /// Checks that `rootfs` (the ISO's `rootfs.img`) is the one this record was written for.
+    pub fn check_rootfs(&self, rootfs: impl std::io::Read) -> Result<(), IsoRecordError> {
+        let actual =
+            hex::encode(vmic_protocol::sha256_reader(rootfs).map_err(IsoRecordError::ReadRootfs)?);
+        if !actual.eq_ignore_ascii_case(self.rootfs_sha256.trim()) {
+            return Err(IsoRecordError::RootfsMismatch {
+                recorded: self.rootfs_sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
     }
 
     /// Reads a record; unknown fields are ignored (a newer vmic of the same format may add
@@ -153,6 +175,34 @@ mod tests {
                 "{text}: {error}"
             );
         }
+    }
+
+    #[test]
+    fn rootfs_must_match_the_recorded_sha256() {
+        let rootfs = b"squashfs bytes".as_slice();
+        let mut recorded = record();
+        recorded.rootfs_sha256 =
+            vmic_protocol::hex_digest(&vmic_protocol::sha256_reader(rootfs).expect("hash"));
+        recorded.check_rootfs(rootfs).expect("the recorded rootfs");
+        recorded.rootfs_sha256 = recorded.rootfs_sha256.to_uppercase();
+        recorded
+            .check_rootfs(rootfs)
+            .expect("hex case does not matter");
+        let error = recorded
+            .check_rootfs(b"squashfs bytez".as_slice())
+            .expect_err("one byte changed");
+        let message = error.to_string();
+        assert!(
+            matches!(error, IsoRecordError::RootfsMismatch { .. })
+                && message.starts_with("/liveos/rootfs.img on the input ISO does not match")
+                && message.contains(&recorded.rootfs_sha256),
+            "{message}"
+        );
+        recorded.rootfs_sha256 = String::new();
+        assert!(
+            recorded.check_rootfs(rootfs).is_err(),
+            "an empty digest matches nothing"
+        );
     }
 
     #[test]
