@@ -328,3 +328,61 @@ fn inputs_that_name_other_files_are_refused_before_anything_starts() {
     assert!(!marker.exists(), "QEMU was started");
     assert_eq!(fs_err::read(secret).expect("secret"), vec![0x5a; 1 << 20]);
 }
+
+/// Issue 10: the config directory uploads only what belongs to it. A symlink to a host file
+/// outside it is refused naming the link; `a -> .` and `b -> .` are found at once (not walked
+/// forever); in both cases QEMU never starts and no output is left.
+#[test]
+fn config_dirs_with_outside_links_or_loops_fail_fast_and_start_nothing() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(1 << 20))
+        .expect("raw image");
+    fs_err::write(dir.path().join("secret"), "host secret").expect("secret");
+    let marker = dir.path().join("qemu-started");
+    let path = path_with_recording_qemu(dir.path(), &marker);
+    let cases: [(&str, &[(&str, &str)], &str); 2] = [
+        (
+            "outside",
+            &[("innocent.txt", "../secret")],
+            "innocent.txt is a symlink to",
+        ),
+        ("loop", &[("a", "."), ("b", ".")], "a symlink loop"),
+    ];
+    for (name, links, expected) in cases {
+        let config_dir = dir.path().join(name);
+        fs_err::create_dir_all(&config_dir).expect("mkdir");
+        for (link, target) in links {
+            std::os::unix::fs::symlink(target, config_dir.join(link)).expect("symlink");
+        }
+        let config = config_dir.join("cfg.yaml");
+        fs_err::write(&config, "os:\n  hostname: ok\n").expect("write config");
+        let output = dir.path().join(format!("{name}.iso"));
+        let started = std::time::Instant::now();
+        let run = vmic()
+            .env("PATH", &path)
+            .arg("customize")
+            .arg("--image-file")
+            .arg(&image)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--build-dir")
+            .arg(dir.path().join(format!("{name}.build")))
+            .arg("--output-image-file")
+            .arg(&output)
+            .args(["--output-image-format", "iso"])
+            .timeout(std::time::Duration::from_secs(60))
+            .assert()
+            .failure();
+        let stderr = String::from_utf8_lossy(&run.get_output().stderr).into_owned();
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        assert!(!output.exists(), "{name}: no output");
+    }
+    assert!(!marker.exists(), "QEMU was started");
+}
