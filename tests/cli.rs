@@ -342,7 +342,9 @@ fn config_dirs_with_outside_links_or_loops_fail_fast_and_start_nothing() {
     fs_err::write(dir.path().join("secret"), "host secret").expect("secret");
     let marker = dir.path().join("qemu-started");
     let path = path_with_recording_qemu(dir.path(), &marker);
-    let cases: [(&str, &[(&str, &str)], &str); 2] = [
+    /// (case, symlinks as (name, target), what stderr says)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 2] = [
         (
             "outside",
             &[("innocent.txt", "../secret")],
