@@ -198,3 +198,197 @@ fn customize_refuses_bad_build_options_before_starting() {
     assert!(!build_dir.exists(), "nothing was started");
     assert!(!dir.path().join("out.iso").exists());
 }
+
+fn sha256(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(fs_err::read(path).expect("read")))
+}
+
+fn qemu_img(args: &[&str]) {
+    let status = std::process::Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img runs");
+    assert!(status.success(), "qemu-img {args:?}");
+}
+
+/// A PATH whose `qemu-system-*` only records that it was started (qemu-img stays the real
+/// one, found further down the PATH).
+fn path_with_recording_qemu(dir: &std::path::Path, marker: &std::path::Path) -> std::ffi::OsString {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("fake-bin");
+    fs_err::create_dir_all(&bin).expect("mkdir");
+    for name in ["qemu-system-x86_64", "qemu-system-aarch64"] {
+        let script = bin.join(name);
+        fs_err::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho started >> '{}'\nexit 1\n",
+                marker.display()
+            ),
+        )
+        .expect("write");
+        fs_err::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let mut path = bin.into_os_string();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    path
+}
+
+/// Issue 10: an input whose header names another file (a host "secret" as backing file, an
+/// external data file, a `json:` backing spec) is refused before anything starts: exit 2, the
+/// reference named with the flattening command, the input unchanged, no output or partial
+/// file, no build directory, QEMU never run.
+#[test]
+fn inputs_that_name_other_files_are_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let secret = dir.path().join("secret.raw");
+    fs_err::write(&secret, vec![0x5a; 1 << 20]).expect("secret");
+    let secret = secret.to_str().expect("utf-8 path");
+    let json =
+        format!(r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{secret}"}}}}"#);
+    let data_file = dir.path().join("data.raw");
+    let cases: Vec<(&str, Vec<String>, String)> = vec![
+        (
+            "backing.qcow2",
+            vec!["-b".into(), secret.into(), "-F".into(), "raw".into()],
+            format!("the backing file \"{secret}\""),
+        ),
+        (
+            "data-file.qcow2",
+            vec![
+                "-o".into(),
+                format!("data_file={}", data_file.display()),
+                "-u".into(),
+            ],
+            format!("the external data file \"{}\"", data_file.display()),
+        ),
+        (
+            "json.qcow2",
+            vec![
+                "-u".into(),
+                "-b".into(),
+                json.clone(),
+                "-F".into(),
+                "raw".into(),
+            ],
+            "the backing file \"json:{".into(),
+        ),
+    ];
+    let config = dir.path().join("cfg.yaml");
+    fs_err::write(&config, "os:\n  hostname: ok\n").expect("write config");
+    let marker = dir.path().join("qemu-started");
+    let path = path_with_recording_qemu(dir.path(), &marker);
+    for (name, options, named) in cases {
+        let image = dir.path().join(name);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        args.extend(options.iter().map(String::as_str));
+        args.extend([image.to_str().expect("utf-8"), "1M"]);
+        qemu_img(&args);
+        let before = sha256(&image);
+        let output = dir.path().join(format!("{name}.iso"));
+        let build_dir = dir.path().join(format!("{name}.build"));
+        let customize = vmic()
+            .env("PATH", &path)
+            .arg("customize")
+            .arg("--image-file")
+            .arg(&image)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--build-dir")
+            .arg(&build_dir)
+            .arg("--output-image-file")
+            .arg(&output)
+            .args(["--output-image-format", "iso"])
+            .assert()
+            .code(2);
+        let stderr = String::from_utf8_lossy(&customize.get_output().stderr).into_owned();
+        assert!(stderr.contains(&named), "{name}: {stderr}");
+        assert!(
+            stderr.contains("qemu-img convert -O qcow2 in.qcow2 flat.qcow2"),
+            "{name}: {stderr}"
+        );
+        let boot = vmic()
+            .env("PATH", &path)
+            .arg("boot")
+            .arg("--image-file")
+            .arg(&image)
+            .args(["--timeout", "5"])
+            .assert()
+            .code(2);
+        let stderr = String::from_utf8_lossy(&boot.get_output().stderr).into_owned();
+        assert!(stderr.contains(&named), "boot {name}: {stderr}");
+        assert_eq!(sha256(&image), before, "{name}: the input is unchanged");
+        assert!(!output.exists(), "{name}: no output");
+        let leftovers: Vec<_> = fs_err::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_name().to_string_lossy().contains("vmic-partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{name}: partial files {leftovers:?}");
+        assert!(!build_dir.exists(), "{name}: nothing was started");
+    }
+    assert!(!marker.exists(), "QEMU was started");
+    assert_eq!(fs_err::read(secret).expect("secret"), vec![0x5a; 1 << 20]);
+}
+
+/// Issue 10: the config directory uploads only what belongs to it. A symlink to a host file
+/// outside it is refused naming the link; `a -> .` and `b -> .` are found at once (not walked
+/// forever); in both cases QEMU never starts and no output is left.
+#[test]
+fn config_dirs_with_outside_links_or_loops_fail_fast_and_start_nothing() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(1 << 20))
+        .expect("raw image");
+    fs_err::write(dir.path().join("secret"), "host secret").expect("secret");
+    let marker = dir.path().join("qemu-started");
+    let path = path_with_recording_qemu(dir.path(), &marker);
+    /// (case, symlinks as (name, target), what stderr says)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 2] = [
+        (
+            "outside",
+            &[("innocent.txt", "../secret")],
+            "innocent.txt is a symlink to",
+        ),
+        ("loop", &[("a", "."), ("b", ".")], "a symlink loop"),
+    ];
+    for (name, links, expected) in cases {
+        let config_dir = dir.path().join(name);
+        fs_err::create_dir_all(&config_dir).expect("mkdir");
+        for (link, target) in links {
+            std::os::unix::fs::symlink(target, config_dir.join(link)).expect("symlink");
+        }
+        let config = config_dir.join("cfg.yaml");
+        fs_err::write(&config, "os:\n  hostname: ok\n").expect("write config");
+        let output = dir.path().join(format!("{name}.iso"));
+        let started = std::time::Instant::now();
+        let run = vmic()
+            .env("PATH", &path)
+            .arg("customize")
+            .arg("--image-file")
+            .arg(&image)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--build-dir")
+            .arg(dir.path().join(format!("{name}.build")))
+            .arg("--output-image-file")
+            .arg(&output)
+            .args(["--output-image-format", "iso"])
+            .timeout(std::time::Duration::from_secs(60))
+            .assert()
+            .failure();
+        let stderr = String::from_utf8_lossy(&run.get_output().stderr).into_owned();
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        assert!(!output.exists(), "{name}: no output");
+    }
+    assert!(!marker.exists(), "QEMU was started");
+}

@@ -99,6 +99,11 @@ fn assert_full_customization(booted: &Booted) {
         "7",
         "jq and its libraries installed"
     );
+    assert_eq!(
+        evidence(booted, "motd"),
+        "from tests/fixtures/motd, named as ../motd",
+        "a `../motd` source is the file beside the config directory, not the one inside it"
+    );
 }
 
 /// What `full.yaml` and `aarch64.yaml` both show: every os customization but packages.

@@ -241,7 +241,8 @@ fn aarch64_qcow2_to_iso_boots_under_aavmf() {
         &image.join("disk.qcow2"),
         &fixture("iso/live.yaml"),
         &iso,
-        &["--arch", "aarch64"],
+        // No --arch: detected from the image's boot loader, as for `vmic boot`.
+        &[],
     );
     eprintln!("aarch64 ISO: {:.1} s", built.seconds);
     let booted = boot(&iso, "uefi", "cdrom", 1200);

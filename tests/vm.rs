@@ -159,6 +159,12 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
         // The serving agent is killed while a request runs: the host reports it, the VM
         // powers off, and nothing is left behind.
         let qemu_pid = vm.qemu_pid().expect("qemu pid");
+        // Issue 10: QEMU runs under its seccomp sandbox (mode 2: filter) where it has one.
+        let status = fs_err::read_to_string(format!("/proc/{qemu_pid}/status")).expect("status");
+        let seccomp = status.lines().find(|line| line.starts_with("Seccomp:"));
+        if vmic::sandbox::supported(&vmic::qemu::find_system_binary(arch).expect("qemu")) {
+            assert_eq!(seccomp, Some("Seccomp:\t2"), "{status}");
+        }
         let daemon_pid = vm.daemon_pid();
         let sockets = vm.socket_dir().expect("socket dir");
         let killed = vm

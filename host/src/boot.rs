@@ -105,15 +105,10 @@ pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
     let image = std::path::absolute(&args.image_file)
         .with_context(|| format!("cannot resolve {}", args.image_file.display()))?;
     let format = detect_format(&image)?;
-    let arch = match args.arch {
-        Some(arch) => arch,
-        None => match detect_arch(&image, format) {
-            Some(arch) => arch,
-            None => Arch::host().context(
-                "cannot tell the image's architecture and the host's is unsupported: pass --arch",
-            )?,
-        },
-    };
+    crate::references::check(&image, format)?;
+    let arch = crate::image::resolve_arch(args.arch, &image, format).context(
+        "cannot tell the image's architecture and the host's is unsupported: pass --arch",
+    )?;
     if args.firmware == Firmware::Bios && arch != Arch::X86_64 {
         anyhow::bail!("--firmware bios is for x86_64 only; {arch} boots with UEFI");
     }
@@ -189,10 +184,15 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
         }
     } else {
         let overlay = dir.path().join("overlay.qcow2");
-        crate::image::create_overlay(&settings.image, settings.format, &overlay)?;
+        let size = crate::image::virtual_size(&settings.image, settings.format)?;
+        crate::image::create_overlay(&settings.image, settings.format, &overlay, size)?;
         BootMedium::Disk {
             path: overlay,
             format: "qcow2".into(),
+            backing: crate::qemu::Backing {
+                path: settings.image.clone(),
+                format: settings.format.qemu_name().into(),
+            },
         }
     };
     let serial_socket = dir.path().join("console.sock");

@@ -34,29 +34,6 @@ fn qemu_img(argv: &[OsString]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Virtual size of an image as QEMU reads it; also proves the file is a readable image of
-/// that format (a truncated qcow2 fails here, before any VM starts).
-pub fn virtual_size(path: &Path, format: ImageFormat) -> anyhow::Result<u64> {
-    let json = qemu_img(&[
-        "info".into(),
-        "--output=json".into(),
-        "-f".into(),
-        format.qemu_name().into(),
-        path.into(),
-    ])
-    .with_context(|| {
-        format!(
-            "{} is not a readable {} image",
-            path.display(),
-            format.name()
-        )
-    })?;
-    let info: serde_json::Value = serde_json::from_str(&json)?;
-    info["virtual-size"]
-        .as_u64()
-        .context("qemu-img info reported no virtual size")
-}
-
 /// A sparse file of `size` bytes: costs no disk until written.
 fn sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
     let file = fs_err::File::create(path)?;
@@ -167,7 +144,7 @@ pub async fn build(
     fs_err::create_dir_all(&settings.build_dir)?;
     let build_dir = fs_err::canonicalize(&settings.build_dir)?;
     let input = fs_err::canonicalize(&settings.input)?;
-    let input_size = virtual_size(&input, settings.input_format)?;
+    let input_size = crate::image::virtual_size(&input, settings.input_format)?;
     let output_partial = partial_path(&settings.output);
     let output_dir = match settings.output.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
@@ -181,6 +158,10 @@ pub async fn build(
     let _scratch_files = Cleanup(vec![overlay.clone(), scratch.clone()]);
     let mut partial_guard = Cleanup(vec![output_partial.clone()]);
 
+    let input_backing = crate::qemu::Backing {
+        path: input.clone(),
+        format: settings.input_format.qemu_name().into(),
+    };
     let input_disk = if settings.input_format == ImageFormat::Iso {
         // An ISO is never written by the pipeline: attach it read-only as it is.
         Disk {
@@ -188,14 +169,16 @@ pub async fn build(
             format: "raw".into(),
             serial: INPUT_SERIAL.into(),
             read_only: true,
+            backing: None,
         }
     } else {
-        crate::image::create_overlay(&input, settings.input_format, &overlay)?;
+        crate::image::create_overlay(&input, settings.input_format, &overlay, input_size)?;
         Disk {
             path: overlay.clone(),
             format: "qcow2".into(),
             serial: INPUT_SERIAL.into(),
             read_only: false,
+            backing: Some(input_backing.clone()),
         }
     };
     // Sparse, so generous sizes cost nothing: the ISO is at most the rootfs plus boot files;
@@ -209,6 +192,7 @@ pub async fn build(
             format: "raw".into(),
             serial: OUTPUT_SERIAL.into(),
             read_only: false,
+            backing: None,
         });
     }
     disks.push(Disk {
@@ -216,6 +200,7 @@ pub async fn build(
         format: "raw".into(),
         serial: SCRATCH_SERIAL.into(),
         read_only: false,
+        backing: None,
     });
 
     let mut options = VmOptions::new(arch);
@@ -279,7 +264,12 @@ pub async fn build(
                 "Converting",
                 &format!("customized disk to {}", settings.output_format.name()),
             );
-            convert_overlay(&overlay, &output_partial, settings.output_format)?;
+            convert_overlay(
+                &overlay,
+                &input_backing,
+                &output_partial,
+                settings.output_format,
+            )?;
             let size = fs_err::metadata(&output_partial)?.len();
             (size, sha256_file(&output_partial)?)
         }
@@ -296,7 +286,12 @@ pub async fn build(
 
 /// `qemu-img convert` arguments that write `format` (the overlay and its backing input
 /// flattened into one standalone image).
-pub fn convert_argv(overlay: &Path, output: &Path, format: OutputFormat) -> Vec<OsString> {
+pub fn convert_argv(
+    overlay: &Path,
+    input: &crate::qemu::Backing,
+    output: &Path,
+    format: OutputFormat,
+) -> Vec<OsString> {
     let (qemu_format, options): (&str, Option<&str>) = match format {
         OutputFormat::Raw => ("raw", None),
         OutputFormat::Qcow2 => ("qcow2", None),
@@ -307,24 +302,38 @@ pub fn convert_argv(overlay: &Path, output: &Path, format: OutputFormat) -> Vec<
         OutputFormat::Vhdx => ("vhdx", None),
         OutputFormat::Iso => unreachable!("an ISO is not converted from the overlay"),
     };
-    let mut argv: Vec<OsString> = vec![
-        "convert".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-O".into(),
-        qemu_format.into(),
-    ];
+    let mut argv: Vec<OsString> = vec!["convert".into(), "-O".into(), qemu_format.into()];
     if let Some(options) = options {
         argv.push("-o".into());
         argv.push(options.into());
     }
-    argv.push(overlay.into());
+    // The overlay and its input given whole, as data: the input's own header is never asked
+    // for a backing file, even if the file changed since it was checked.
+    let mut backing = serde_json::json!({
+        "driver": input.format,
+        "read-only": true,
+        "file": {"driver": "file", "filename": input.path.to_string_lossy()},
+    });
+    if input.format == "qcow2" {
+        backing["backing"] = serde_json::Value::Null;
+    }
+    let source = serde_json::json!({
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": overlay.to_string_lossy()},
+        "backing": backing,
+    });
+    argv.push(format!("json:{source}").into());
     argv.push(output.into());
     argv
 }
 
-fn convert_overlay(overlay: &Path, output: &Path, format: OutputFormat) -> anyhow::Result<()> {
-    qemu_img(&convert_argv(overlay, output, format))
+fn convert_overlay(
+    overlay: &Path,
+    input: &crate::qemu::Backing,
+    output: &Path,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    qemu_img(&convert_argv(overlay, input, output, format))
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(())
 }

@@ -6,6 +6,8 @@ use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
+
 use crate::cli::Arch;
 
 /// Image formats `vmic boot` attaches, with QEMU's name for each.
@@ -182,6 +184,14 @@ pub fn arch_from_bytes(bytes: &[u8]) -> Option<Arch> {
     }
 }
 
+/// The architecture to run `path` with: `requested` (`--arch`) when given, else the one its
+/// boot loaders name, else the host's. One resolution for `customize` and `boot`.
+pub fn resolve_arch(requested: Option<Arch>, path: &Path, format: ImageFormat) -> Option<Arch> {
+    requested
+        .or_else(|| detect_arch(path, format))
+        .or_else(Arch::host)
+}
+
 /// Reads byte ranges of an image's guest-visible content: directly for raw images and ISOs
 /// (and fixed VHDs), through `qemu-img dd` for the others.
 struct RangeReader<'a> {
@@ -233,12 +243,56 @@ pub fn qemu_img_binary() -> PathBuf {
     crate::qemu::find_in_path("qemu-img").unwrap_or_else(|| PathBuf::from("qemu-img"))
 }
 
+/// Virtual size of an image as QEMU reads it; also proves the file is a readable image of
+/// that format (a truncated qcow2 fails here, before any VM starts).
+pub fn virtual_size(path: &Path, format: ImageFormat) -> anyhow::Result<u64> {
+    let json = qemu_img_stdout(&[
+        "info".into(),
+        "--output=json".into(),
+        "-f".into(),
+        format.qemu_name().into(),
+        path.into(),
+    ])
+    .with_context(|| {
+        format!(
+            "{} is not a readable {} image",
+            path.display(),
+            format.name()
+        )
+    })?;
+    let info: serde_json::Value = serde_json::from_str(&json)?;
+    info["virtual-size"]
+        .as_u64()
+        .context("qemu-img info reported no virtual size")
+}
+
+fn qemu_img_stdout(argv: &[OsString]) -> anyhow::Result<String> {
+    let output = run_qemu_img(argv)?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "qemu-img {} failed: {}",
+            argv.iter()
+                .map(|arg| arg.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// A throwaway qcow2 overlay over `image`: the VM writes there, the image stays byte-identical.
-pub fn create_overlay(image: &Path, format: ImageFormat, overlay: &Path) -> anyhow::Result<()> {
+pub fn create_overlay(
+    image: &Path,
+    format: ImageFormat,
+    overlay: &Path,
+    size: u64,
+) -> anyhow::Result<()> {
     let output = run_qemu_img(&crate::boot::overlay_argv(
         image,
         format.qemu_name(),
         overlay,
+        size,
     ))?;
     if !output.status.success() {
         anyhow::bail!(

@@ -20,6 +20,9 @@ pub const WORK_DIR: &str = "/work";
 pub const GUEST_CONFIG_DIR: &str = "/work/config";
 /// Guest directory `os.additionalDirs` sources are uploaded to (one numbered subdirectory each).
 pub const GUEST_DIRS_DIR: &str = "/work/dirs";
+/// Guest directory for the files the config names outside its directory (`../x`, absolute
+/// paths), each below its host path.
+pub const GUEST_FILES_DIR: &str = "/work/files";
 /// Guest directory `--package-source` paths are uploaded to.
 pub const GUEST_PACKAGES_DIR: &str = "/work/packages";
 /// Default ISO volume label (as AzL-IC's `mkisofs -V CDROM`).
@@ -93,7 +96,34 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-fn file_copies(files: Option<&AdditionalFiles>) -> Vec<FileCopy> {
+/// The config directory with `..` and `.` cleaned out, as [`crate::config::resolve_source`]
+/// cleans the paths it resolves.
+fn clean_dir(config_dir: &Path) -> PathBuf {
+    crate::config::resolve_source(config_dir, ".")
+}
+
+/// Where the file the config names as `source` is in the guest: in the config directory's
+/// upload when it lies inside that directory, else in its own upload below `GUEST_FILES_DIR`.
+fn source_guest_path(config_dir: &Path, source: &str) -> String {
+    let local = crate::config::resolve_source(config_dir, source);
+    match local.strip_prefix(clean_dir(config_dir)) {
+        Ok(relative) => guest_path(relative),
+        Err(_) => outside_guest_path(&local),
+    }
+}
+
+fn outside_guest_path(local: &Path) -> String {
+    let mut path = String::from(GUEST_FILES_DIR);
+    for component in local.components() {
+        if let Component::Normal(part) = component {
+            path.push('/');
+            path.push_str(&part.to_string_lossy());
+        }
+    }
+    path
+}
+
+fn file_copies(files: Option<&AdditionalFiles>, config_dir: &Path) -> Vec<FileCopy> {
     let Some(files) = files else {
         return Vec::new();
     };
@@ -102,7 +132,7 @@ fn file_copies(files: Option<&AdditionalFiles>) -> Vec<FileCopy> {
         .iter()
         .filter_map(|file| {
             let source = match (&file.source, &file.content) {
-                (Some(source), _) => FileSource::Path(guest_path(&normalize(Path::new(source)))),
+                (Some(source), _) => FileSource::Path(source_guest_path(config_dir, source)),
                 (None, Some(content)) => FileSource::Content(content.clone()),
                 (None, None) => return None,
             };
@@ -158,38 +188,51 @@ fn scripts(list: Option<&Vec<ScriptConfig>>, phase: &str) -> Vec<Script> {
     .unwrap_or_default()
 }
 
-/// Relative paths (to the config dir) that the config names explicitly.
-fn referenced_files(config: &Config) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    let mut files = |list: Option<&AdditionalFiles>| {
-        for file in list.map(|list| list.0.as_slice()).unwrap_or_default() {
-            if let Some(source) = &file.source {
-                paths.push(normalize(Path::new(source)));
-            }
+/// The files the config names explicitly: those inside the config directory (relative to it)
+/// and those outside it (absolute host paths).
+#[derive(Debug, Default)]
+struct Referenced {
+    inside: Vec<PathBuf>,
+    outside: Vec<PathBuf>,
+}
+
+fn referenced_files(config: &Config, config_dir: &Path) -> Referenced {
+    let clean = clean_dir(config_dir);
+    let mut referenced = Referenced::default();
+    let mut add = |value: &str| {
+        let local = crate::config::resolve_source(config_dir, value);
+        match local.strip_prefix(&clean) {
+            Ok(relative) => referenced.inside.push(relative.to_path_buf()),
+            Err(_) if !referenced.outside.contains(&local) => referenced.outside.push(local),
+            Err(_) => {}
         }
     };
-    files(
+    for list in [
         config
             .os
             .as_ref()
             .and_then(|os| os.additional_files.as_ref()),
-    );
-    files(
         config
             .iso
             .as_ref()
             .and_then(|iso| iso.additional_files.as_ref()),
-    );
+    ] {
+        for file in list.map(|list| list.0.as_slice()).unwrap_or_default() {
+            if let Some(source) = &file.source {
+                add(source);
+            }
+        }
+    }
     if let Some(scripts) = &config.scripts {
         for list in [&scripts.post_customization, &scripts.finalize_customization] {
             for script in list.iter().flatten() {
                 if let Some(path) = &script.path {
-                    paths.push(normalize(Path::new(path)));
+                    add(path);
                 }
             }
         }
     }
-    paths
+    referenced
 }
 
 /// Whether the config changes the root file system (else an ISO input is only re-mastered).
@@ -234,7 +277,10 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
         customization: common.customization,
         iso: IsoSettings {
             label: DEFAULT_ISO_LABEL.to_string(),
-            additional_files: file_copies(iso.and_then(|iso| iso.additional_files.as_ref())),
+            additional_files: file_copies(
+                iso.and_then(|iso| iso.additional_files.as_ref()),
+                facts.config_dir,
+            ),
             extra_args: kernel_args(iso.and_then(|iso| iso.kernel_command_line.as_ref())),
             vmic_version: env!("CARGO_PKG_VERSION").to_string(),
         },
@@ -280,9 +326,16 @@ fn common_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<CommonP
     config_dir_uploads(config, facts, &mut uploads, &mut skipped)?;
     let additional_dirs = additional_dirs(os, facts.config_dir, &mut uploads)?;
     let packages = packages(os, facts, &mut uploads)?;
+    let mut budget = crate::upload::UploadBudget::default();
+    for upload in &uploads {
+        budget.take(&upload.local, fs_err::metadata(&upload.local)?.len())?;
+    }
     let os_customization = OsCustomization {
         hostname: os.and_then(|os| os.hostname.clone()),
-        additional_files: file_copies(os.and_then(|os| os.additional_files.as_ref())),
+        additional_files: file_copies(
+            os.and_then(|os| os.additional_files.as_ref()),
+            facts.config_dir,
+        ),
         kernel_args: kernel_args(os.and_then(|os| os.kernel_command_line.as_ref())),
         packages,
         additional_dirs,
@@ -458,11 +511,7 @@ fn additional_dirs(
 /// Upload every file below `local` to the same relative path below `guest`.
 fn upload_tree(local: &Path, guest: &str, uploads: &mut Vec<Upload>) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let mut files = Vec::new();
-    collect_files(local, Path::new(""), &[], &mut files)
-        .with_context(|| format!("listing {}", local.display()))?;
-    files.sort();
-    for relative in files {
+    for relative in crate::upload::list_files(local, &[], &[])? {
         let path = local.join(&relative);
         let mode = fs_err::metadata(&path)?.permissions().mode() & 0o7777;
         let mut target = guest.to_string();
@@ -567,12 +616,20 @@ fn config_dir_uploads(
     uploads: &mut Vec<Upload>,
     skipped: &mut Vec<(PathBuf, String)>,
 ) -> anyhow::Result<()> {
-    let referenced = referenced_files(config);
+    use std::os::unix::fs::PermissionsExt;
+    let Referenced { inside, outside } = referenced_files(config, facts.config_dir);
+    // Files named outside the config directory: the user's choice, uploaded one by one.
+    for local in outside {
+        let metadata = fs_err::metadata(&local)?;
+        uploads.push(Upload {
+            guest: outside_guest_path(&local),
+            local,
+            mode: metadata.permissions().mode() & 0o7777,
+        });
+    }
+    let referenced = inside;
     let mut unreferenced_total = 0u64;
-    let mut files = Vec::new();
-    collect_files(facts.config_dir, Path::new(""), &facts.exclude, &mut files)?;
-    files.sort();
-    for relative in files {
+    for relative in crate::upload::list_files(facts.config_dir, &facts.exclude, &referenced)? {
         let local = facts.config_dir.join(&relative);
         let metadata = fs_err::metadata(&local)?;
         let is_referenced = referenced.contains(&relative);
@@ -599,43 +656,11 @@ fn config_dir_uploads(
             }
             unreferenced_total += metadata.len();
         }
-        use std::os::unix::fs::PermissionsExt;
         uploads.push(Upload {
             guest: guest_path(&relative),
             local,
             mode: metadata.permissions().mode() & 0o7777,
         });
-    }
-    Ok(())
-}
-
-fn collect_files(
-    root: &Path,
-    relative: &Path,
-    exclude: &[PathBuf],
-    out: &mut Vec<PathBuf>,
-) -> std::io::Result<()> {
-    let dir = root.join(relative);
-    for entry in fs_err::read_dir(&dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let canonical = fs_err::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        if exclude
-            .iter()
-            .any(|excluded| canonical.starts_with(excluded))
-        {
-            continue;
-        }
-        // Follow symlinks as the user's shell would; broken ones are left out.
-        let Ok(metadata) = fs_err::metadata(&path) else {
-            continue;
-        };
-        let child = relative.join(entry.file_name());
-        if metadata.is_dir() {
-            collect_files(root, &child, exclude, out)?;
-        } else if metadata.is_file() {
-            out.push(child);
-        }
     }
     Ok(())
 }
@@ -790,5 +815,54 @@ mod tests {
         for expected in ["/work/dirs/0/sub/f.txt", "/work/packages/0/hello.deb"] {
             assert!(guests.contains(&expected), "{expected} in {guests:?}");
         }
+    }
+
+    #[test]
+    fn a_source_outside_the_config_dir_is_that_file_and_no_other() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let config_dir = root.path().join("cfg");
+        fs_err::create_dir_all(&config_dir).expect("mkdir");
+        fs_err::write(root.path().join("motd"), "outside").expect("write");
+        fs_err::write(config_dir.join("motd"), "decoy").expect("write");
+        fs_err::write(
+            config_dir.join("cfg.yaml"),
+            "os:\n  additionalFiles:\n    ../motd: /etc/motd\n    motd: /etc/decoy\n",
+        )
+        .expect("write");
+        // Given as a relative path with `..`, as a user in another directory would.
+        let config_path = config_dir.join("../cfg/cfg.yaml");
+        let loaded = load_and_validate(&config_path, &ValidationContext::default())
+            .unwrap_or_else(|errors| panic!("{errors}"));
+        let plan = disk_plan(
+            &loaded.config,
+            &HostFacts {
+                config_dir: &loaded.dir,
+                input_is_iso: false,
+                input_serial: "vmic-input",
+                output_serial: "vmic-output",
+                cpus: 2,
+                exclude: Vec::new(),
+                package_sources: &[],
+                disable_base_repos: false,
+                squashfs_compression: Compression::Auto,
+            },
+        )
+        .expect("plan");
+        let copies = &plan.request.customization.os.additional_files;
+        let outside_guest = outside_guest_path(&root.path().join("motd"));
+        assert!(outside_guest.starts_with("/work/files/"), "{outside_guest}");
+        assert_eq!(copies[0].source, FileSource::Path(outside_guest.clone()));
+        assert_eq!(
+            copies[1].source,
+            FileSource::Path("/work/config/motd".into())
+        );
+        let upload = |guest: &str| {
+            plan.uploads
+                .iter()
+                .find(|upload| upload.guest == guest)
+                .map(|upload| fs_err::read_to_string(&upload.local).expect("read"))
+        };
+        assert_eq!(upload(&outside_guest).as_deref(), Some("outside"));
+        assert_eq!(upload("/work/config/motd").as_deref(), Some("decoy"));
     }
 }

@@ -69,6 +69,69 @@ pub struct Disk {
     pub format: String,
     pub serial: String,
     pub read_only: bool,
+    /// The image below a throwaway overlay, given explicitly so QEMU never reads a backing
+    /// name from a header (`None`: the disk has no backing, and none is followed).
+    pub backing: Option<Backing>,
+}
+
+/// An overlay's backing image, opened read-only as a plain file of an explicit format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backing {
+    pub path: PathBuf,
+    pub format: String,
+}
+
+/// `-blockdev` values (JSON, so that `"backing": null` is a real null) for a disk node named
+/// `node`: the file protocol only (never a `json:` or network name read from a path), an
+/// explicit format, and a backing that is either the explicit `backing` node or none at all,
+/// so nothing an image's header names is ever opened.
+pub fn blockdev_args(node: &str, disk: &Disk, unsafe_cache: bool) -> Vec<OsString> {
+    fn node_json(
+        name: &str,
+        path: &Path,
+        format: &str,
+        read_only: bool,
+        backing: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut node = serde_json::json!({
+            "node-name": name,
+            "driver": format,
+            "read-only": read_only,
+            "file": {"driver": "file", "filename": path.to_string_lossy()},
+        });
+        // Only formats with backing support take the option (raw, vpc and vhdx have none).
+        if format == "qcow2" {
+            node["backing"] = backing;
+        }
+        node
+    }
+    let mut argv = Vec::new();
+    let backing = match &disk.backing {
+        Some(backing) => {
+            let name = format!("{node}-backing");
+            let json = node_json(
+                &name,
+                &backing.path,
+                &backing.format,
+                true,
+                serde_json::Value::Null,
+            );
+            argv.push(os("-blockdev"));
+            argv.push(os(json.to_string()));
+            serde_json::Value::String(name)
+        }
+        None => serde_json::Value::Null,
+    };
+    let mut json = node_json(node, &disk.path, &disk.format, disk.read_only, backing);
+    if unsafe_cache {
+        // The builder's disks are scratch: no flushes (cache=unsafe), and freed blocks are
+        // returned to the host.
+        json["cache"] = serde_json::json!({"no-flush": true});
+        json["discard"] = serde_json::json!("unmap");
+    }
+    argv.push(os("-blockdev"));
+    argv.push(os(json.to_string()));
+    argv
 }
 
 /// How the host reaches the agent.
@@ -175,22 +238,20 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
         ]);
     }
     for (index, disk) in vm.disks.iter().enumerate() {
-        let mut drive = format!(
-            // Errors go to the guest (EIO/ENOSPC), which reports them; QEMU's default would pause
-            // the VM on a full host disk and the build would hang.
-            "file={},if=none,id=disk{index},format={},cache=unsafe,discard=unmap,werror=report,rerror=report",
-            escape_comma(&disk.path),
-            disk.format
-        );
-        if disk.read_only {
-            drive.push_str(",readonly=on");
-        }
-        push(&["-drive", &drive]);
+        let node = format!("disk{index}");
+        argv.extend(blockdev_args(&node, disk, true));
+        let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
+        // Errors go to the guest (EIO/ENOSPC), which reports them; QEMU's default would pause
+        // the VM on a full host disk and the build would hang.
         push(&[
             "-device",
-            &format!("virtio-blk-pci,drive=disk{index},serial={}", disk.serial),
+            &format!(
+                "virtio-blk-pci,drive={node},serial={},werror=report,rerror=report",
+                disk.serial
+            ),
         ]);
     }
+    let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
     match &vm.channel {
         Channel::VhostVsock { cid } => {
             push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]);
@@ -233,7 +294,11 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    pub fn spawn(binary: &Path, argv: Vec<OsString>) -> anyhow::Result<QemuProcess> {
+    pub fn spawn(binary: &Path, mut argv: Vec<OsString>) -> anyhow::Result<QemuProcess> {
+        // Every QEMU vmic starts (builder VM, `vmic boot`) runs under the seccomp sandbox.
+        argv.extend(crate::sandbox::sandbox_argv(crate::sandbox::supported(
+            binary,
+        )));
         tracing::debug!(binary = %binary.display(), argv = ?argv, "starting QEMU");
         let mut command = tokio::process::Command::new(binary);
         command
@@ -428,12 +493,17 @@ mod tests {
                     format: "qcow2".into(),
                     serial: "vmic-input".into(),
                     read_only: false,
+                    backing: Some(Backing {
+                        path: "/in/disk.vhdx".into(),
+                        format: "vhdx".into(),
+                    }),
                 },
                 Disk {
                     path: "/out/.x.iso.vmic-partial".into(),
                     format: "raw".into(),
                     serial: "vmic-output".into(),
                     read_only: true,
+                    backing: None,
                 },
             ],
             channel,

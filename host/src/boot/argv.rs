@@ -23,7 +23,11 @@ pub enum FirmwareImages {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootMedium {
     /// A disk (the throwaway qcow2 overlay over the image) on virtio-blk.
-    Disk { path: PathBuf, format: String },
+    Disk {
+        path: PathBuf,
+        format: String,
+        backing: crate::qemu::Backing,
+    },
     /// An ISO as a read-only CD-ROM.
     Cdrom { path: PathBuf },
 }
@@ -109,15 +113,25 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
     ]);
     push(&["-device", "virtio-rng-pci"]);
     match &vm.medium {
-        BootMedium::Disk { path, format } => push(&[
-            "-drive",
-            &format!(
-                "file={},if=none,id=disk0,format={format},cache=unsafe",
-                escape_comma(path)
-            ),
-            "-device",
-            "virtio-blk-pci,drive=disk0,bootindex=1",
-        ]),
+        BootMedium::Disk {
+            path,
+            format,
+            backing,
+        } => {
+            let disk = crate::qemu::Disk {
+                path: path.clone(),
+                format: format.clone(),
+                serial: String::new(),
+                read_only: false,
+                backing: Some(backing.clone()),
+            };
+            argv.extend(crate::qemu::blockdev_args("disk0", &disk, true));
+            argv.extend(
+                ["-device", "virtio-blk-pci,drive=disk0,bootindex=1"]
+                    .iter()
+                    .map(os),
+            );
+        }
         BootMedium::Cdrom { path } => {
             push(&[
                 "-drive",
@@ -140,19 +154,22 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
 }
 
 /// Argv (without the binary) for `qemu-img create`: a qcow2 overlay at `overlay` whose backing
-/// file is `image` in `format`. QEMU opens the backing file read-only; every guest write lands
-/// in the overlay.
-pub fn overlay_argv(image: &Path, format: &str, overlay: &Path) -> Vec<OsString> {
+/// file is `image` in `format`, of `size` bytes. `-u` with an explicit size: qemu-img does not
+/// open `image` (nor anything its header might name). QEMU opens it read-only later; every
+/// guest write lands in the overlay.
+pub fn overlay_argv(image: &Path, format: &str, overlay: &Path, size: u64) -> Vec<OsString> {
     vec![
         os("create"),
         os("-q"),
         os("-f"),
         os("qcow2"),
+        os("-u"),
         os("-b"),
         os(image),
         os("-F"),
         os(format),
         os(overlay),
+        os(size.to_string()),
     ]
 }
 
@@ -196,6 +213,10 @@ mod tests {
         BootMedium::Disk {
             path: PathBuf::from("/tmp/boot/overlay.qcow2"),
             format: "qcow2".into(),
+            backing: crate::qemu::Backing {
+                path: PathBuf::from("/images/disk.qcow2"),
+                format: "qcow2".into(),
+            },
         }
     }
 
@@ -247,10 +268,11 @@ mod tests {
             Path::new("/images/disk.vhd"),
             "vpc",
             Path::new("/tmp/boot/overlay.qcow2"),
+            1 << 30,
         );
         assert_eq!(
             render(&argv).replace('\n', " "),
-            "create -q -f qcow2 -b /images/disk.vhd -F vpc /tmp/boot/overlay.qcow2"
+            "create -q -f qcow2 -u -b /images/disk.vhd -F vpc /tmp/boot/overlay.qcow2 1073741824"
         );
     }
 }

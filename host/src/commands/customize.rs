@@ -21,6 +21,8 @@ pub struct CustomizeSettings {
     pub package_sources: Vec<PathBuf>,
     pub disable_base_image_repos: bool,
     pub squashfs_compression: vmic_protocol::Compression,
+    /// The image's: `--arch`, else detected from its boot loaders, else the host's.
+    pub arch: Arch,
     pub vm: VmArgs,
 }
 
@@ -30,13 +32,21 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
             .clone()
             .ok_or_else(|| Failure::Usage(anyhow!("{flag} is required")))
     };
-    let input = required(&args.image_file, "--image-file")?;
+    let input = absolute(&required(&args.image_file, "--image-file")?)?;
     let config_path = required(&args.config_file, "--config-file")?;
     let build_dir = required(&args.build_dir, "--build-dir")?;
     let input_format = image::detect_format(&input).map_err(|error| {
         Failure::Usage(anyhow::Error::new(error).context("cannot use the input image"))
     })?;
+    // Before anything else opens the image (qemu-img check, the architecture probe).
+    crate::references::check(&input, input_format).map_err(Failure::Usage)?;
     image::check_integrity(&input, input_format).map_err(Failure::Usage)?;
+    // The image's architecture is checked again inside the VM against its binaries.
+    let arch = image::resolve_arch(args.vm.arch, &input, input_format).ok_or_else(|| {
+        Failure::Usage(anyhow!(
+            "cannot tell the image's architecture: pass --arch x86_64|aarch64"
+        ))
+    })?;
     let ctx = ValidationContext {
         output_format: args.output_image_format,
         input_is_iso: Some(input_format == ImageFormat::Iso),
@@ -95,7 +105,17 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         package_sources: args.package_source.clone(),
         disable_base_image_repos: args.disable_base_image_repos,
         squashfs_compression,
+        arch,
         vm: args.vm.clone(),
+    })
+}
+
+/// Absolute, so that QEMU and qemu-img never read a path as a `json:` spec or a protocol URL.
+fn absolute(path: &std::path::Path) -> Result<PathBuf, Failure> {
+    std::path::absolute(path).map_err(|error| {
+        Failure::Usage(
+            anyhow::Error::new(error).context(format!("cannot resolve {}", path.display())),
+        )
     })
 }
 
@@ -107,14 +127,10 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         output = %settings.output.display(),
         config = %settings.config.path.display(),
         build_dir = %settings.build_dir.display(),
+        arch = %settings.arch,
         "configuration is valid"
     );
-    // The image's architecture is checked again inside the VM against its binaries.
-    let arch = settings.vm.arch.or(Arch::host()).ok_or_else(|| {
-        Failure::Usage(anyhow!(
-            "cannot tell the architecture: pass --arch x86_64|aarch64"
-        ))
-    })?;
+    let arch = settings.arch;
     let runtime = tokio::runtime::Runtime::new().map_err(|error| Failure::Build(error.into()))?;
     let mut progress = crate::report::Progress::new(crate::report::interactive(global));
     // On Ctrl-C or SIGTERM the build future is dropped: QEMU is killed and the scratch

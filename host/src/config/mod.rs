@@ -199,8 +199,9 @@ pub fn load_and_validate(
     let dir = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
+        .unwrap_or(Path::new("."));
+    // Absolute, so that `../x` means the same file at validation and at build time.
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned());
     let top = parse_str(&text, path, &dir)?;
     if top.loaded.config.base_configs.is_none() {
         return validated(top, ctx);
@@ -384,3 +385,21 @@ fn schema_value() -> serde_json::Value {
 
 #[cfg(test)]
 mod tests;
+
+/// Where a file the config names lies on the host: `value` joined to the config file's
+/// directory and lexically cleaned (`a/../b` → `b`), as the Image Customizer resolves it; an
+/// absolute `value` stands for itself. The one meaning of a source path, for validation and
+/// the build alike.
+pub fn resolve_source(dir: &Path, value: &str) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in dir.join(value).components() {
+        match component {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}

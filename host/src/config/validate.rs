@@ -243,7 +243,7 @@ impl Rules<'_> {
     }
 
     fn resolve(&self, value: &str) -> PathBuf {
-        self.loaded.dir.join(value)
+        super::resolve_source(&self.loaded.dir, value)
     }
 
     fn script(&mut self, entry: &str, script: &Script) {
