@@ -387,12 +387,15 @@ mod failures {
     #[test]
     fn qemu_missing_from_path_names_path_and_the_package() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let empty = dir.path().join("empty-bin");
-        std::fs::create_dir(&empty).expect("creating an empty PATH dir");
+        // A PATH with qemu-img (needed first, to read the input) but no emulator.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("creating a PATH dir");
+        let qemu_img = vmic::qemu::find_in_path("qemu-img").expect("qemu-img on PATH");
+        std::os::unix::fs::symlink(qemu_img, bin.join("qemu-img")).expect("linking qemu-img");
         let stderr = stderr_of(
             customize(dir.path())
                 .env_remove("VMIC_QEMU_X86_64")
-                .env("PATH", &empty),
+                .env("PATH", &bin),
             1,
         );
         assert!(
