@@ -82,6 +82,9 @@ fn args(owned: &[String]) -> Vec<&str> {
     owned.iter().map(String::as_str).collect()
 }
 
+/// The `password.value` of alice in full.yaml and aarch64.yaml.
+const ALICE_PASSWORD_HASH: &str = "$6$vmicsalt0123456$nSsIEjLabpKZ5VCIkRXDFzTp7zgVHjxZMyJIO9Hb/Mk.NUSPXsFfBRACmh9znYr9ASwAwSTXAQ.mQLWRrJMWH1";
+
 /// `key=value` lines of the evidence file.
 fn evidence<'a>(booted: &'a Booted, key: &str) -> &'a str {
     booted
@@ -119,9 +122,10 @@ fn assert_os_customization(booted: &Booted) {
         "alice:x:1234:4321::/srv/alice:/bin/bash",
         "homeDirectory and startupCommand"
     );
-    assert!(
-        evidence(booted, "shadow-alice").starts_with("$6$vmicsalt0123456$nSsIEjLab"),
-        "the hashed password is written as given"
+    assert_eq!(
+        evidence(booted, "shadow-alice"),
+        ALICE_PASSWORD_HASH,
+        "the hashed password is written as given, whole"
     );
     assert_eq!(evidence(booted, "shadow-bob"), "*", "a locked password");
     assert_eq!(evidence(booted, "group-team"), "vmic-team:x:4321:");
@@ -140,6 +144,19 @@ fn assert_os_customization(booted: &Booted) {
         "loop loaded at boot with max_loop=7"
     );
     assert_eq!(evidence(booted, "modprobe-nlmon"), "blacklist nlmon");
+    // Every modprobe.d file vmic writes (module-options-vmic.conf, then
+    // modules-disabled-vmic.conf), ";" per line: nothing more than the config asked for.
+    assert_eq!(
+        evidence(booted, "module-options"),
+        "options loop max_loop=7;blacklist nlmon;",
+        "os.modules options and disable"
+    );
+    // A program of the test image itself: customizing leaves the image's packages alone.
+    assert_eq!(
+        evidence(booted, "zstd"),
+        "/usr/bin/zstd",
+        "the image's own zstd stays"
+    );
     assert_eq!(
         evidence(booted, "tree"),
         "750 750 640 tree top",
@@ -253,6 +270,14 @@ fn every_disk_format_is_written_with_the_inputs_size() {
             expected,
             "{format} keeps the virtual size"
         );
+        // Content, not just size: the customized root file system, read through the format.
+        // (Two builds are never byte-identical, the mounts stamp the file systems, so the
+        // outputs are not `qemu-img compare`d with each other.)
+        assert_eq!(
+            root_file(&output, qemu_format, "/etc/hostname"),
+            "vmic-format-test\n",
+            "{format} holds the customized disk"
+        );
         if format == "vhd-fixed" {
             // A fixed VHD is the raw disk plus a 512-byte footer (what Azure requires).
             let length = std::fs::metadata(&output).expect("output").len();
@@ -330,4 +355,53 @@ fn packages_from_the_images_own_repositories_use_a_network() {
         "{}",
         built.stderr
     );
+    // The package is in the output, installed as far as dpkg is concerned.
+    let status = root_file(&output, "qcow2", "/var/lib/dpkg/status");
+    assert!(
+        status.contains("Package: tree\nStatus: install ok installed\n"),
+        "tree is installed in the output"
+    );
+    let tree = run_debugfs(&output, "qcow2", "stat /usr/bin/tree");
+    assert!(tree.contains("Type: regular"), "/usr/bin/tree: {tree}");
+}
+
+/// Output of debugfs `request` on the root file system of `disk` (`qemu_format`, made from the
+/// x86_64 minimal test image, whose partition table the manifest gives), read on the host.
+fn run_debugfs(disk: &Path, qemu_format: &str, request: &str) -> String {
+    let work = work_dir();
+    let raw = work.path().join("disk.raw");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            qemu_format,
+            "-O",
+            "raw",
+            path_str(disk),
+            path_str(&raw),
+        ],
+    );
+    let manifest = common::manifest(&test_image("x86_64", "minimal", false));
+    let root = manifest["disk"]["partitions"]
+        .as_array()
+        .expect("partitions in the manifest")
+        .iter()
+        .find(|partition| partition["mountpoint"] == "/")
+        .expect("a root partition");
+    let offset = root["start_sector"].as_u64().expect("start_sector") * 512;
+    // e2fsprogs opens "FILE?offset=N" as the file system starting N bytes into FILE.
+    run(
+        "debugfs",
+        &[
+            "-R",
+            request,
+            &format!("{}?offset={offset}", path_str(&raw)),
+        ],
+    )
+}
+
+/// A file of the root file system of `disk` (see [`run_debugfs`]).
+fn root_file(disk: &Path, qemu_format: &str, path: &str) -> String {
+    run_debugfs(disk, qemu_format, &format!("cat {path}"))
 }

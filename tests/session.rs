@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use vmic::session::Session;
 use vmic::transport::Connection;
-use vmic_protocol::{ExecRequest, Request, Stream};
+use vmic_protocol::{Event, ExecRequest, Request, Stream};
 
 fn agent_binary() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -92,11 +92,16 @@ async fn exec_transfer_cancel_and_guest_errors() {
         .await;
     assert!(missing.is_err());
 
-    let mut handle = session
-        .start(Request::Exec(ExecRequest::new(["sleep", "30"])))
-        .await
-        .expect("start");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Cancel once the command says it runs (its first line of output), not after a delay.
+    let mut request = ExecRequest::new(["sh", "-c", "echo running; exec sleep 30"]);
+    request.stream_output = true;
+    let mut handle = session.start(Request::Exec(request)).await.expect("start");
+    loop {
+        match handle.next_event().await.expect("the command runs") {
+            Event::Output { data, .. } if data == b"running\n" => break,
+            _ => {}
+        }
+    }
     let started = Instant::now();
     handle.cancel().await.expect("cancel");
     let error = handle.finish(|_| {}).await.expect_err("cancelled");

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use vmic::cli::{Arch, TransportChoice};
+use vmic::session::{RequestHandle, Session};
+use vmic::transport::TransportKind;
 use vmic::vm::{RunningVm, VmOptions};
-use vmic_protocol::{ExecRequest, Request, Stream};
+use vmic_protocol::{Event, ExecRequest, Request, Stream};
 
 /// Two cores and TCG: one VM at a time keeps timings sane.
 static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -38,6 +40,42 @@ fn process_alive(pid: u32) -> bool {
         && !fs_err::read_to_string(format!("/proc/{pid}/stat"))
             .map(|stat| stat.contains(") Z "))
             .unwrap_or(true)
+}
+
+/// Start `sh -c script` with streamed output and return once it printed `running` on its own
+/// line: the guest says the command runs, instead of a sleep guessing it.
+async fn start_running<'a>(session: &'a Session, script: &str) -> RequestHandle<'a> {
+    let mut request = ExecRequest::new(["/bin/sh", "-c", script]);
+    request.stream_output = true;
+    let mut handle = session
+        .start(Request::Exec(request))
+        .await
+        .expect("start the command");
+    let mut stdout = Vec::new();
+    while !stdout
+        .split(|&byte| byte == b'\n')
+        .any(|line| line == b"running")
+    {
+        match handle.next_event().await.expect("the command runs") {
+            Event::Output {
+                stream: Stream::Stdout,
+                data,
+            } => stdout.extend_from_slice(&data),
+            _ => {}
+        }
+    }
+    handle
+}
+
+/// The vsock daemon's PID: a vhost-user vsock VM must have one and no other VM has one, so the
+/// cleanup checks that use it cannot pass for want of something to check.
+fn expected_daemon_pid(vm: &RunningVm) -> Option<u32> {
+    if vm.transport == TransportKind::VhostUserVsock {
+        Some(vm.daemon_pid().expect("a vhost-user vsock VM has a daemon"))
+    } else {
+        assert_eq!(vm.daemon_pid(), None, "{}", vm.transport.name());
+        None
+    }
 }
 
 fn sha256_file(path: &Path) -> [u8; 32] {
@@ -132,13 +170,13 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
         assert_eq!(hex::encode(sha256_file(&download)), expected);
         eprintln!("{arch} {transport:?}: 50 MiB put {put_time:?}, get {get_time:?}");
 
-        // Cancel stops a running request promptly and the session stays usable.
-        let mut handle = vm
-            .session
-            .start(Request::Exec(ExecRequest::new(["sleep", "60"])))
-            .await
-            .expect("start sleep");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Cancel stops a running request promptly, kills its process, and the session stays
+        // usable.
+        let mut handle = start_running(
+            &vm.session,
+            "echo $$ > /tmp/cancelled.pid; echo running; exec sleep 60",
+        )
+        .await;
         let started = Instant::now();
         handle.cancel().await.expect("send cancel");
         let cancelled = handle.finish(|_| {}).await.expect_err("cancelled");
@@ -151,21 +189,35 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
             format!("{cancelled:#}").contains(vmic_protocol::CANCELLED),
             "{cancelled:#}"
         );
-        vm.session
-            .run(&["true"])
+        // The shell exec'd sleep, so the pid is the sleep's: gone, or a zombie at most.
+        let state = vm
+            .session
+            .run(&[
+                "/bin/sh",
+                "-c",
+                "awk '{print $3}' /proc/$(cat /tmp/cancelled.pid)/stat 2>/dev/null || echo gone",
+            ])
             .await
             .expect("session usable after cancel");
+        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        assert!(
+            state == "gone" || state == "Z",
+            "the cancelled command's process is dead: state {state:?}"
+        );
 
         // The serving agent is killed while a request runs: the host reports it, the VM
         // powers off, and nothing is left behind.
         let qemu_pid = vm.qemu_pid().expect("qemu pid");
-        // Issue 10: QEMU runs under its seccomp sandbox (mode 2: filter) where it has one.
+        // Issue 10: QEMU runs under its seccomp sandbox (mode 2: filter). Debian's QEMU has
+        // one, so its absence here is a failure, not a skip.
         let status = fs_err::read_to_string(format!("/proc/{qemu_pid}/status")).expect("status");
         let seccomp = status.lines().find(|line| line.starts_with("Seccomp:"));
-        if vmic::sandbox::supported(&vmic::qemu::find_system_binary(arch).expect("qemu")) {
-            assert_eq!(seccomp, Some("Seccomp:\t2"), "{status}");
-        }
-        let daemon_pid = vm.daemon_pid();
+        assert!(
+            vmic::sandbox::supported(&vmic::qemu::find_system_binary(arch).expect("qemu")),
+            "the host QEMU lacks -sandbox"
+        );
+        assert_eq!(seccomp, Some("Seccomp:\t2"), "{status}");
+        let daemon_pid = expected_daemon_pid(&vm);
         let sockets = vm.socket_dir().expect("socket dir");
         let killed = vm
             .session
@@ -197,14 +249,9 @@ fn qemu_killed(arch: Arch, transport: TransportChoice) {
     runtime().block_on(async {
         let vm = start(arch, transport).await;
         let qemu_pid = vm.qemu_pid().expect("qemu pid");
-        let daemon_pid = vm.daemon_pid();
+        let daemon_pid = expected_daemon_pid(&vm);
         let sockets = vm.socket_dir().expect("socket dir");
-        let mut handle = vm
-            .session
-            .start(Request::Exec(ExecRequest::new(["sleep", "60"])))
-            .await
-            .expect("start sleep");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut handle = start_running(&vm.session, "echo running; exec sleep 60").await;
         // SAFETY: plain kill(2) of a child process we started.
         unsafe { libc::kill(qemu_pid as i32, libc::SIGKILL) };
         let started = Instant::now();
@@ -220,7 +267,17 @@ fn qemu_killed(arch: Arch, transport: TransportChoice) {
             started.elapsed()
         );
         drop(handle);
-        let _ = vm.wait_exit(Duration::from_secs(10)).await;
+        // QEMU must have died of our SIGKILL: wait_exit kills a QEMU that outlives its timeout,
+        // which would otherwise hide one that survived.
+        let status = vm
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("QEMU exited after SIGKILL");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
         assert!(!process_alive(qemu_pid), "QEMU still running");
         if let Some(pid) = daemon_pid {
             assert!(!process_alive(pid), "vsock daemon still running");
@@ -314,13 +371,50 @@ mod failures {
     }
 
     #[test]
-    fn missing_qemu_names_the_package() {
+    fn missing_qemu_names_the_setting_and_the_package() {
         let dir = tempfile::tempdir().expect("tempdir");
         let stderr = stderr_of(
             customize(dir.path()).env("VMIC_QEMU_X86_64", "/nonexistent/qemu-system-x86_64"),
             1,
         );
-        assert!(stderr.contains("qemu-system-x86"), "{stderr}");
+        // The setting that chose the path is blamed, not PATH, which was never searched.
+        assert!(
+            stderr.contains(
+                "/nonexistent/qemu-system-x86_64 (set by VMIC_QEMU_X86_64) is not a file"
+            ),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("on PATH"), "{stderr}");
+        // "qemu-system-x86" alone would match the binary's name: look for the install command.
+        assert!(
+            stderr.contains("apt-get install qemu-system-x86 "),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("out.iso").exists());
+    }
+
+    #[test]
+    fn qemu_missing_from_path_names_path_and_the_package() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A PATH with qemu-img (needed first, to read the input) but no emulator.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("creating a PATH dir");
+        let qemu_img = vmic::qemu::find_in_path("qemu-img").expect("qemu-img on PATH");
+        std::os::unix::fs::symlink(qemu_img, bin.join("qemu-img")).expect("linking qemu-img");
+        let stderr = stderr_of(
+            customize(dir.path())
+                .env_remove("VMIC_QEMU_X86_64")
+                .env("PATH", &bin),
+            1,
+        );
+        assert!(
+            stderr.contains("qemu-system-x86_64 not found on PATH"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("apt-get install qemu-system-x86 "),
+            "{stderr}"
+        );
         assert!(!dir.path().join("out.iso").exists());
     }
 

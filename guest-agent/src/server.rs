@@ -534,19 +534,27 @@ mod tests {
 
     #[test]
     fn exec_in_a_chroot_uses_cwd_inside_it() {
-        // SAFETY: geteuid(2) has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: chroot needs root");
-            return;
-        }
         let mut host = FakeHost::start();
         let mut request = ExecRequest::new(["pwd"]);
         request.chroot = Some("/".into());
         request.cwd = Some("/tmp".into());
         host.request(12, Request::Exec(request));
-        match host.response(12).1 {
-            Ok(Response::Exec(result)) => assert_eq!(result.stdout, b"/tmp\n"),
-            other => panic!("unexpected {other:?}"),
+        let result = host.response(12).1;
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            match result {
+                Ok(Response::Exec(result)) => assert_eq!(result.stdout, b"/tmp\n"),
+                other => panic!("unexpected {other:?}"),
+            }
+        } else {
+            // chroot(2) needs root: without it the request fails naming the root, it does
+            // not run the program outside the chroot.
+            let error = result.expect_err("chroot refused without root");
+            assert_eq!(error.context[0], "running pwd in /", "{error}");
+            assert!(
+                error.to_string().contains("Operation not permitted"),
+                "{error}"
+            );
         }
         let mut request = ExecRequest::new(["true"]);
         request.chroot = Some("/nonexistent-root".into());
@@ -566,31 +574,84 @@ mod tests {
         host.shutdown().expect("clean shutdown");
     }
 
+    /// The pid a command wrote to `path` once it ran (written beside, then renamed into
+    /// place): waiting on the file, not on a guessed delay, is what says the command runs.
+    fn wait_for_pid_file(path: &std::path::Path) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return text.trim().parse().expect("a pid");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                path.display()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Gone, or a zombie waiting for its parent: either way it runs no more.
+    fn process_dead(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| stat.contains(") Z "))
+            .unwrap_or(true)
+    }
+
     #[test]
     fn cancel_works_after_the_program_closed_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("sh.pid");
         let mut host = FakeHost::start();
-        host.request(11, exec(&["sh", "-c", "exec >&- 2>&-; sleep 30"], false));
-        thread::sleep(Duration::from_millis(300));
+        let script = format!(
+            "exec >&- 2>&-; echo $$ > {0}.new; mv {0}.new {0}; sleep 30",
+            pid_file.display()
+        );
+        host.request(11, exec(&["sh", "-c", &script], false));
+        let pid = wait_for_pid_file(&pid_file);
         let start = Instant::now();
         host.send(&HostMessage::Cancel { id: 11 });
         let error = host.response(11).1.expect_err("cancelled");
         assert!(error.is_cancelled(), "{error}");
         assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(process_dead(pid), "the cancelled shell {pid} is dead");
         host.shutdown().expect("clean shutdown");
     }
 
     #[test]
     fn cancel_kills_a_running_exec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("sleep.pid");
         let mut host = FakeHost::start();
         // The child of sh stays in the process group: cancelling must kill it too, or the
         // output pipe would stay open for 30 s.
-        host.request(5, exec(&["sh", "-c", "sleep 30; echo done"], true));
-        thread::sleep(Duration::from_millis(200));
+        let script = format!(
+            "sleep 30 & echo $! > {0}.new; mv {0}.new {0}; wait; echo done",
+            pid_file.display()
+        );
+        host.request(5, exec(&["sh", "-c", &script], true));
+        let sleep_pid = wait_for_pid_file(&pid_file);
         let start = Instant::now();
         host.send(&HostMessage::Cancel { id: 5 });
-        let error = host.response(5).1.expect_err("cancelled");
+        let (before, result) = host.response(5);
+        let error = result.expect_err("cancelled");
         assert!(error.is_cancelled(), "{error}");
         assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(process_dead(sleep_pid), "sh's child {sleep_pid} is dead");
+        // The script never got past `wait`.
+        let printed: Vec<u8> = before
+            .iter()
+            .filter_map(|message| match message {
+                GuestMessage::Event {
+                    event: Event::Output { data, .. },
+                    ..
+                } => Some(data.as_slice()),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect();
+        assert_eq!(printed, b"", "nothing printed after the cancel");
         host.shutdown().expect("clean shutdown");
     }
 

@@ -26,20 +26,37 @@ pub fn system_package(arch: Arch) -> &'static str {
 /// Path of the emulator: `$VMIC_QEMU_<ARCH>` if set, else the first match on `PATH`, else the
 /// bare name (spawning it then fails with a hint from [`find_system_binary`]).
 pub fn system_binary(arch: Arch) -> PathBuf {
-    let variable = format!("VMIC_QEMU_{}", arch.name().to_uppercase());
-    if let Some(path) = std::env::var_os(variable) {
+    if let Some(path) = std::env::var_os(system_binary_variable(arch)) {
         return PathBuf::from(path);
     }
     find_in_path(system_binary_name(arch))
         .unwrap_or_else(|| PathBuf::from(system_binary_name(arch)))
 }
 
-/// The emulator, or an error naming the package to install.
+/// The environment variable that overrides the emulator's path.
+fn system_binary_variable(arch: Arch) -> String {
+    format!("VMIC_QEMU_{}", arch.name().to_uppercase())
+}
+
+/// The emulator, or an error naming where it was looked for and the package to install.
 pub fn find_system_binary(arch: Arch) -> anyhow::Result<PathBuf> {
     let path = system_binary(arch);
     if path.is_file() {
         return Ok(path);
     }
+    let variable = system_binary_variable(arch);
+    // Blame the setting that chose the path: PATH was never searched when the variable is set.
+    let (problem, fix) = if std::env::var_os(&variable).is_some() {
+        (
+            format!("{} (set by {variable}) is not a file", path.display()),
+            format!("point {variable} at the emulator, or unset it to search PATH; "),
+        )
+    } else {
+        (
+            format!("{} not found on PATH", system_binary_name(arch)),
+            String::new(),
+        )
+    };
     let install = if cfg!(target_os = "macos") {
         "brew install qemu".to_string()
     } else {
@@ -48,10 +65,7 @@ pub fn find_system_binary(arch: Arch) -> anyhow::Result<PathBuf> {
             system_package(arch)
         )
     };
-    Err(crate::report::hinted(
-        format!("{} not found on PATH", system_binary_name(arch)),
-        install,
-    ))
+    Err(crate::report::hinted(problem, format!("{fix}{install}")))
 }
 
 pub fn find_in_path(name: &str) -> Option<PathBuf> {

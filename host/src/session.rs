@@ -422,6 +422,21 @@ impl RequestHandle<'_> {
             .await
     }
 
+    /// The request's next event; an error if it finished or was lost first. Lets a caller wait
+    /// for something the request does (a line of output) instead of sleeping.
+    pub async fn next_event(&mut self) -> anyhow::Result<Event> {
+        loop {
+            match self.next().await? {
+                Incoming::Event(event) => return Ok(event),
+                Incoming::Data(_) | Incoming::DataEnd(_) => {}
+                Incoming::Done(_) => {
+                    bail!("{} finished before the event waited for", self.description)
+                }
+                Incoming::Lost(reason) => return Err(self.lost(reason)),
+            }
+        }
+    }
+
     /// Wait for the response, passing events to `on_event`.
     pub async fn finish(&mut self, mut on_event: impl FnMut(Event)) -> anyhow::Result<Response> {
         loop {

@@ -931,4 +931,227 @@ mod tests {
             let _ = decode::<GuestMessage>(&bytes);
         }
     }
+
+    /// A `GuestMessage::Data` whose frame body is exactly `body_len` bytes.
+    fn data_with_body_len(body_len: usize) -> GuestMessage {
+        let probe = |chunk_len: usize| {
+            encode(&GuestMessage::Data {
+                id: 1,
+                chunk: vec![7; chunk_len],
+            })
+            .map(|frame| frame.len() - 4)
+        };
+        // The length prefix of the chunk is the same varint size for any length near the cap.
+        let overhead = probe(MAX_FRAME_LEN - 64).expect("under the cap") - (MAX_FRAME_LEN - 64);
+        let message = GuestMessage::Data {
+            id: 1,
+            chunk: vec![7; body_len - overhead],
+        };
+        let frame = postcard::to_allocvec(&message).expect("postcard encodes");
+        assert_eq!(frame.len(), body_len);
+        message
+    }
+
+    #[test]
+    fn the_frame_cap_is_inclusive_everywhere() {
+        // encode: a body of exactly MAX_FRAME_LEN bytes is sent, one more byte is not.
+        let frame = encode(&data_with_body_len(MAX_FRAME_LEN)).expect("a body at the cap");
+        assert_eq!(frame.len(), MAX_FRAME_LEN + 4);
+        assert_eq!(frame[..4], (MAX_FRAME_LEN as u32).to_le_bytes());
+        assert!(matches!(
+            encode(&data_with_body_len(MAX_FRAME_LEN + 1)),
+            Err(ProtocolError::FrameTooLarge(len)) if len == MAX_FRAME_LEN + 1
+        ));
+        // decode: the same frame body is read back whole.
+        let decoded: GuestMessage = decode(&frame[4..]).expect("decodes at the cap");
+        assert_eq!(decoded, data_with_body_len(MAX_FRAME_LEN));
+        let over = postcard::to_allocvec(&data_with_body_len(MAX_FRAME_LEN + 1)).expect("body");
+        assert!(matches!(
+            decode::<GuestMessage>(&over),
+            Err(ProtocolError::FrameTooLarge(len)) if len == MAX_FRAME_LEN + 1
+        ));
+        // frame_len: the header check that runs before any allocation.
+        let header = |len: usize| (len as u32).to_le_bytes();
+        assert_eq!(
+            frame_len(header(MAX_FRAME_LEN)).expect("at the cap"),
+            MAX_FRAME_LEN
+        );
+        assert_eq!(frame_len(header(1)).expect("one byte"), 1);
+        assert!(matches!(
+            frame_len(header(MAX_FRAME_LEN + 1)),
+            Err(ProtocolError::FrameTooLarge(len)) if len == MAX_FRAME_LEN + 1
+        ));
+        assert!(matches!(
+            frame_len(header(0)),
+            Err(ProtocolError::EmptyFrame)
+        ));
+        assert!(matches!(
+            frame_len([0xff; 4]),
+            Err(ProtocolError::FrameTooLarge(len)) if len == u32::MAX as usize
+        ));
+    }
+
+    /// A writer that records what was written and whether it was flushed.
+    #[derive(Default)]
+    struct Recorder {
+        written: Vec<u8>,
+        flushes: usize,
+    }
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_message_writes_one_flushed_frame() {
+        let message = HostMessage::Request {
+            id: 42,
+            request: Request::Exec(ExecRequest::new(["true"])),
+        };
+        let mut writer = Recorder::default();
+        write_message(&mut writer, &message).expect("writes");
+        assert_eq!(writer.written, encode(&message).expect("encodes"));
+        assert_eq!(writer.flushes, 1, "flushed, so the peer sees it now");
+        let mut reader = &writer.written[..];
+        let back: HostMessage = read_message(&mut reader)
+            .expect("reads")
+            .expect("a message");
+        assert_eq!(back, message);
+        // Nothing is written for a message that cannot be sent.
+        let mut writer = Recorder::default();
+        assert!(write_message(&mut writer, &data_with_body_len(MAX_FRAME_LEN + 1)).is_err());
+        assert!(writer.written.is_empty());
+        assert!(write_message(&mut writer, &HostMessage::Shutdown).is_ok());
+        assert!(!writer.written.is_empty());
+    }
+
+    /// A reader that hands out one byte at a time with an `Interrupted` error before each.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        interrupt: bool,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.interrupt = !self.interrupt;
+            if self.interrupt {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let Some((&first, rest)) = self.data.split_first() else {
+                return Ok(0);
+            };
+            buf[0] = first;
+            self.data = rest;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn reads_survive_short_reads_and_interruptions() {
+        let message = GuestMessage::Event {
+            id: Some(3),
+            event: Event::Log {
+                level: Level::Info,
+                message: "hello".into(),
+            },
+        };
+        let frame = encode(&message).expect("encodes");
+        let mut reader = Trickle {
+            data: &frame,
+            interrupt: false,
+        };
+        let back: GuestMessage = read_message(&mut reader)
+            .expect("reads")
+            .expect("a message");
+        assert_eq!(back, message);
+        assert!(read_message::<GuestMessage>(&mut reader)
+            .expect("clean end")
+            .is_none());
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let trickled = sha256_reader(Trickle {
+            data: &data,
+            interrupt: false,
+        })
+        .expect("hashes");
+        assert_eq!(trickled, sha256(&data));
+    }
+
+    #[test]
+    fn digests_are_sha256() {
+        // FIPS 180-2 test vectors.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert_eq!(hex_digest(&sha256(b"abc")), abc);
+        assert_eq!(hex_digest(&sha256(b"")), empty);
+        assert_eq!(
+            hex_digest(&sha256_reader(&b"abc"[..]).expect("hashes")),
+            abc
+        );
+        assert_eq!(hex_digest(&sha256_reader(&b""[..]).expect("hashes")), empty);
+        // More than the reader's 4 MiB buffer: every read counts.
+        let big: Vec<u8> = (0..(9u32 << 20) + 3).map(|i| (i % 253) as u8).collect();
+        assert_eq!(sha256_reader(&big[..]).expect("hashes"), sha256(&big));
+        assert_ne!(sha256(&big), sha256(&big[1..]));
+        // A failing reader is an error, not the digest of what came before.
+        struct Broken;
+        impl Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+        }
+        assert!(sha256_reader(Broken).is_err());
+    }
+
+    #[test]
+    fn package_changes_are_empty_only_without_package_work() {
+        assert!(PackageChanges::default().is_empty());
+        // Where packages would come from is not itself a change.
+        assert!(PackageChanges {
+            disable_base_repos: true,
+            network: true,
+            ..PackageChanges::default()
+        }
+        .is_empty());
+        let names = vec!["tree".to_string()];
+        for changes in [
+            PackageChanges {
+                update_existing: true,
+                ..PackageChanges::default()
+            },
+            PackageChanges {
+                remove: names.clone(),
+                ..PackageChanges::default()
+            },
+            PackageChanges {
+                install: names.clone(),
+                ..PackageChanges::default()
+            },
+            PackageChanges {
+                update: names.clone(),
+                ..PackageChanges::default()
+            },
+        ] {
+            assert!(!changes.is_empty(), "{changes:?}");
+        }
+    }
+
+    #[test]
+    fn only_the_cancel_answer_is_cancelled() {
+        assert!(RemoteError::new(CANCELLED).is_cancelled());
+        assert!(!RemoteError::new("mounting rootfs").is_cancelled());
+        assert!(!RemoteError { context: vec![] }.is_cancelled());
+        let wrapped = RemoteError {
+            context: vec!["running dracut".into(), CANCELLED.into()],
+        };
+        assert!(!wrapped.is_cancelled(), "only the outermost context counts");
+        assert_eq!(wrapped.to_string(), format!("running dracut: {CANCELLED}"));
+    }
 }

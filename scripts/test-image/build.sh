@@ -108,8 +108,26 @@ cat > "$ROOT/usr/local/sbin/vmic-test-marker" <<'EOF'
 # Prints the boot marker and /etc/vmic-test/* to every active kernel console (the serial port).
 consoles=$(cat /sys/class/tty/console/active 2>/dev/null)
 [ -n "$consoles" ] || consoles=console
+# The firmware that booted this system, so that a test named "UEFI" or "BIOS" can prove it:
+# /sys/firmware/efi exists only under UEFI; the SecureBoot variable's data byte (after 4 bytes
+# of attributes) is 1 when the firmware enforces signatures.
+firmware() {
+  if [ -d /sys/firmware/efi ]; then
+    fw=uefi
+    var=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+    case "$(od -An -t u1 -j4 -N1 "$var" 2>/dev/null | tr -d ' ')" in
+      1) sb=enabled ;;
+      0) sb=disabled ;;
+      *) sb=unsupported ;;
+    esac
+  else
+    fw=bios sb=unsupported
+  fi
+  echo "VMIC-TEST-FIRMWARE firmware=$fw secureboot=$sb"
+}
 report() {
   echo "VMIC-TEST-BOOTED host=$(hostname) cmdline=$(cat /proc/cmdline)"
+  firmware
   for f in /etc/vmic-test/*; do
     [ -f "$f" ] || continue
     while IFS= read -r line || [ -n "$line" ]; do

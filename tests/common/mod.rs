@@ -199,6 +199,10 @@ pub struct Booted {
     pub cmdline: Vec<String>,
     /// `(path, line)` per `VMIC-TEST-FILE` line.
     pub files: Vec<(String, String)>,
+    /// `uefi` or `bios`, from `/sys/firmware/efi` in the booted system.
+    pub firmware: String,
+    /// `enabled`, `disabled` or `unsupported`, from the SecureBoot EFI variable.
+    pub secureboot: String,
 }
 
 impl Booted {
@@ -239,13 +243,21 @@ pub fn parse_marker(console: &str) -> Option<Booted> {
     let rest = booted.strip_prefix("VMIC-TEST-BOOTED host=")?;
     let (host, cmdline) = rest.split_once(" cmdline=")?;
     let mut files = Vec::new();
+    let mut firmware = None;
     for line in lines {
         if line == "VMIC-TEST-END" {
+            let (firmware, secureboot) = firmware?;
             return Some(Booted {
                 host: host.to_string(),
                 cmdline: cmdline.split_whitespace().map(str::to_string).collect(),
                 files,
+                firmware,
+                secureboot,
             });
+        }
+        if let Some(entry) = line.strip_prefix("VMIC-TEST-FIRMWARE firmware=") {
+            let (name, secureboot) = entry.split_once(" secureboot=")?;
+            firmware = Some((name.to_string(), secureboot.to_string()));
         }
         if let Some(entry) = line.strip_prefix("VMIC-TEST-FILE ") {
             let (path, text) = entry
@@ -324,12 +336,31 @@ pub fn boot(image: &Path, firmware: &str, media: &str, timeout: u64) -> Booted {
         "boot {} ({firmware}, {media}): VMIC-TEST-END after {seconds:.1} s",
         image.display()
     );
-    parse_marker(&console).unwrap_or_else(|| {
+    let booted = parse_marker(&console).unwrap_or_else(|| {
         panic!(
-            "the console log has the marker's lines:\n{}",
+            "the console log has the marker's lines (firmware line included):\n{}",
             tail(&console, 60)
         )
-    })
+    });
+    // What booted is what was asked for: a BIOS boot that fell back to UEFI (or the reverse)
+    // would otherwise pass every test named after one of them.
+    assert_eq!(
+        booted.firmware,
+        firmware,
+        "{} booted under the firmware asked for: {booted:?}",
+        image.display()
+    );
+    // vmic's firmware is OVMF/AAVMF without enrolled keys: nothing is signature-checked.
+    let expected_secureboot: &[&str] = match firmware {
+        "bios" => &["unsupported"],
+        _ => &["disabled", "unsupported"],
+    };
+    assert!(
+        expected_secureboot.contains(&booted.secureboot.as_str()),
+        "SecureBoot state {:?} under {firmware}: {booted:?}",
+        booted.secureboot
+    );
+    booted
 }
 
 pub fn tail(text: &str, lines: usize) -> String {

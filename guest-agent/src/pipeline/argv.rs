@@ -538,6 +538,31 @@ mod tests {
         for (sizes, expected) in cases {
             assert_eq!(efiboot_image_size_kib(sizes), expected, "{sizes:?}");
         }
+        // The rule behind those numbers: whole MiB, at least 2 MiB, room for every file in
+        // 4 KiB clusters plus 16 directory clusters, 1/8 for the FATs and a 512 KiB reserve,
+        // and less than 1 MiB more than that.
+        for sizes in [
+            vec![],
+            vec![0],
+            vec![4095, 4096, 4097],
+            vec![1 << 20; 3],
+            vec![950_000, 2_600_000, 4096, 4096],
+            vec![7_340_031, 123, 33_554_432],
+        ] {
+            let kib = efiboot_image_size_kib(&sizes);
+            let clusters: u64 = sizes.iter().map(|size| size.div_ceil(4096)).sum::<u64>() + 16;
+            let needed = clusters * 4096 + clusters * 4096 / 8 + (512 << 10);
+            assert_eq!(kib % 1024, 0, "{sizes:?}: whole MiB");
+            assert!(kib >= 2048, "{sizes:?}: at least 2 MiB");
+            assert!(
+                kib * 1024 >= needed,
+                "{sizes:?}: {kib} KiB holds {needed} bytes"
+            );
+            assert!(
+                kib == 2048 || kib * 1024 - needed < 1 << 20,
+                "{sizes:?}: {kib} KiB is no more than needed rounded up to a MiB"
+            );
+        }
         snapshot(
             "argv_efiboot_image",
             &[

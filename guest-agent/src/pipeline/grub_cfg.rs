@@ -649,6 +649,19 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         let rewritten =
             rewrite_for_iso(&test_image_cfg(), &settings(&["ds=nocloud"])).expect("rewrite");
         snapshot("grub_cfg_test_image", &rewritten.text);
+        // The rule behind the snapshot (spec step 6): the image's own args first (its root=
+        // dropped), then root=live:LABEL=<label> and the LiveOS args in order, then SELinux
+        // off, then the user's args last, in their order.
+        let lines = linux_lines(&rewritten.text);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let args: Vec<&str> = lines[0].split_whitespace().skip(2).collect();
+        let mut expected = vec!["rw", "console=ttyS0,115200", "net.ifnames=0"];
+        let live_root = format!("root=live:LABEL={DEFAULT_LABEL}");
+        expected.push(&live_root);
+        expected.extend(LIVE_ARGS);
+        expected.push(SELINUX_OFF);
+        expected.push("ds=nocloud");
+        assert_eq!(args, expected);
         assert_eq!(
             rewritten.kernels,
             vec![BootFileRef {
