@@ -15,8 +15,10 @@ mod image;
 mod init;
 mod iso;
 mod pipeline;
+mod relay;
 mod rootfs;
 mod server;
+mod token;
 
 use std::process::ExitCode;
 
