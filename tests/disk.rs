@@ -337,16 +337,48 @@ fn selinux_enforcing_needs_a_policy_in_the_image() {
     assert_no_partial(&output);
 }
 
+/// What a postCustomization script in the networked build tries against the host: a listener
+/// on the host's 127.0.0.1, through slirp's gateway address and through vmic's proxy.
+const REACH_THE_HOST: &str = r#"
+try() { # name, then a bash command; prints "probe NAME: RESULT"
+  if result=$(timeout 10 bash -c "$2" 2>&1); then echo "probe $1: ${result:-connected}"; else echo "probe $1: failed"; fi
+}
+# A request to the proxy the agent relays on 127.0.0.1:3128; prints the status line.
+ask='ask() { exec 3<>/dev/tcp/127.0.0.1/3128 || exit 1; printf "%s\r\n\r\n" "$1" >&3; head -n 1 <&3 | tr -d "\r"; }'
+try gateway "exec 3<>/dev/tcp/10.0.2.2/PORT"
+try host-dns "exec 3<>/dev/tcp/10.0.2.3/53"
+try connect-loopback "$ask; ask 'CONNECT 127.0.0.1:PORT HTTP/1.1'"
+try get-loopback "$ask; ask 'GET http://127.0.0.1:PORT/ HTTP/1.1'"
+try get-localhost "$ask; ask 'GET http://localhost:PORT/ HTTP/1.1'"
+try connect-gateway "$ask; ask 'CONNECT 10.0.2.2:PORT HTTP/1.1'"
+try connect-metadata "$ask; ask 'CONNECT 169.254.169.254:80 HTTP/1.1'"
+"#;
+
 #[test]
 fn packages_from_the_images_own_repositories_use_a_network() {
+    // The host service a hostile image would like to reach: it must record nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("host listener");
+    let port = listener.local_addr().expect("address").port().to_string();
     let work = work_dir();
     let config = work.path().join("tree.yaml");
-    std::fs::write(&config, "os:\n  packages:\n    install: [tree]\n").expect("config");
+    let script = REACH_THE_HOST.replace("PORT", &port);
+    let indented: String = script
+        .trim_start()
+        .lines()
+        .map(|line| format!("      {line}\n"))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "os:\n  packages:\n    install: [tree]\nscripts:\n  postCustomization:\n  - name: reach-the-host\n    content: |\n{indented}"
+        ),
+    )
+    .expect("config");
     let output = work.path().join("out.qcow2");
     let built = customize_to("qcow2", &minimal_qcow2(), &config, &output, None, &[]);
     assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
     assert!(
-        built.stderr.contains("user-mode networking"),
+        built.stderr.contains("through vmic's proxy"),
         "{}",
         built.stderr
     );
@@ -354,6 +386,39 @@ fn packages_from_the_images_own_repositories_use_a_network() {
         built.stderr.contains("apt-get -y -q install tree"),
         "{}",
         built.stderr
+    );
+    // The builder VM has no NIC: the gateway and slirp's DNS are not even routable.
+    for probe in ["gateway", "host-dns"] {
+        assert!(
+            built.stderr.contains(&format!("probe {probe}: failed")),
+            "{probe}: {}",
+            built.stderr
+        );
+    }
+    // The proxy answers every attempt on the host's own addresses with a refusal.
+    for probe in [
+        "connect-loopback",
+        "get-loopback",
+        "get-localhost",
+        "connect-gateway",
+        "connect-metadata",
+    ] {
+        assert!(
+            built
+                .stderr
+                .contains(&format!("probe {probe}: HTTP/1.1 403 vmic refused")),
+            "{probe}: {}",
+            built.stderr
+        );
+    }
+    listener.set_nonblocking(true).expect("nonblocking");
+    let mut reached = 0;
+    while listener.accept().is_ok() {
+        reached += 1;
+    }
+    assert_eq!(
+        reached, 0,
+        "nothing in the guest reached the host's listener"
     );
     // The package is in the output, installed as far as dpkg is concerned.
     let status = root_file(&output, "qcow2", "/var/lib/dpkg/status");

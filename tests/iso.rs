@@ -432,6 +432,18 @@ fn a_failing_script_shows_its_stderr() {
         "names the script and its exit code: {stderr}"
     );
     assert!(stderr.contains("boom-on-stderr"), "{stderr}");
+    // The script's ESC]52 (clipboard write) and ESC[2J (clear screen) reach the user escaped.
+    assert!(
+        stderr.contains("]52;c;aGFja2Vk"),
+        "the text is shown: {stderr}"
+    );
+    for byte in [0x1b_u8, 0x07, 0x9b] {
+        assert!(
+            !stderr.as_bytes().contains(&byte),
+            "vmic's stderr holds no control byte {byte:#x}: {stderr:?}"
+        );
+    }
+    assert!(!stderr.contains('\u{9b}'), "no C1 CSI either: {stderr:?}");
 }
 
 #[test]

@@ -40,7 +40,9 @@ async fn session() -> (Session, tokio::process::Child) {
         reader: Box::pin(child.stdout.take().expect("stdout")),
         writer: Box::pin(child.stdin.take().expect("stdin")),
     };
-    let session = Session::handshake(connection).await.expect("handshake");
+    let session = Session::handshake(connection, "test-token")
+        .await
+        .expect("handshake");
     (session, child)
 }
 

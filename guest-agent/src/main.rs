@@ -16,9 +16,11 @@ mod image;
 mod init;
 mod iso;
 mod pipeline;
+mod relay;
 mod rootfs;
 mod scratch;
 mod server;
+mod token;
 
 use std::process::ExitCode;
 

@@ -16,6 +16,11 @@ use vmic_protocol::{
 
 use crate::channel::{Channel, ChannelSpec, Opener};
 use crate::context::{debug_enabled, CancelToken, Cancelled, Incoming, RequestContext, Writer};
+use crate::token::Expected;
+
+/// The token the in-process tests' fake host presents.
+#[cfg(test)]
+const TEST_TOKEN: &str = "5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2";
 use crate::init::Note;
 use crate::{console, disks, exec, files};
 
@@ -61,15 +66,17 @@ fn lock(registry: &Registry) -> std::sync::MutexGuard<'_, HashMap<RequestId, Act
 
 /// Open the channel and serve until the host says `Shutdown` or goes away.
 pub fn run(spec: ChannelSpec, notes: Vec<Note>) -> anyhow::Result<()> {
+    let expected = Expected::for_channel(spec)?;
     let mut opener = Opener::new(spec).with_context(|| format!("opening the {spec}"))?;
     crate::console!("waiting for the host on the {spec}");
     loop {
         let channel = opener
             .next()
             .with_context(|| format!("opening the {spec}"))?;
-        match greet(channel) {
+        match greet(channel, &expected) {
             Ok((reader, writer)) => return serve_session(reader, writer, notes),
-            // A vsock connection the host gave up on before its Hello: take the next one.
+            // A vsock connection the host gave up on before its Hello, or another process
+            // without the token: take the next one.
             Err(error) if opener.can_retry() => {
                 crate::console!("{error:#}; waiting for another connection");
             }
@@ -81,12 +88,12 @@ pub fn run(spec: ChannelSpec, notes: Vec<Note>) -> anyhow::Result<()> {
 /// Serve one session on an open channel.
 #[cfg(test)]
 fn serve(channel: Channel, notes: Vec<Note>) -> anyhow::Result<()> {
-    let (reader, writer) = greet(channel)?;
+    let (reader, writer) = greet(channel, &Expected::Token(TEST_TOKEN.into()))?;
     serve_session(reader, writer, notes)
 }
 
 /// Exchange Hellos on a fresh channel.
-fn greet(channel: Channel) -> anyhow::Result<(File, Writer)> {
+fn greet(channel: Channel, expected: &Expected) -> anyhow::Result<(File, Writer)> {
     let Channel { mut reader, writer } = channel;
     let writer = Writer::new(writer);
     writer
@@ -97,7 +104,7 @@ fn greet(channel: Channel) -> anyhow::Result<(File, Writer)> {
             kernel: crate::init::kernel_release(),
         }))
         .context("sending Hello")?;
-    if let Err(error) = handshake(&mut reader) {
+    if let Err(error) = handshake(&mut reader, expected) {
         fatal(&writer, &error);
         return Err(error);
     }
@@ -128,9 +135,16 @@ fn serve_session(mut reader: File, writer: Writer, notes: Vec<Note>) -> anyhow::
     result
 }
 
-fn handshake(reader: &mut File) -> anyhow::Result<()> {
+fn handshake(reader: &mut File, expected: &Expected) -> anyhow::Result<()> {
     let message = read_message::<HostMessage>(reader).context("reading the host's Hello")?;
     match message {
+        Some(HostMessage::Hello(hello))
+            if hello.protocol_version == PROTOCOL_VERSION && !expected.accepts(&hello.token) =>
+        {
+            Err(anyhow!(
+                "refused a Hello without this VM's token: only the host that started the VM may drive it"
+            ))
+        }
         Some(HostMessage::Hello(hello)) if hello.protocol_version == PROTOCOL_VERSION => Ok(()),
         Some(HostMessage::Hello(hello)) => Err(anyhow!(
             "protocol version mismatch: host {} speaks version {}, agent {} speaks version {}",
@@ -380,6 +394,7 @@ mod tests {
             host.send(&HostMessage::Hello(HostHello {
                 protocol_version: version,
                 host_version: "test".into(),
+                token: TEST_TOKEN.into(),
             }));
             host
         }
@@ -783,5 +798,48 @@ mod tests {
         assert_eq!(remote.context, [CANCELLED, "running sleep"]);
         let error = anyhow!("inner").context("middle").context("outer");
         assert_eq!(remote_error(&error).context, ["outer", "middle", "inner"]);
+    }
+
+    #[test]
+    fn a_hello_without_the_token_is_refused() {
+        for token in [String::new(), "0".repeat(TEST_TOKEN.len())] {
+            let (mut host, agent) = UnixStream::pair().expect("socket pair");
+            host.set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            let channel = Channel::from_file(File::from(OwnedFd::from(agent))).expect("channel");
+            let agent = thread::spawn(move || serve(channel, Vec::new()));
+            let hello: GuestMessage = read_message(&mut host).expect("read").expect("hello");
+            assert!(matches!(hello, GuestMessage::Hello(_)));
+            write_message(
+                &mut host,
+                &HostMessage::Hello(HostHello {
+                    protocol_version: PROTOCOL_VERSION,
+                    host_version: "intruder".into(),
+                    token,
+                }),
+            )
+            .expect("write");
+            // Whatever follows the refused Hello is never served.
+            let _ = write_message(
+                &mut host,
+                &HostMessage::Request {
+                    id: 1,
+                    request: vmic_protocol::Request::Ping,
+                },
+            );
+            match read_message::<GuestMessage>(&mut host).expect("read") {
+                Some(GuestMessage::Fatal(error)) => {
+                    assert!(error.context.join(" ").contains("token"), "{error:?}")
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            let served = agent.join().expect("agent thread");
+            assert!(served.is_err(), "the session was refused");
+            // Then the agent hangs up (an end of stream, or a reset for the unread Ping).
+            assert!(!matches!(
+                read_message::<GuestMessage>(&mut host),
+                Ok(Some(_))
+            ));
+        }
     }
 }

@@ -26,6 +26,7 @@ fn stdio_session_hello_ping_and_kill() {
         &HostMessage::Hello(HostHello {
             protocol_version: PROTOCOL_VERSION,
             host_version: "test".into(),
+            token: String::new(),
         }),
     )
     .expect("write");

@@ -219,9 +219,11 @@ pub async fn build(
     // plan says whether the VM needs a network.
     let planned = plan(settings, &build_dir, &input, options.cpus)?;
     options.network = planned.os().packages.network;
+    options.allow_private_network = settings.allow_private_network;
     if options.network {
         tracing::info!(
-            "the builder VM gets user-mode networking for the image's package repositories"
+            "the builder VM reaches the image's package repositories through vmic's proxy (public addresses{})",
+            if options.allow_private_network { " and private networks" } else { " only" }
         );
     }
     progress.step("Booting", &format!("{arch} builder VM"));
@@ -470,6 +472,7 @@ async fn drive_build(
             Event::Output { stream, data } => {
                 let text = String::from_utf8_lossy(&data);
                 for line in text.lines() {
+                    let line = crate::inert::inert_line(line);
                     match stream {
                         Stream::Stdout => tracing::info!(target: "vmic::guest", "{line}"),
                         Stream::Stderr => tracing::warn!(target: "vmic::guest", "{line}"),

@@ -93,6 +93,12 @@ pub struct CustomizeArgs {
     #[arg(long)]
     pub disable_base_image_repos: bool,
 
+    /// Let the builder VM's package downloads reach private networks (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, fc00::/7): for a private mirror. Loopback and link-local
+    /// (metadata) addresses stay unreachable.
+    #[arg(long)]
+    pub allow_private_network: bool,
+
     /// mksquashfs compressor for the ISO's rootfs.img: zstd[:LEVEL], xz, gzip or lz4. The
     /// default is zstd:3 when the image's kernel reads zstd squashfs, else xz.
     #[arg(long, value_name = "COMP[:LEVEL]")]

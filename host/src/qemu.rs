@@ -176,6 +176,8 @@ pub struct BuilderVm {
     pub qmp_socket: PathBuf,
     /// A user-mode (slirp) NIC: outbound connections only, for the image's package repos.
     pub network: bool,
+    /// The per-build token (a file in the 0700 run dir), passed to the guest through fw_cfg.
+    pub token_file: PathBuf,
 }
 
 impl BuilderVm {
@@ -240,6 +242,14 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", vm.qmp_socket.display()),
+    ]);
+    push(&[
+        "-fw_cfg",
+        &format!(
+            "name={},file={}",
+            vmic_protocol::TOKEN_FW_CFG_NAME,
+            escape_comma(&vm.token_file)
+        ),
     ]);
     push(&["-device", "virtio-rng-pci"]);
     if vm.network {
@@ -524,6 +534,7 @@ mod tests {
             console_log: "/build/console.log".into(),
             qmp_socket: "/tmp/vmic-x/qmp.sock".into(),
             network: false,
+            token_file: "/tmp/vmic-x/token".into(),
         }
     }
 

@@ -86,8 +86,9 @@ async fn read_frame<M: protocol::Message>(
 }
 
 impl Session {
-    /// Wait for the agent's hello, check the protocol version, answer with ours.
-    pub async fn handshake(connection: Connection) -> anyhow::Result<Session> {
+    /// Wait for the agent's hello, check the protocol version, answer with ours and the
+    /// build's token (the agent refuses a Hello without it).
+    pub async fn handshake(connection: Connection, token: &str) -> anyhow::Result<Session> {
         let Connection {
             mut reader,
             mut writer,
@@ -95,6 +96,7 @@ impl Session {
         let hello = match read_frame::<GuestMessage>(&mut reader)
             .await
             .context("reading the agent's hello")?
+            .map(inert_message)
         {
             Some(GuestMessage::Hello(hello)) => hello,
             Some(GuestMessage::Fatal(error)) => return Err(guest_error(error)),
@@ -117,6 +119,7 @@ impl Session {
         let frame = protocol::encode(&HostMessage::Hello(HostHello {
             protocol_version: protocol::PROTOCOL_VERSION,
             host_version: env!("CARGO_PKG_VERSION").to_string(),
+            token: token.to_string(),
         }))?;
         writer.write_all(&frame).await?;
         writer.flush().await?;
@@ -334,7 +337,7 @@ async fn route_messages(
 ) {
     let reason = loop {
         let message = match read_frame::<GuestMessage>(&mut reader).await {
-            Ok(Some(message)) => message,
+            Ok(Some(message)) => inert_message(message),
             Ok(None) => break "the channel closed (agent exited or VM stopped)".to_string(),
             Err(error) => break format!("the channel failed: {error:#}"),
         };
@@ -368,6 +371,57 @@ async fn route_messages(
     *lost.lock().expect("lost lock") = Some(reason.clone());
     for (_, sender) in pending.lock().expect("pending lock").drain() {
         let _ = sender.send(Incoming::Lost(reason.clone()));
+    }
+}
+
+/// The guest's text made inert at the door, so that no later printer can forget it. Output
+/// bytes stay as sent (callers may parse them); whoever prints them makes them inert.
+fn inert_message(message: GuestMessage) -> GuestMessage {
+    use crate::inert::{inert, inert_line};
+    let error = |error: RemoteError| RemoteError {
+        context: error
+            .context
+            .iter()
+            .map(|line| inert(line).into_owned())
+            .collect(),
+    };
+    match message {
+        GuestMessage::Hello(hello) => GuestMessage::Hello(GuestHello {
+            agent_version: inert_line(&hello.agent_version).into_owned(),
+            arch: inert_line(&hello.arch).into_owned(),
+            kernel: inert_line(&hello.kernel).into_owned(),
+            ..hello
+        }),
+        GuestMessage::Response {
+            id,
+            result: Err(failure),
+        } => GuestMessage::Response {
+            id,
+            result: Err(error(failure)),
+        },
+        GuestMessage::Fatal(failure) => GuestMessage::Fatal(error(failure)),
+        GuestMessage::Event {
+            id,
+            event: Event::Log { level, message },
+        } => GuestMessage::Event {
+            id,
+            event: Event::Log {
+                level,
+                message: inert(&message).into_owned(),
+            },
+        },
+        GuestMessage::Event {
+            id,
+            event: Event::Progress { step, done, total },
+        } => GuestMessage::Event {
+            id,
+            event: Event::Progress {
+                step: inert_line(&step).into_owned(),
+                done,
+                total,
+            },
+        },
+        other => other,
     }
 }
 

@@ -26,8 +26,10 @@ pub struct VmOptions {
     pub run_dir: Option<PathBuf>,
     /// How long to wait for the agent's hello.
     pub ready_timeout: Duration,
-    /// Give the VM a user-mode NIC.
+    /// Give the VM a way out: vmic's HTTP/HTTPS proxy (`proxy.rs`), relayed over vsock.
     pub network: bool,
+    /// The proxy may connect to private networks (`--allow-private-network`).
+    pub allow_private_network: bool,
 }
 
 impl VmOptions {
@@ -42,6 +44,7 @@ impl VmOptions {
             run_dir: None,
             ready_timeout: Duration::from_secs(120),
             network: false,
+            allow_private_network: false,
         }
     }
 }
@@ -94,7 +97,45 @@ pub struct RunningVm {
     pub cpus: u32,
     qemu: QemuProcess,
     channel: Transport,
+    /// The network proxy's task, stopped with the VM.
+    _proxy: Option<ProxyTask>,
     _temp: Option<tempfile::TempDir>,
+}
+
+/// The proxy's serving task; aborted when dropped.
+pub struct ProxyTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ProxyTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Listen where the guest's vsock connections to the proxy port arrive, and serve them.
+fn start_proxy(channel: &Transport, allow_private_network: bool) -> anyhow::Result<ProxyTask> {
+    let Some(path) = channel.guest_to_host_socket(vmic_protocol::PROXY_VSOCK_PORT) else {
+        return Err(crate::report::hinted(
+            format!(
+                "packages from the image's own repositories need a network, which vmic gives the builder VM over vhost-user vsock; the {} transport has none",
+                channel.kind.name()
+            ),
+            "install vhost-device-vsock (`scripts/setup`), or install offline with --package-source DIR --disable-base-image-repos",
+        ));
+    };
+    let listener = tokio::net::UnixListener::bind(&path).with_context(|| {
+        format!(
+            "listening for the builder VM's proxy connections on {}",
+            path.display()
+        )
+    })?;
+    let policy = crate::proxy::Policy {
+        private: allow_private_network,
+        ..crate::proxy::Policy::default()
+    };
+    Ok(ProxyTask(tokio::spawn(crate::proxy::serve(
+        crate::proxy::Listener::Unix(listener),
+        policy,
+    ))))
 }
 
 /// Last `count` lines of a console log, cleaned like `vmic boot`'s (escapes and `\r` removed).
@@ -105,7 +146,10 @@ pub fn console_tail(path: &Path, count: usize) -> String {
     let start = lines.len().saturating_sub(count);
     lines[start..]
         .iter()
-        .map(|line| format!("  | {}", crate::boot::clean_line(line)))
+        .map(|line| {
+            let line = crate::boot::clean_line(line);
+            format!("  | {}", crate::inert::inert_line(&line))
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -122,7 +166,15 @@ impl RunningVm {
                 options.arch
             );
         }
-        let kind = crate::transport::select(options.transport)?;
+        let mut kind = crate::transport::select(options.transport)?;
+        // The proxy is reached over vsock from the guest to a per-VM unix socket of the
+        // vhost-user daemon; a kernel vsock listener would be host-wide.
+        if options.network
+            && kind == TransportKind::VhostVsock
+            && crate::transport::vsock_daemon().is_some()
+        {
+            kind = TransportKind::VhostUserVsock;
+        }
         tracing::info!(
             transport = kind.name(),
             accel = accel.name(),
@@ -131,6 +183,11 @@ impl RunningVm {
 
         // Unix socket paths are limited to ~107 bytes: keep them in a short temp dir.
         let temp = tempfile::Builder::new().prefix("vmic-").tempdir()?;
+        // The sockets and the token are this user's alone (0700); the token proves to the
+        // agent that this host started the VM.
+        crate::secret::private_dir(temp.path())?;
+        let token = crate::secret::BuildToken::generate()?;
+        let token_file = token.write_into(temp.path())?;
         let run_dir = options
             .run_dir
             .clone()
@@ -139,10 +196,14 @@ impl RunningVm {
         // A VM that boots but never answers (seen once in ~100 TCG boots, cause unknown) gets
         // one more try: a build should not fail on a flake of the emulator.
         let mut attempt = 1;
-        let (session, qemu, channel) = loop {
+        let (session, qemu, channel, proxy) = loop {
             let socket_dir = temp.path().join(attempt.to_string());
             fs_err::create_dir_all(&socket_dir)?;
             let channel = Transport::prepare(kind, &socket_dir).await?;
+            let proxy = match options.network {
+                true => Some(start_proxy(&channel, options.allow_private_network)?),
+                false => None,
+            };
             let vm = BuilderVm {
                 arch: options.arch,
                 accel,
@@ -159,18 +220,21 @@ impl RunningVm {
                 channel: channel.channel.clone(),
                 console_log: console_log.clone(),
                 qmp_socket: socket_dir.join("qmp.sock"),
-                network: options.network,
+                // No NIC: the proxy relayed over vsock is the only way out.
+                network: false,
+                token_file: token_file.clone(),
             };
             let argv = crate::qemu::builder_argv(&vm);
             let qemu = QemuProcess::spawn(&qemu_binary, argv)?;
             let mut running = RunningVmStart {
+                token: token.clone(),
                 qemu,
                 channel,
                 console_log: console_log.clone(),
             };
             let deadline = Instant::now() + options.ready_timeout;
             match running.wait_ready(deadline).await {
-                Ok(session) => break (session, running.qemu, running.channel),
+                Ok(session) => break (session, running.qemu, running.channel, proxy),
                 Err(error)
                     if attempt == 1
                         && error
@@ -202,6 +266,7 @@ impl RunningVm {
             cpus: options.cpus,
             qemu,
             channel,
+            _proxy: proxy,
             _temp: Some(temp),
         })
     }
@@ -254,6 +319,7 @@ impl RunningVm {
 
 /// The parts that exist before the agent is ready, so that a failure can still clean up.
 struct RunningVmStart {
+    token: crate::secret::BuildToken,
     qemu: QemuProcess,
     channel: Transport,
     console_log: PathBuf,
@@ -264,9 +330,12 @@ impl RunningVmStart {
         let connect_and_greet = async {
             let connection = self.channel.connect(deadline).await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            tokio::time::timeout(remaining, Session::handshake(connection))
-                .await
-                .context("timed out waiting for the agent's hello")?
+            tokio::time::timeout(
+                remaining,
+                Session::handshake(connection, self.token.as_str()),
+            )
+            .await
+            .context("timed out waiting for the agent's hello")?
         };
         let mut exited_early = false;
         let outcome = tokio::select! {

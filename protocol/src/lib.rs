@@ -13,7 +13,8 @@
 //!  host                                   agent (PID 1 in the builder VM)
 //!   |  <── connect (vsock port / serial) ──>  |
 //!   |  <──────── GuestMessage::Hello ──────── |  protocol_version, agent_version, arch, kernel
-//!   |  ──────── HostMessage::Hello ─────────> |  (version outside the range: host fails clearly)
+//!   |  ──────── HostMessage::Hello ─────────> |  + the per-build token from fw_cfg: a wrong one
+//!   |                                         |  is refused (version outside the range: host fails)
 //!   |  ──── Request { id: 1, Exec } ────────> |
 //!   |  <─── Event { id: 1, Output/Log } ───── |  any number, while the request runs
 //!   |  ──── Cancel { id: 1 } ───────────────> |  optional: the agent stops the request
@@ -123,7 +124,18 @@ pub struct GuestHello {
 pub struct HostHello {
     pub protocol_version: u32,
     pub host_version: String,
+    /// The per-build secret the host handed the VM out of band (fw_cfg [`TOKEN_FW_CFG_NAME`]):
+    /// proves that this host started the VM, so another local process cannot drive the agent.
+    pub token: String,
 }
+
+/// Host vsock port of vmic's HTTP/HTTPS proxy, the builder VM's only way out.
+pub const PROXY_VSOCK_PORT: u32 = 3128;
+/// Where the agent relays it inside the builder VM (what apt and dnf are pointed at).
+pub const PROXY_GUEST_ADDRESS: &str = "127.0.0.1:3128";
+
+/// fw_cfg item name of the per-build token (`-fw_cfg name=opt/vmic/token,file=…`).
+pub const TOKEN_FW_CFG_NAME: &str = "opt/vmic/token";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
@@ -790,6 +802,7 @@ mod tests {
         round_trip(HostMessage::Hello(HostHello {
             protocol_version: PROTOCOL_VERSION,
             host_version: "0.1.0".into(),
+            token: "0f".repeat(32),
         }));
         round_trip(HostMessage::Request {
             id: 7,

@@ -19,10 +19,6 @@ use crate::rootfs::scoped_join;
 const LOCAL_REPOS: &str = "/run/vmic-packages";
 /// Private apt state for a build that must not touch the image's own repositories.
 const PRIVATE_APT: &str = "/run/vmic-apt";
-/// user-mode networking (slirp): fixed guest address, gateway and DNS.
-const SLIRP_ADDRESS: &str = "10.0.2.15/24";
-const SLIRP_GATEWAY: &str = "10.0.2.2";
-const SLIRP_DNS: &str = "10.0.2.3";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Manager {
@@ -239,33 +235,19 @@ impl Drop for Restore {
     }
 }
 
-/// Bring up the user-mode NIC (no DHCP client in the builder VM: slirp's addresses are fixed).
+/// The VM's way out: loopback up and the relay to the host's proxy listening on it (the VM has
+/// no NIC; the host proxy decides what is reachable).
 fn network_up(build: &Build<'_>) -> anyhow::Result<()> {
-    for argv in [
-        strings(["busybox", "ip", "link", "set", "lo", "up"]),
-        strings(["busybox", "ip", "link", "set", "eth0", "up"]),
-        strings(["busybox", "ip", "addr", "add", SLIRP_ADDRESS, "dev", "eth0"]),
-        strings([
-            "busybox",
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            SLIRP_GATEWAY,
-        ]),
-    ] {
-        let result = build.run_unchecked(&argv, None, Vec::new())?;
-        // "File exists": already configured by an earlier step.
-        if result.code != 0 && !String::from_utf8_lossy(&result.stderr).contains("exists") {
-            bail!(
-                "configuring the builder VM's network (`{}`): {}",
-                argv.join(" "),
-                String::from_utf8_lossy(&result.stderr).trim()
-            );
-        }
+    let argv = strings(["busybox", "ip", "link", "set", "lo", "up"]);
+    let result = build.run_unchecked(&argv, None, Vec::new())?;
+    if result.code != 0 {
+        bail!(
+            "bringing up the builder VM's loopback (`{}`): {}",
+            argv.join(" "),
+            String::from_utf8_lossy(&result.stderr).trim()
+        );
     }
-    Ok(())
+    crate::relay::start()
 }
 
 pub(crate) fn apply(
@@ -284,12 +266,6 @@ pub(crate) fn apply(
     let mut restore = Restore::default();
     if packages.network {
         network_up(build)?;
-        restore.write(
-            root,
-            "/etc/resolv.conf",
-            format!("nameserver {SLIRP_DNS}\n").as_bytes(),
-            0o644,
-        )?;
     }
     if manager == Manager::Apt {
         // Packages' maintainer scripts must not start services in the build.
@@ -380,14 +356,17 @@ pub(crate) fn apply(
         }
     }
 
-    let env = vec![
+    let env = [
         ("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string()),
         (
             "PATH".to_string(),
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         ),
         ("LC_ALL".to_string(), "C".to_string()),
-    ];
+    ]
+    .into_iter()
+    .chain(proxy_env(packages.network))
+    .collect::<Vec<_>>();
     for argv in commands(manager, packages, private_apt, &local_repos) {
         build.context.cancel.check()?;
         build.log(format!("running {}", argv.join(" ")));
@@ -409,6 +388,18 @@ pub(crate) fn apply(
     drop(restore);
     mounts.unmount_below(root);
     Ok(())
+}
+
+/// apt, dnf and tdnf (libcurl) all take their proxy from these when networking is on.
+fn proxy_env(network: bool) -> Vec<(String, String)> {
+    if !network {
+        return Vec::new();
+    }
+    let url = crate::relay::proxy_url();
+    ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"]
+        .into_iter()
+        .map(|name| (name.to_string(), url.clone()))
+        .collect()
 }
 
 /// Make `dir` a repository the image's package manager can read; it is bind-mounted at

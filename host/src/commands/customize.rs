@@ -20,6 +20,7 @@ pub struct CustomizeSettings {
     pub output_format: OutputFormat,
     pub package_sources: Vec<PathBuf>,
     pub disable_base_image_repos: bool,
+    pub allow_private_network: bool,
     pub squashfs_compression: vmic_protocol::Compression,
     /// The image's: `--arch`, else detected from its boot loaders, else the host's.
     pub arch: Arch,
@@ -104,6 +105,7 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         output_format,
         package_sources: args.package_source.clone(),
         disable_base_image_repos: args.disable_base_image_repos,
+        allow_private_network: args.allow_private_network,
         squashfs_compression,
         arch,
         vm: args.vm.clone(),

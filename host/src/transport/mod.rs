@@ -114,9 +114,10 @@ impl Transport {
             }),
             TransportKind::VhostVsock => Ok(Transport {
                 kind,
-                // CIDs are host-global; derive one from our PID so parallel vmic runs differ.
+                // CIDs are host-global: a random one differs between parallel runs and
+                // cannot be guessed by another process.
                 channel: Channel::VhostVsock {
-                    cid: 3 + std::process::id() % 0x7fff_0000,
+                    cid: crate::secret::random_cid()?,
                 },
                 uds_path: None,
                 daemon: None,
@@ -222,6 +223,15 @@ impl Transport {
                 })
             }
         }
+    }
+
+    /// Where the guest's vsock connections to host `port` arrive (vhost-user: the daemon
+    /// connects to `<uds>_<port>`); `None` for transports without guest-to-host connections.
+    pub fn guest_to_host_socket(&self, port: u32) -> Option<PathBuf> {
+        let uds = self.uds_path.as_ref()?;
+        let mut name = uds.as_os_str().to_os_string();
+        name.push(format!("_{port}"));
+        Some(PathBuf::from(name))
     }
 
     pub fn daemon_pid(&self) -> Option<u32> {
