@@ -12,6 +12,10 @@ mod disk;
 mod disks;
 mod exec;
 mod files;
+// The fuzz targets' entry functions for the pipeline's parsers: their corpora replay here.
+#[cfg(test)]
+#[path = "../../fuzz/src/agent_targets.rs"]
+mod fuzz_targets;
 mod image;
 mod init;
 mod iso;

@@ -151,6 +151,8 @@ pub async fn build(
         _ => PathBuf::from("."),
     };
     let iso_output = settings.output_format == OutputFormat::Iso;
+    // The ISO disk, and so the largest ISO the host accepts from the guest (crate::accept).
+    let output_disk_size = input_size + GIB;
     check_space(&input, &build_dir, &output_dir, iso_output)?;
     let overlay = build_dir.join("input-overlay.qcow2");
     let scratch = build_dir.join("scratch.raw");
@@ -186,7 +188,7 @@ pub async fn build(
     sparse_file(&scratch, 2 * input_size + 2 * GIB)?;
     let mut disks = vec![input_disk];
     if iso_output {
-        sparse_file(&output_partial, input_size + GIB)?;
+        sparse_file(&output_partial, output_disk_size)?;
         disks.push(Disk {
             path: output_partial.clone(),
             format: "raw".into(),
@@ -245,20 +247,12 @@ pub async fn build(
     let (size, digest) = match outcome {
         Response::Iso(outcome) => {
             progress.step("Finishing", "verifying the ISO");
-            let file = fs_err::OpenOptions::new()
-                .write(true)
-                .open(&output_partial)?;
-            file.set_len(outcome.size)?;
-            file.sync_all()?;
-            drop(file);
-            let digest = sha256_file(&output_partial)?;
-            if digest != outcome.sha256 {
-                bail!(
-                    "the ISO copied out of the builder VM is corrupted: sha256 {} but the agent wrote {}",
-                    hex::encode(digest),
-                    hex::encode(outcome.sha256)
-                );
-            }
+            let digest = crate::accept::accept_iso(
+                &output_partial,
+                output_disk_size,
+                outcome.size,
+                &outcome.sha256,
+            )?;
             (outcome.size, digest)
         }
         Response::Disk(_) => {

@@ -4,6 +4,7 @@
 //! plan → execution through a `session` with the guest agent over a `transport`.
 
 pub mod accel;
+pub mod accept;
 pub mod boot;
 pub mod build;
 pub mod cli;

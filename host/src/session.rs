@@ -44,8 +44,17 @@ pub struct AgentLost {
 
 /// Turn a guest error chain into an anyhow chain, so the host renders it as `caused by:` lines.
 pub fn guest_error(error: RemoteError) -> anyhow::Error {
-    let mut lines = error.context.clone();
+    let mut lines: Vec<String> = error
+        .context
+        .iter()
+        .map(|line| cap_guest_text(line).into_owned())
+        .collect();
     let innermost = lines.pop().unwrap_or_else(|| "guest failure".to_string());
+    if lines.len() > MAX_GUEST_ERROR_LINES - 1 {
+        let cut = lines.len() - (MAX_GUEST_ERROR_LINES - 1);
+        lines.truncate(MAX_GUEST_ERROR_LINES - 1);
+        lines.push(format!("({cut} more lines of the guest's error cut)"));
+    }
     let mut chain = anyhow!("{innermost}");
     while let Some(line) = lines.pop() {
         chain = chain.context(line);
@@ -53,7 +62,37 @@ pub fn guest_error(error: RemoteError) -> anyhow::Error {
     chain.context("the builder VM reported a failure")
 }
 
-type Pending = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Incoming>>>>;
+type Pending = Arc<Mutex<HashMap<RequestId, mpsc::Sender<Incoming>>>>;
+
+/// Messages queued per request before the reader stops reading the channel: a flood from the
+/// guest then waits in the transport instead of the host's memory (at most this many frames of
+/// [`protocol::MAX_FRAME_LEN`] each, per request).
+pub const REQUEST_QUEUE_LEN: usize = 16;
+/// Once a frame's length arrived, its body must follow within this time: a guest that sends
+/// half a frame and goes silent fails the session instead of holding it forever. Generous:
+/// a full frame takes milliseconds even under TCG.
+pub const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest guest text (a log line, an error context line) the host keeps; the rest is cut.
+pub const MAX_GUEST_LINE: usize = 4096;
+/// Most lines of a guest error chain the host keeps (the innermost is always kept).
+pub const MAX_GUEST_ERROR_LINES: usize = 32;
+
+/// `text` cut to at most [`MAX_GUEST_LINE`] bytes on a character boundary, saying how much
+/// was cut: guest text is untrusted and ends up in logs and error messages.
+pub fn cap_guest_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_GUEST_LINE {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = MAX_GUEST_LINE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}… ({} more bytes cut)",
+        &text[..end],
+        text.len() - end
+    ))
+}
 
 pub struct Session {
     hello: GuestHello,
@@ -80,8 +119,16 @@ async fn read_frame<M: protocol::Message>(
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(error) => return Err(error.into()),
     }
-    let mut body = vec![0u8; protocol::frame_len(header)?];
-    reader.read_exact(&mut body).await?;
+    let len = protocol::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(FRAME_BODY_TIMEOUT, reader.read_exact(&mut body))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the agent sent the start of a {len}-byte message and then nothing for {}s",
+                FRAME_BODY_TIMEOUT.as_secs()
+            )
+        })??;
     Ok(Some(protocol::decode(&body)?))
 }
 
@@ -160,7 +207,7 @@ impl Session {
             *next += 1;
             id
         };
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(REQUEST_QUEUE_LEN);
         if let Some(reason) = self.lost.lock().expect("lost lock").clone() {
             return Err(AgentLost {
                 request: describe(&request),
@@ -341,6 +388,7 @@ async fn route_messages(
             Ok(None) => break "the channel closed (agent exited or VM stopped)".to_string(),
             Err(error) => break format!("the channel failed: {error:#}"),
         };
+        let message = cap_log_event(message);
         let (id, incoming) = match message {
             GuestMessage::Response { id, result } => (id, Incoming::Done(result)),
             GuestMessage::Data { id, chunk } => (id, Incoming::Data(chunk)),
@@ -353,24 +401,60 @@ async fn route_messages(
                 log_guest_event(&event);
                 continue;
             }
-            GuestMessage::Fatal(error) => break format!("the agent failed fatally: {error}"),
+            GuestMessage::Fatal(error) => {
+                break format!(
+                    "the agent failed fatally: {}",
+                    cap_guest_text(&error.to_string())
+                )
+            }
             GuestMessage::Hello(_) | GuestMessage::Invalid => {
                 break "the agent sent a second hello".to_string()
             }
         };
         let done = matches!(incoming, Incoming::Done(_));
-        let mut map = pending.lock().expect("pending lock");
-        if let Some(sender) = map.get(&id) {
-            let _ = sender.send(incoming);
-        }
-        if done {
-            map.remove(&id);
+        let sender = {
+            let mut map = pending.lock().expect("pending lock");
+            if done {
+                map.remove(&id)
+            } else {
+                map.get(&id).cloned()
+            }
+        };
+        // Waits while the request's queue is full: back-pressure onto the guest. A request
+        // nobody waits for any more (handle dropped) fails the send and its messages are dropped.
+        if let Some(sender) = sender {
+            let _ = sender.send(incoming).await;
         }
     };
     tracing::debug!("agent channel ended: {reason}");
     *lost.lock().expect("lost lock") = Some(reason.clone());
-    for (_, sender) in pending.lock().expect("pending lock").drain() {
-        let _ = sender.send(Incoming::Lost(reason.clone()));
+    let senders: Vec<_> = pending
+        .lock()
+        .expect("pending lock")
+        .drain()
+        .map(|(_, sender)| sender)
+        .collect();
+    // A full queue does not get the Lost message, but dropping its sender here ends it, and
+    // the handle then reads the reason from `lost`.
+    for sender in senders {
+        let _ = sender.try_send(Incoming::Lost(reason.clone()));
+    }
+}
+
+/// Guest log lines cut to [`MAX_GUEST_LINE`] before anything prints or queues them.
+fn cap_log_event(message: GuestMessage) -> GuestMessage {
+    match message {
+        GuestMessage::Event {
+            id,
+            event: Event::Log { level, message },
+        } if message.len() > MAX_GUEST_LINE => GuestMessage::Event {
+            id,
+            event: Event::Log {
+                level,
+                message: cap_guest_text(&message).into_owned(),
+            },
+        },
+        other => other,
     }
 }
 
@@ -446,7 +530,7 @@ pub struct RequestHandle<'a> {
     session: &'a Session,
     pub id: RequestId,
     description: String,
-    receiver: mpsc::UnboundedReceiver<Incoming>,
+    receiver: mpsc::Receiver<Incoming>,
 }
 
 impl RequestHandle<'_> {
