@@ -437,7 +437,10 @@ fn guest_image_export_import_then_build_with_the_imported_image() {
 
     // The imported image (and only it: VMIC_GUEST_IMAGE_DIR) runs a real build.
     let input = common::test_image("x86_64", "minimal", false).join("disk.qcow2");
-    let config = work.path().join("config.yaml");
+    // In its own directory: the config's directory is what the build uploads.
+    let config_dir = work.path().join("config");
+    std::fs::create_dir(&config_dir).expect("creating the config dir");
+    let config = config_dir.join("config.yaml");
     std::fs::write(&config, "os:\n  hostname: imported-guest\n").expect("writing the config");
     let output = work.path().join("out.qcow2");
     let _vm = lock(&VM_LOCK);
