@@ -59,6 +59,51 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Boot a disk image or ISO in QEMU and wait for a line on its serial console.
     Boot(BootArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout, or write one page per command into a directory.
+    Man(ManArgs),
+    /// Move built builder VM images between machines as one OCI-layout tarball.
+    #[command(subcommand)]
+    GuestImage(GuestImageCommand),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CompletionsArgs {
+    /// Shell to generate the completion script for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ManArgs {
+    /// Write vmic.1 and vmic-<command>.1 into this directory instead of printing vmic.1.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand, Clone)]
+pub enum GuestImageCommand {
+    /// Write the current builder VM image(s) (kernel, initramfs, manifest) to an OCI-layout tar.
+    Export(GuestImageExportArgs),
+    /// Verify an OCI-layout tar made by `export` and install its images as the current ones.
+    Import(GuestImageImportArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GuestImageExportArgs {
+    /// Only this architecture (default: every architecture that has a built image).
+    #[arg(long, value_enum)]
+    pub arch: Vec<Arch>,
+
+    /// The tarball to write.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GuestImageImportArgs {
+    /// The tarball to read.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args, Clone)]

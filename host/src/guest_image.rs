@@ -7,6 +7,8 @@ use serde::Deserialize;
 
 use crate::cli::Arch;
 
+pub mod export;
+
 /// vmic's cache directory: `$VMIC_CACHE_DIR`, else `$XDG_CACHE_HOME/vmic`, else `~/.cache/vmic`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("VMIC_CACHE_DIR") {
@@ -36,13 +38,17 @@ pub struct Manifest {
     pub agent_sha256: String,
 }
 
-/// The current guest image for `arch` (`<cache>/guest/<arch>` links to the newest build).
+/// Where the guest images live: `$VMIC_GUEST_IMAGE_DIR`, else `<cache>/guest`.
+pub fn root() -> PathBuf {
+    match std::env::var_os("VMIC_GUEST_IMAGE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => cache_dir().join("guest"),
+    }
+}
+
+/// The current guest image for `arch` (`<root>/<arch>` links to the newest build).
 pub fn find(arch: Arch) -> anyhow::Result<GuestImage> {
-    let link = cache_dir().join("guest").join(arch.name());
-    let dir = match std::env::var_os("VMIC_GUEST_IMAGE_DIR") {
-        Some(dir) => PathBuf::from(dir).join(arch.name()),
-        None => link,
-    };
+    let dir = root().join(arch.name());
     let missing = || {
         crate::report::hinted(
             format!("no builder VM image for {arch} at {}", dir.display()),

@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    if let Some(code) = vmic::orphan::run_if_watchdog() {
+        return ExitCode::from(code);
+    }
     let cli = vmic::cli::Cli::parse();
     let _guard = match vmic::report::init_logging(&cli.global) {
         Ok(guard) => guard,

@@ -310,11 +310,13 @@ pub fn escape_comma(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
 
-/// A running QEMU. Dropping it kills QEMU; on Linux QEMU also dies with vmic (PDEATHSIG),
-/// so even a SIGKILLed vmic leaves no VM behind.
+/// A running QEMU. Dropping it kills QEMU; QEMU also dies with vmic (PDEATHSIG on Linux, the
+/// `orphan` watchdog elsewhere), so even a SIGKILLed vmic leaves no VM behind.
 pub struct QemuProcess {
     child: tokio::process::Child,
     pub argv: Vec<OsString>,
+    /// Without PDEATHSIG (macOS), the process that kills QEMU if vmic dies.
+    _watchdog: Option<crate::orphan::Watchdog>,
 }
 
 impl QemuProcess {
@@ -335,7 +337,12 @@ impl QemuProcess {
         let child = command.spawn().map_err(|error| {
             anyhow::Error::new(error).context(format!("starting {}", binary.display()))
         })?;
-        Ok(QemuProcess { child, argv })
+        let _watchdog = crate::orphan::watch(child.id());
+        Ok(QemuProcess {
+            child,
+            argv,
+            _watchdog,
+        })
     }
 
     pub fn id(&self) -> Option<u32> {

@@ -18,5 +18,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Some(Command::Schema) => validate::run_schema(),
         Some(Command::Doctor(args)) => crate::doctor::run(&global, args),
         Some(Command::Boot(args)) => crate::boot::run(&global, args),
+        Some(Command::Completions(args)) => crate::completions::run_completions(args),
+        Some(Command::Man(args)) => crate::completions::run_man(args),
+        Some(Command::GuestImage(command)) => crate::guest_image::export::run(command),
     }
 }
