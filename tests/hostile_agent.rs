@@ -115,7 +115,10 @@ async fn session() -> (Session, Agent) {
         reader: Box::pin(host_reader),
         writer: Box::pin(host_writer),
     };
-    let (session, ()) = tokio::join!(Session::handshake(connection), agent.greet());
+    let (session, ()) = tokio::join!(
+        Session::handshake(connection, "hostile-test-token"),
+        agent.greet()
+    );
     (session.expect("handshake"), agent)
 }
 
@@ -158,10 +161,13 @@ async fn oversized_frame_length_fails_the_request_without_allocating_it() {
         .write_all(&(protocol::MAX_FRAME_LEN as u32 + 1).to_le_bytes())
         .await
         .expect("write");
-    let error = Session::handshake(Connection {
-        reader: Box::pin(host_reader),
-        writer: Box::pin(host_writer),
-    })
+    let error = Session::handshake(
+        Connection {
+            reader: Box::pin(host_reader),
+            writer: Box::pin(host_writer),
+        },
+        "hostile-test-token",
+    )
     .await
     .err()
     .expect("refused hello");
