@@ -13,6 +13,7 @@ mod exec;
 mod files;
 mod image;
 mod init;
+mod inventory;
 mod iso;
 mod pipeline;
 mod rootfs;
