@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod guest_image;
 pub mod image;
 pub mod plan;
+pub mod provenance;
 pub mod qemu;
 pub mod report;
 pub mod session;

@@ -65,6 +65,8 @@ pub struct HostFacts<'a> {
     pub disable_base_repos: bool,
     /// `--squashfs-compression`; `Auto` lets the agent choose what the image's kernel reads.
     pub squashfs_compression: Compression,
+    /// `--source-date-epoch`; `None`: the agent takes the input's.
+    pub source_date_epoch: Option<u64>,
 }
 
 fn guest_path(relative: &Path) -> String {
@@ -243,6 +245,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
             threads: facts.cpus.max(1),
         },
         remaster_only: facts.input_is_iso && !changes_rootfs(config),
+        source_date_epoch: facts.source_date_epoch,
     };
     Ok(Plan {
         uploads: common.uploads,

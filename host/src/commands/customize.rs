@@ -21,6 +21,8 @@ pub struct CustomizeSettings {
     pub package_sources: Vec<PathBuf>,
     pub disable_base_image_repos: bool,
     pub squashfs_compression: vmic_protocol::Compression,
+    /// `--source-date-epoch` / `SOURCE_DATE_EPOCH`; `None`: the agent takes the input's.
+    pub source_date_epoch: Option<u64>,
     pub vm: VmArgs,
 }
 
@@ -95,6 +97,7 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         package_sources: args.package_source.clone(),
         disable_base_image_repos: args.disable_base_image_repos,
         squashfs_compression,
+        source_date_epoch: args.source_date_epoch,
         vm: args.vm.clone(),
     })
 }
