@@ -483,6 +483,8 @@ fn kernel_configs(root: &Path) -> Vec<String> {
 }
 
 /// Copy every entry of the plan into the ISO tree and make the generated boot images.
+// h-agent restructures this into step(context) functions; until then the epoch is one more argument.
+#[allow(clippy::too_many_arguments)]
 fn populate_tree(
     build: &Build<'_>,
     root: &Path,
@@ -560,24 +562,39 @@ fn populate_tree(
         }
         Ok(())
     };
-    // The FAT's content is staged with every time set to the epoch, then copied in one go.
-    let stage = work.join("efiboot");
-    let _ = std::fs::remove_dir_all(&stage);
-    for dir in &efi.dirs {
-        fs_create_dir_all(&scoped_join(&stage, dir)?)?;
+    // The FAT's content is staged with every time set to the epoch, then copied one entry at
+    // a time in the plan's order: directories (parents first, each as an empty staged
+    // directory of its name), then files.
+    let dirs = work.join("efiboot-dirs");
+    let files = work.join("efiboot");
+    let _ = std::fs::remove_dir_all(&dirs);
+    let _ = std::fs::remove_dir_all(&files);
+    let mut copies = Vec::new();
+    for (index, dir) in efi.dirs.iter().enumerate() {
+        let (parent, name) = dir
+            .rsplit_once('/')
+            .context("a FAT directory is absolute")?;
+        let staged = dirs.join(index.to_string()).join(name);
+        fs_create_dir_all(&staged)?;
+        copies.push((staged, format!("{parent}/")));
     }
     for (source, dest) in &efi.files {
         let from = source_path(source)?;
-        let to = scoped_join(&stage, dest)?;
+        let to = scoped_join(&files, dest)?;
         fs_create_dir_all(to.parent().expect("has a parent"))?;
         std::fs::copy(&from, &to).with_context(|| format!("staging {}", from.display()))?;
+        copies.push((to, dest.clone()));
     }
-    set_times_below(&stage, epoch)?;
-    let mut top: Vec<String> = std::fs::read_dir(&stage)?
-        .map(|entry| entry.map(|e| e.path().to_string_lossy().into_owned()))
-        .collect::<Result<_, _>>()?;
-    top.sort();
-    run_mtools(argv::mcopy_tree_argv(&image, &top))?;
+    fs_create_dir_all(&files)?;
+    set_times_below(&dirs, epoch)?;
+    set_times_below(&files, epoch)?;
+    for (staged, dest) in copies {
+        run_mtools(argv::mcopy_preserving_argv(
+            &image,
+            &staged.to_string_lossy(),
+            &dest,
+        ))?;
+    }
 
     if plan.bios {
         let early = work.join("grub-early.cfg");

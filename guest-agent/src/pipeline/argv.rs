@@ -290,14 +290,23 @@ pub fn mkfs_vfat_argv(image: &str, size_kib: u64, volume_id: &str) -> Vec<String
     ])
 }
 
-/// `mcopy -s -m` of the staged `entries` (top-level files and directories) into the FAT
-/// image's root: recursive, and keeping the staged mtimes (`-m`) where `mmd` and a plain
-/// `mcopy` would stamp the build time (mtools 4.0.32 ignores `SOURCE_DATE_EPOCH`).
-pub fn mcopy_tree_argv(image: &str, entries: &[String]) -> Vec<String> {
-    let mut argv = strings(["mcopy", "-s", "-m", "-D", "o", "-i", image]);
-    argv.extend(entries.iter().cloned());
-    argv.push("::/".to_string());
-    argv
+/// `mcopy -s -m` of one staged file, or of one empty staged directory into the directory
+/// `dest` ends in (`/EFI/`), keeping the staged mtime (`-m`) where `mmd` and a plain `mcopy`
+/// would stamp the build time (mtools 4.0.32 ignores `SOURCE_DATE_EPOCH`). One entry per
+/// call, in the plan's order: a recursive copy would follow the staging directory's hashed
+/// `readdir` order, and FAT directory entries keep the order they were made in.
+pub fn mcopy_preserving_argv(image: &str, source: &str, dest: &str) -> Vec<String> {
+    strings([
+        "mcopy",
+        "-s",
+        "-m",
+        "-D",
+        "o",
+        "-i",
+        image,
+        source,
+        &format!("::{dest}"),
+    ])
 }
 
 // --- xorriso (step 8) ---------------------------------------------------------------------
@@ -559,9 +568,15 @@ mod tests {
             "argv_efiboot_image",
             &[
                 mkfs_vfat_argv("/build/iso/boot/grub2/efiboot.img", 5120, "6553f100"),
-                mcopy_tree_argv(
+                mcopy_preserving_argv(
                     "/build/iso/boot/grub2/efiboot.img",
-                    &strings(["/build/efiboot/EFI", "/build/efiboot/boot"]),
+                    "/build/efiboot-dirs/0/EFI",
+                    "/",
+                ),
+                mcopy_preserving_argv(
+                    "/build/iso/boot/grub2/efiboot.img",
+                    "/build/efiboot/EFI/BOOT/BOOTX64.EFI",
+                    "/EFI/BOOT/BOOTX64.EFI",
                 ),
             ]
             .iter()

@@ -64,7 +64,7 @@ pub fn parse_dpkg_status(text: &str) -> Vec<InstalledPackage> {
                 "Architecture" => architecture = Some(field(value)),
                 "Status" => status = Some(value.trim().to_string()),
                 // `Source: name (version)` when the source version differs.
-                "Source" => source = value.split_whitespace().next().map(|source| field(source)),
+                "Source" => source = value.split_whitespace().next().map(field),
                 _ => {}
             }
         }
