@@ -666,6 +666,7 @@ mod tests {
                 package_sources: &[],
                 disable_base_repos: false,
                 squashfs_compression: Compression::Auto,
+                source_date_epoch: None,
             },
         )
         .expect("plan")
@@ -758,6 +759,7 @@ mod tests {
                     package_sources: &sources,
                     disable_base_repos,
                     squashfs_compression: Compression::Auto,
+                    source_date_epoch: None,
                 },
             )
             .expect("plan")
