@@ -115,8 +115,9 @@ fn dpkg_packages(iso: &Path, work: &Path) -> Vec<(String, String)> {
             let mut fields = line.split('\t');
             let status = fields.next()?;
             // `ii`, `hi`: installed; `rc` and half-installed states are not.
-            (status.chars().nth(1) == Some('i'))
-                .then(|| (fields.next()?.to_string(), fields.next()?.to_string()))
+            let name = fields.next()?.to_string();
+            let version = fields.next()?.to_string();
+            (status.chars().nth(1) == Some('i')).then_some((name, version))
         })
         .collect()
 }
