@@ -377,6 +377,8 @@ async fn claimed_iso_sizes_and_digests_are_checked_before_the_rename() {
                     sha256,
                     rootfs_sha256: [0; 32],
                     steps: Vec::new(),
+                    packages: Default::default(),
+                    source_date_epoch: 0,
                 })),
             })
             .await;

@@ -25,6 +25,7 @@ pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result
     let chroot_mounts = customize_image(&build, &root, &request.customization)?;
     drop(chroot_mounts);
     remove_config_mountpoint(&root);
+    let packages = crate::inventory::read_packages(&build, &root)?;
 
     build.step(Step::Unmount)?;
     mounts.unmount_below(&PathBuf::from(IMAGE_ROOT));
@@ -32,5 +33,8 @@ pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result
     // converts it.
     unsafe { libc::sync() };
     build.end_step();
-    Ok(DiskOutcome { steps: build.steps })
+    Ok(DiskOutcome {
+        steps: build.steps,
+        packages,
+    })
 }

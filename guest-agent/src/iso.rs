@@ -17,7 +17,8 @@ use crate::customize::{
 };
 use crate::image::{check_arch, mount_image, IMAGE_ROOT};
 use crate::pipeline::{
-    self, argv, grub_cfg, iso_record, Arch, BootFile, EfiGrubSource, Generated, IsoSource, IsoTree,
+    self, argv, grub_cfg, inventory, iso_record, media_check, Arch, BootFile, EfiGrubSource,
+    Generated, IsoSource, IsoTree,
 };
 use crate::rootfs::{open_image_file, read_image_text, scoped_join, MAX_IMAGE_TEXT};
 
@@ -55,15 +56,32 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         .unwrap_or_default();
     let user_args = iso_record::merge_user_args(&recorded_args, &request.iso.extra_args);
 
-    let rootfs_sha256 = if request.remaster_only {
+    // An ISO input keeps its epoch unless the user gives one: re-customizing reproduces too.
+    let recorded_epoch = request
+        .source_date_epoch
+        .or(record.as_ref().map(|record| record.created_unix_seconds));
+    let (rootfs_sha256, epoch, packages) = if request.remaster_only {
         let record = record.as_ref().expect("remastering needs an ISO input");
-        remaster_tree(&mut build, &mut mounts, &request, record, &tree, &user_args)?
+        let epoch = recorded_epoch.expect("an ISO input has a record");
+        let rootfs_sha256 = remaster_tree(
+            &mut build,
+            &mut mounts,
+            &request,
+            record,
+            &tree,
+            &user_args,
+            epoch,
+        )?;
+        let packages = remastered_packages(&build, &mut mounts, &tree)?;
+        (rootfs_sha256, epoch, packages)
     } else {
         let root = match &record {
             Some(record) => unpack_iso(&mut build, record, &work, arch)?,
             None => mount_image(&build, &mut mounts, &input)?,
         };
         check_arch(&root, arch)?;
+        let epoch =
+            recorded_epoch.unwrap_or_else(|| crate::inventory::epoch_from_image(&build, &root));
         build.step(Step::Customize)?;
         let chroot_mounts = customize_image(&build, &root, &request.customization)?;
 
@@ -94,12 +112,12 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         let (initrds, squashed) = std::thread::scope(|scope| {
             let squash = scope.spawn(|| {
                 let started = std::time::Instant::now();
-                make_rootfs_squashfs(&build, &root, &rootfs, &request)
+                make_rootfs_squashfs(&build, &root, &rootfs, &request, epoch)
                     .map(|()| started.elapsed().as_secs_f64())
             });
             let started = std::time::Instant::now();
             let initrds =
-                make_initrds(&build, &root, &plan).map(|()| started.elapsed().as_secs_f64());
+                make_initrds(&build, &root, &plan, epoch).map(|()| started.elapsed().as_secs_f64());
             (
                 initrds,
                 squash.join().expect("the mksquashfs thread does not panic"),
@@ -111,6 +129,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         ));
         drop(chroot_mounts);
         remove_config_mountpoint(&root);
+        let packages = crate::inventory::read_packages(&build, &root)?;
         let rootfs_sha256 = hex::encode(sha256_file(&rootfs)?);
 
         build.step(Step::MakeIso)?;
@@ -120,8 +139,9 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
             &tree,
             &work,
             &plan,
-            &rewritten.text,
+            &media_check::add_entry(&rewritten.text, &request.iso.label),
             &request,
+            epoch,
         )?;
         let record = iso_record::IsoSettingsRecord {
             format: iso_record::FORMAT_VERSION,
@@ -135,9 +155,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
                 .map(|arg| arg.to_string())
                 .collect(),
             kernel_versions: plan.kernels.iter().map(|k| k.version.clone()).collect(),
-            created_unix_seconds: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created_unix_seconds: epoch,
             rootfs_sha256: rootfs_sha256.clone(),
             grub_noprefix: plan.grub_noprefix,
         };
@@ -151,7 +169,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
             copy_input_iso_extras(&tree)?;
         }
         mounts.unmount_below(Path::new(IMAGE_ROOT));
-        rootfs_sha256
+        (rootfs_sha256, epoch, packages)
     };
 
     copy_additional_files(&tree, &request.iso.additional_files).context("iso.additionalFiles")?;
@@ -170,9 +188,9 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
                 .to_string(),
             boot_hybrid_mbr: pipeline::BUILDER_BOOT_HYBRID_IMG.to_string(),
         }),
-        modification_date: None,
+        modification_date: Some(inventory::xorriso_date(epoch)),
     };
-    let (size, sha256) = write_to_disk(&build, &argv::xorriso_argv(&options), &output)?;
+    let (size, sha256) = write_to_disk(&build, &argv::xorriso_argv(&options), &output, epoch)?;
     mounts.unmount_below(&work);
     mounts.unmount_below(Path::new("/mnt"));
     build.end_step();
@@ -182,6 +200,8 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         sha256,
         rootfs_sha256,
         steps: build.steps,
+        source_date_epoch: epoch,
+        packages,
     })
 }
 
@@ -242,6 +262,7 @@ fn remaster_tree(
     record: &iso_record::IsoSettingsRecord,
     tree: &Path,
     user_args: &[String],
+    epoch: u64,
 ) -> anyhow::Result<String> {
     build.step(Step::MakeIso)?;
     if record.label != request.iso.label {
@@ -281,11 +302,13 @@ fn remaster_tree(
         },
     )?;
     for path in [pipeline::ISO_GRUB_CFG, "/EFI/BOOT/grub.cfg"] {
-        write_file(tree, path, rewritten.text.as_bytes(), 0o644)?;
+        let text = media_check::add_entry(&rewritten.text, &request.iso.label);
+        write_file(tree, path, text.as_bytes(), 0o644)?;
     }
     let mut record = record.clone();
     record.kernel_args_from_user = user_args.to_vec();
     record.vmic_version = request.iso.vmic_version.clone();
+    record.created_unix_seconds = epoch;
     write_file(
         tree,
         iso_record::ISO_SETTINGS_PATH,
@@ -294,6 +317,28 @@ fn remaster_tree(
     )?;
     build.log("re-mastered without rebuilding rootfs.img");
     Ok(record.rootfs_sha256)
+}
+
+/// The packages of a re-mastered ISO: its `rootfs.img` (bound into the tree) mounted
+/// read-only for as long as the database is read.
+fn remastered_packages(
+    build: &Build<'_>,
+    mounts: &mut Mounts,
+    tree: &Path,
+) -> anyhow::Result<vmic_protocol::PackageInventory> {
+    const ROOTFS_MOUNT: &str = "/mnt/rootfs-inventory";
+    let target = Path::new(ROOTFS_MOUNT);
+    fs_create_dir_all(target)?;
+    let rootfs = tree.join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
+    let mut argv = strings(["mount", "-t", "squashfs", "-o", "ro,loop"]);
+    argv.push(rootfs.to_string_lossy().into_owned());
+    argv.push(ROOTFS_MOUNT.to_string());
+    mounts
+        .mount(build, argv, target)
+        .context("mounting the input ISO's rootfs.img to list its packages")?;
+    let packages = crate::inventory::read_packages(build, target);
+    mounts.unmount_below(target);
+    packages
 }
 
 /// ISO → ISO with rootfs changes: unpack `rootfs.img` and put the ISO's `/boot` back.
@@ -382,7 +427,7 @@ fn check_dracut(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree) -> anyhow::Result<()> {
+fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree, epoch: u64) -> anyhow::Result<()> {
     let install_items: Vec<String> = crate::customize::modules::MODPROBE_CONFS
         .iter()
         .filter(|path| scoped_join(root, path).is_ok_and(|p| p.is_file()))
@@ -397,11 +442,10 @@ fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree) -> anyhow::Resul
     let result = (|| {
         for kernel in &plan.kernels {
             build.log(format!("dracut for kernel {}", kernel.version));
+            let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd);
             build
-                .run(
-                    &argv::dracut_argv(&kernel.version, &kernel.initrd),
-                    Some(root),
-                )
+                .run_unchecked(&dracut, Some(root), argv::source_date_epoch_env(epoch))
+                .and_then(|result| succeeded(&dracut, result))
                 .with_context(|| {
                     format!("regenerating the initrd for kernel {}", kernel.version)
                 })?;
@@ -419,6 +463,7 @@ fn make_rootfs_squashfs(
     root: &Path,
     dest: &Path,
     request: &IsoBuild,
+    epoch: u64,
 ) -> anyhow::Result<()> {
     let compression =
         argv::SquashfsCompression::resolve(request.squashfs.compression, &kernel_configs(root));
@@ -431,6 +476,7 @@ fn make_rootfs_squashfs(
             .map(|e| e.to_string())
             .collect(),
         progress: false,
+        source_date_epoch: Some(epoch),
     };
     build.run(
         &argv::mksquashfs_argv(&root.to_string_lossy(), &dest.to_string_lossy(), &options),
@@ -455,6 +501,8 @@ fn kernel_configs(root: &Path) -> Vec<String> {
 }
 
 /// Copy every entry of the plan into the ISO tree and make the generated boot images.
+// h-agent restructures this into step(context) functions; until then the epoch is one more argument.
+#[allow(clippy::too_many_arguments)]
 fn populate_tree(
     build: &Build<'_>,
     root: &Path,
@@ -463,6 +511,7 @@ fn populate_tree(
     plan: &IsoTree,
     grub_cfg_text: &str,
     request: &IsoBuild,
+    epoch: u64,
 ) -> anyhow::Result<()> {
     let label = &request.iso.label;
     let redirect = work.join("grub-redirect.cfg");
@@ -513,7 +562,11 @@ fn populate_tree(
     let efi = &plan.efi_boot_image;
     let image = efi_image.to_string_lossy().into_owned();
     build.run(
-        &argv::mkfs_vfat_argv(&image, argv::efiboot_image_size_kib(&efi.content_sizes)),
+        &argv::mkfs_vfat_argv(
+            &image,
+            argv::efiboot_image_size_kib(&efi.content_sizes),
+            &inventory::fat_volume_id(epoch),
+        ),
         None,
     )?;
     let mtools_env: Vec<(String, String)> = argv::MTOOLS_ENV
@@ -527,10 +580,38 @@ fn populate_tree(
         }
         Ok(())
     };
-    run_mtools(argv::mmd_argv(&image, &efi.dirs))?;
+    // The FAT's content is staged with every time set to the epoch, then copied one entry at
+    // a time in the plan's order: directories (parents first, each as an empty staged
+    // directory of its name), then files.
+    let dirs = work.join("efiboot-dirs");
+    let files = work.join("efiboot");
+    let _ = std::fs::remove_dir_all(&dirs);
+    let _ = std::fs::remove_dir_all(&files);
+    let mut copies = Vec::new();
+    for (index, dir) in efi.dirs.iter().enumerate() {
+        let (parent, name) = dir
+            .rsplit_once('/')
+            .context("a FAT directory is absolute")?;
+        let staged = dirs.join(index.to_string()).join(name);
+        fs_create_dir_all(&staged)?;
+        copies.push((staged, format!("{parent}/")));
+    }
     for (source, dest) in &efi.files {
         let from = source_path(source)?;
-        run_mtools(argv::mcopy_argv(&image, &from.to_string_lossy(), dest))?;
+        let to = scoped_join(&files, dest)?;
+        fs_create_dir_all(to.parent().expect("has a parent"))?;
+        std::fs::copy(&from, &to).with_context(|| format!("staging {}", from.display()))?;
+        copies.push((to, dest.clone()));
+    }
+    fs_create_dir_all(&files)?;
+    set_times_below(&dirs, epoch)?;
+    set_times_below(&files, epoch)?;
+    for (staged, dest) in copies {
+        run_mtools(argv::mcopy_preserving_argv(
+            &image,
+            &staged.to_string_lossy(),
+            &dest,
+        ))?;
     }
 
     if plan.bios {
@@ -544,6 +625,28 @@ fn populate_tree(
         )?;
     }
     Ok(())
+}
+
+/// Set the mtime and atime of `dir` and everything below it (no symlinks there) to `epoch`.
+fn set_times_below(dir: &Path, epoch: u64) -> anyhow::Result<()> {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(epoch);
+    let times = std::fs::FileTimes::new()
+        .set_accessed(time)
+        .set_modified(time);
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            set_times_below(&path, epoch)?;
+        } else {
+            std::fs::File::options()
+                .write(true)
+                .open(&path)?
+                .set_times(times)?;
+        }
+    }
+    std::fs::File::open(dir)
+        .and_then(|file| file.set_times(times))
+        .with_context(|| format!("setting the times of {}", dir.display()))
 }
 
 /// ISO → ISO with a rebuilt rootfs: the input ISO's own files (its `iso.additionalFiles`, e.g.
@@ -655,6 +758,7 @@ fn write_to_disk(
     build: &Build<'_>,
     argv: &[String],
     disk: &Disk,
+    epoch: u64,
 ) -> anyhow::Result<(u64, [u8; 32])> {
     let target = std::fs::OpenOptions::new()
         .write(true)
@@ -666,11 +770,9 @@ fn write_to_disk(
         written: 0,
         capacity: disk.size_bytes,
     };
-    let result = crate::exec::run_into(
-        ExecRequest::new(argv.iter().cloned()),
-        build.context,
-        &mut writer,
-    )?;
+    let mut request = ExecRequest::new(argv.iter().cloned());
+    request.env = argv::source_date_epoch_env(epoch);
+    let result = crate::exec::run_into(request, build.context, &mut writer)?;
     succeeded(argv, result)?;
     writer.target.sync_all()?;
     Ok((writer.written, writer.hasher.finalize().into()))

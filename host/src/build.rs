@@ -244,7 +244,7 @@ pub async fn build(
         }
     };
 
-    let (size, digest) = match outcome {
+    let (size, digest, packages, epoch) = match outcome {
         Response::Iso(outcome) => {
             progress.step("Finishing", "verifying the ISO");
             let digest = crate::accept::accept_iso(
@@ -253,9 +253,17 @@ pub async fn build(
                 outcome.size,
                 &outcome.sha256,
             )?;
-            (outcome.size, digest)
+            crate::provenance::implant_iso_md5(&output_partial)?;
+            // The implanted MD5 changes the file: hash what is finally written.
+            let _ = digest;
+            (
+                outcome.size,
+                sha256_file(&output_partial)?,
+                outcome.packages,
+                Some(outcome.source_date_epoch),
+            )
         }
-        Response::Disk(_) => {
+        Response::Disk(outcome) => {
             progress.step(
                 "Converting",
                 &format!("customized disk to {}", settings.output_format.name()),
@@ -267,10 +275,19 @@ pub async fn build(
                 settings.output_format,
             )?;
             let size = fs_err::metadata(&output_partial)?.len();
-            (size, sha256_file(&output_partial)?)
+            (size, sha256_file(&output_partial)?, outcome.packages, None)
         }
         other => bail!("unexpected answer to the build request: {other:?}"),
     };
+    progress.step("Recording", "sha256, SBOM and provenance beside the output");
+    let sidecars = write_sidecars(settings, &input, &hex::encode(digest), &packages, epoch)?;
+    partial_guard
+        .0
+        .extend(sidecars.iter().map(|(partial, _)| partial.clone()));
+    // The sidecars first: an output in place always has its records beside it.
+    for (partial, target) in &sidecars {
+        fs_err::rename(partial, target)?;
+    }
     fs_err::rename(&output_partial, &settings.output)?;
     partial_guard.0.clear();
     Ok(BuildSummary {
@@ -278,6 +295,72 @@ pub async fn build(
         size,
         sha256: hex::encode(digest),
     })
+}
+
+/// `OUTPUT.sha256`, `OUTPUT.spdx.json` and `OUTPUT.provenance.json` under partial names.
+fn write_sidecars(
+    settings: &CustomizeSettings,
+    input: &Path,
+    output_sha256: &str,
+    packages: &vmic_protocol::PackageInventory,
+    epoch: Option<u64>,
+) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    use crate::provenance::{self, ProvenanceInputs};
+    let output = &settings.output;
+    let package_sources = settings
+        .package_sources
+        .iter()
+        .map(|source| provenance::package_source_record(source))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let iso = settings.output_format == OutputFormat::Iso;
+    let inputs = ProvenanceInputs {
+        input,
+        input_format: settings.input_format.name(),
+        input_sha256: &provenance::sha256_hex(input)?,
+        config: &fs_err::canonicalize(&settings.config.path)?,
+        config_sha256: &provenance::sha256_hex(&settings.config.path)?,
+        package_sources,
+        disable_base_image_repos: settings.disable_base_image_repos,
+        squashfs: iso.then(|| {
+            (
+                format!("{:?}", settings.squashfs_compression).to_lowercase(),
+                settings.vm.vm_cpus.unwrap_or(0),
+            )
+        }),
+        source_date_epoch: epoch,
+        source_date_epoch_given: settings.source_date_epoch.is_some(),
+        packages,
+    };
+    // Disk outputs are not clamped: their SBOM is dated by the given epoch or the build.
+    let created = epoch.or(settings.source_date_epoch).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs())
+    });
+    let spdx = provenance::spdx_document(output, output_sha256, packages, created);
+    let record = provenance::provenance_document(
+        output,
+        settings.output_format.name(),
+        output_sha256,
+        &inputs,
+    );
+    provenance::write_partial_sidecars(
+        output,
+        &[
+            (
+                provenance::SHA256_SUFFIX,
+                provenance::sha256sum_line(output_sha256, output),
+            ),
+            (
+                provenance::SPDX_SUFFIX,
+                serde_json::to_string_pretty(&spdx)? + "\n",
+            ),
+            (
+                provenance::PROVENANCE_SUFFIX,
+                serde_json::to_string_pretty(&record)? + "\n",
+            ),
+        ],
+    )
 }
 
 /// `qemu-img convert` arguments that write `format` (the overlay and its backing input
@@ -420,6 +503,7 @@ fn plan(
         package_sources: &settings.package_sources,
         disable_base_repos: settings.disable_base_image_repos,
         squashfs_compression: settings.squashfs_compression,
+        source_date_epoch: settings.source_date_epoch,
     };
     let (uploads, skipped, request) = if settings.output_format == OutputFormat::Iso {
         let plan = crate::plan::iso_plan(&settings.config.config, &facts)?;

@@ -149,6 +149,12 @@ pub struct CustomizeArgs {
     #[arg(long, value_name = "COMP[:LEVEL]")]
     pub squashfs_compression: Option<String>,
 
+    /// Clamp every timestamp in the output to this time (seconds since 1970, UTC): the same
+    /// input, config, package sources and vmic version give a bit-identical ISO. Default: the
+    /// mtime of the image's /etc/os-release (a vmic ISO input: the epoch it was made with).
+    #[arg(long, env = "SOURCE_DATE_EPOCH", value_name = "SECONDS")]
+    pub source_date_epoch: Option<u64>,
+
     #[command(flatten)]
     pub vm: VmArgs,
 }

@@ -18,6 +18,7 @@ pub mod inert;
 pub mod orphan;
 pub mod plan;
 pub mod preflight;
+pub mod provenance;
 pub mod proxy;
 pub mod qemu;
 pub mod references;

@@ -68,6 +68,8 @@ pub struct HostFacts<'a> {
     pub disable_base_repos: bool,
     /// `--squashfs-compression`; `Auto` lets the agent choose what the image's kernel reads.
     pub squashfs_compression: Compression,
+    /// `--source-date-epoch`; `None`: the agent takes the input's.
+    pub source_date_epoch: Option<u64>,
 }
 
 fn guest_path(relative: &Path) -> String {
@@ -289,6 +291,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
             threads: facts.cpus.max(1),
         },
         remaster_only: facts.input_is_iso && !changes_rootfs(config),
+        source_date_epoch: facts.source_date_epoch,
     };
     Ok(Plan {
         uploads: common.uploads,
@@ -688,6 +691,7 @@ mod tests {
                 package_sources: &[],
                 disable_base_repos: false,
                 squashfs_compression: Compression::Auto,
+                source_date_epoch: None,
             },
         )
         .expect("plan")
@@ -780,6 +784,7 @@ mod tests {
                     package_sources: &sources,
                     disable_base_repos,
                     squashfs_compression: Compression::Auto,
+                    source_date_epoch: None,
                 },
             )
             .expect("plan")
@@ -845,6 +850,7 @@ mod tests {
                 package_sources: &[],
                 disable_base_repos: false,
                 squashfs_compression: Compression::Auto,
+                source_date_epoch: None,
             },
         )
         .expect("plan");

@@ -191,6 +191,8 @@ pub struct Customization {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskOutcome {
     pub steps: Vec<StepTime>,
+    /// The packages in the customized image, from its own package database.
+    pub packages: PackageInventory,
 }
 
 /// Everything the agent needs to turn the input into a LiveOS ISO. Paths of config files are
@@ -209,6 +211,9 @@ pub struct IsoBuild {
     pub squashfs: SquashfsSettings,
     /// Only `iso.*` changed on an ISO input: re-master without rebuilding `rootfs.img`.
     pub remaster_only: bool,
+    /// `SOURCE_DATE_EPOCH`: every timestamp in the ISO is clamped to it. `None`: the agent
+    /// takes it from the input (see [`IsoOutcome::source_date_epoch`]).
+    pub source_date_epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,6 +452,38 @@ pub struct IsoOutcome {
     pub rootfs_sha256: Sha256,
     /// Wall time of each pipeline step, in order.
     pub steps: Vec<StepTime>,
+    /// The `SOURCE_DATE_EPOCH` the ISO was made with (the request's, or the input's).
+    pub source_date_epoch: u64,
+    /// The packages in the ISO's root file system, from its own package database.
+    pub packages: PackageInventory,
+}
+
+/// The installed packages of an image, as its package database lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageInventory {
+    /// `None`: the image has no package database vmic reads (neither dpkg nor rpm).
+    pub manager: Option<PackageManager>,
+    pub packages: Vec<InstalledPackage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PackageManager {
+    /// Never sent: keeps variant 0 invalid.
+    Invalid,
+    Dpkg,
+    Rpm,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledPackage {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    /// The licence as the database states it (rpm `LICENSE`; dpkg: the `License:` short names
+    /// of a machine-readable `/usr/share/doc/NAME/copyright`, joined with ` AND `).
+    pub license: Option<String>,
+    /// The source package, when the database names one that differs from `name`.
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -844,6 +881,7 @@ mod tests {
                     step: Step::Unmount,
                     seconds: 1.5,
                 }],
+                packages: PackageInventory::default(),
             })),
         });
     }

@@ -3,6 +3,11 @@
 
 use vmic_protocol::Compression;
 
+/// `SOURCE_DATE_EPOCH` for the tools that read it (dracut, xorriso): reproducible outputs.
+pub fn source_date_epoch_env(epoch: u64) -> Vec<(String, String)> {
+    vec![("SOURCE_DATE_EPOCH".to_string(), epoch.to_string())]
+}
+
 // --- dracut (step 4) ----------------------------------------------------------------------
 
 /// The temporary dracut config written into the image for the LiveOS initrd, removed after.
@@ -44,12 +49,14 @@ pub fn dracut_live_conf(install_items: &[String]) -> String {
 }
 
 /// `dracut` run chrooted in the image, regenerating `initrd_path` (path inside the image,
-/// the image's own initrd name) for `kernel_version`.
+/// the image's own initrd name) for `kernel_version`. `--reproducible` (with
+/// `SOURCE_DATE_EPOCH` in the environment) clamps the cpio's mtimes and orders its entries.
 pub fn dracut_argv(kernel_version: &str, initrd_path: &str) -> Vec<String> {
     strings([
         "dracut",
         "--force",
         "--no-hostonly",
+        "--reproducible",
         "--add",
         "dmsquash-live",
         "--add-drivers",
@@ -123,6 +130,9 @@ pub struct SquashfsOptions {
     pub excludes: Vec<String>,
     /// Show mksquashfs' progress bar (`\r`-updated) instead of `-no-progress`.
     pub progress: bool,
+    /// Clamp the file system's and every inode's time to it (`-mkfs-time`, `-all-time`).
+    /// mksquashfs 4.5 already sorts directories and writes fragments in a fixed order.
+    pub source_date_epoch: Option<u64>,
 }
 
 /// What the LiveOS root file system leaves out (spec step 5): `/etc/fstab`, and the content
@@ -171,6 +181,14 @@ pub fn mksquashfs_argv(source: &str, dest: &str, options: &SquashfsOptions) -> V
     }
     if let Some(processors) = options.processors {
         argv.extend(strings(["-processors", &processors.to_string()]));
+    }
+    if let Some(epoch) = options.source_date_epoch {
+        argv.extend(strings([
+            "-mkfs-time",
+            &epoch.to_string(),
+            "-all-time",
+            &epoch.to_string(),
+        ]));
     }
     if !options.progress {
         argv.push("-no-progress".into());
@@ -255,10 +273,15 @@ pub fn efiboot_image_size_kib(file_sizes: &[u64]) -> u64 {
     (total.div_ceil(1 << 20) * 1024).max(2048)
 }
 
-/// `mkfs.vfat -C` makes the image file (it must not exist) of `size_kib` KiB.
-pub fn mkfs_vfat_argv(image: &str, size_kib: u64) -> Vec<String> {
+/// `mkfs.vfat -C` makes the image file (it must not exist) of `size_kib` KiB. `--invariant`
+/// and a fixed volume id (`volume_id`, 8 hex digits) replace the creation time and the random
+/// serial: the same content gives the same image.
+pub fn mkfs_vfat_argv(image: &str, size_kib: u64, volume_id: &str) -> Vec<String> {
     strings([
         "mkfs.vfat",
+        "--invariant",
+        "-i",
+        volume_id,
         "-C",
         "-n",
         EFIBOOT_FAT_LABEL,
@@ -267,17 +290,16 @@ pub fn mkfs_vfat_argv(image: &str, size_kib: u64) -> Vec<String> {
     ])
 }
 
-/// `mmd` of `dirs` (absolute in the FAT image, parents first).
-pub fn mmd_argv(image: &str, dirs: &[String]) -> Vec<String> {
-    let mut argv = strings(["mmd", "-i", image]);
-    argv.extend(dirs.iter().map(|d| format!("::{d}")));
-    argv
-}
-
-/// `mcopy` of one host file to `dest` (absolute in the FAT image), overwriting.
-pub fn mcopy_argv(image: &str, source: &str, dest: &str) -> Vec<String> {
+/// `mcopy -s -m` of one staged file, or of one empty staged directory into the directory
+/// `dest` ends in (`/EFI/`), keeping the staged mtime (`-m`) where `mmd` and a plain `mcopy`
+/// would stamp the build time (mtools 4.0.32 ignores `SOURCE_DATE_EPOCH`). One entry per
+/// call, in the plan's order: a recursive copy would follow the staging directory's hashed
+/// `readdir` order, and FAT directory entries keep the order they were made in.
+pub fn mcopy_preserving_argv(image: &str, source: &str, dest: &str) -> Vec<String> {
     strings([
         "mcopy",
+        "-s",
+        "-m",
         "-D",
         "o",
         "-i",
@@ -347,8 +369,11 @@ pub fn xorriso_argv(options: &XorrisoOptions) -> Vec<String> {
         "-o",
         &options.output,
     ]);
+    // The volume dates, the GPT disk GUID (`--gpt_disk_guid` follows the modification
+    // date) and every file's mtime/atime/ctime: nothing of the build time is left.
     if let Some(date) = &options.modification_date {
         argv.push(format!("--modification-date={date}"));
+        argv.extend(strings(["--set_all_file_dates", date]));
     }
     if let Some(bios) = &options.bios {
         argv.extend(strings([
@@ -448,6 +473,7 @@ mod tests {
             processors: Some(4),
             excludes: ROOTFS_EXCLUDES.iter().map(|e| (*e).to_owned()).collect(),
             progress: false,
+            source_date_epoch: Some(1_700_000_000),
         };
         snapshot(
             "argv_mksquashfs_rootfs",
@@ -566,14 +592,15 @@ mod tests {
         snapshot(
             "argv_efiboot_image",
             &[
-                mkfs_vfat_argv("/build/iso/boot/grub2/efiboot.img", 5120),
-                mmd_argv(
+                mkfs_vfat_argv("/build/iso/boot/grub2/efiboot.img", 5120, "6553f100"),
+                mcopy_preserving_argv(
                     "/build/iso/boot/grub2/efiboot.img",
-                    &strings(["/EFI", "/EFI/BOOT", "/boot", "/boot/grub2"]),
+                    "/build/efiboot-dirs/0/EFI",
+                    "/",
                 ),
-                mcopy_argv(
+                mcopy_preserving_argv(
                     "/build/iso/boot/grub2/efiboot.img",
-                    "/mnt/image/boot/efi/EFI/BOOT/bootx64.efi",
+                    "/build/efiboot/EFI/BOOT/BOOTX64.EFI",
                     "/EFI/BOOT/BOOTX64.EFI",
                 ),
             ]

@@ -150,6 +150,7 @@ pub fn rewrite_for_iso(
 ) -> Result<RewrittenGrubCfg, GrubCfgError> {
     validate_label(&settings.label)?;
     validate_user_args(&settings.user_args)?;
+    let grub_cfg = &super::media_check::strip_entry(grub_cfg);
     let user_args: Vec<&str> = settings
         .user_args
         .iter()

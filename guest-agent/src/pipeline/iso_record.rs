@@ -33,7 +33,8 @@ pub struct IsoSettingsRecord {
     pub live_args: Vec<String>,
     /// Kernel versions on the ISO, each with its regenerated initrd.
     pub kernel_versions: Vec<String>,
-    /// Creation time, seconds since the Unix epoch (UTC).
+    /// The build's `SOURCE_DATE_EPOCH` (seconds since the Unix epoch, UTC), not the wall
+    /// clock: a rebuild gives the same record. An ISO input keeps it unless the user gives one.
     pub created_unix_seconds: u64,
     /// sha256 (hex) of `/liveos/rootfs.img`.
     pub rootfs_sha256: String,

@@ -26,8 +26,8 @@
 //! 7. `make_iso_tree` — copy the [`IsoTree`] entries: `/boot` (kernels, new initrds,
 //!    grub.cfg, other boot files), `/EFI/BOOT` (shim as `BOOTX64.EFI`/`BOOTAA64.EFI`, grub as
 //!    `grubx64.efi`/`grubaa64.efi`, grub.cfg), the El Torito EFI image
-//!    ([`argv::efiboot_image_size_kib`], [`argv::mkfs_vfat_argv`], [`argv::mmd_argv`],
-//!    [`argv::mcopy_argv`]), on x86_64 the BIOS El Torito image
+//!    ([`argv::efiboot_image_size_kib`], [`argv::mkfs_vfat_argv`],
+//!    [`argv::mcopy_preserving_argv`]), on x86_64 the BIOS El Torito image
 //!    ([`argv::bios_grub_mkimage_argv`]) and grub's `i386-pc` modules, `/liveos/rootfs.img`,
 //!    `iso.additionalFiles`, and the settings record [`iso_record::IsoSettingsRecord`] at
 //!    [`iso_record::ISO_SETTINGS_PATH`].
@@ -62,7 +62,9 @@
 pub mod argv;
 pub mod fstab;
 pub mod grub_cfg;
+pub mod inventory;
 pub mod iso_record;
+pub mod media_check;
 
 use std::collections::BTreeMap;
 

@@ -24,6 +24,8 @@ pub struct CustomizeSettings {
     pub squashfs_compression: vmic_protocol::Compression,
     /// The image's: `--arch`, else detected from its boot loaders, else the host's.
     pub arch: Arch,
+    /// `--source-date-epoch` / `SOURCE_DATE_EPOCH`; `None`: the agent takes the input's.
+    pub source_date_epoch: Option<u64>,
     pub vm: VmArgs,
 }
 
@@ -108,6 +110,7 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         allow_private_network: args.allow_private_network,
         squashfs_compression,
         arch,
+        source_date_epoch: args.source_date_epoch,
         vm: args.vm.clone(),
     })
 }
