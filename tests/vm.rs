@@ -56,12 +56,12 @@ async fn start_running<'a>(session: &'a Session, script: &str) -> RequestHandle<
         .split(|&byte| byte == b'\n')
         .any(|line| line == b"running")
     {
-        match handle.next_event().await.expect("the command runs") {
-            Event::Output {
-                stream: Stream::Stdout,
-                data,
-            } => stdout.extend_from_slice(&data),
-            _ => {}
+        if let Event::Output {
+            stream: Stream::Stdout,
+            data,
+        } = handle.next_event().await.expect("the command runs")
+        {
+            stdout.extend_from_slice(&data);
         }
     }
     handle

@@ -105,15 +105,7 @@ fn check_space(
     Ok(())
 }
 
-/// Temp name beside the output, so the final rename is atomic and a failed build leaves
-/// nothing that looks like a finished output.
-pub fn partial_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".to_string());
-    output.with_file_name(format!(".{name}.vmic-partial"))
-}
+pub use crate::rundir::partial_path;
 
 /// Removes the listed files unless disarmed: the failure path of the build.
 struct Cleanup(Vec<PathBuf>);
@@ -138,14 +130,19 @@ pub struct BuildSummary {
 pub async fn build(
     settings: &CustomizeSettings,
     arch: Arch,
+    locked_dir: &crate::rundir::BuildDir,
     progress: &mut Progress,
 ) -> anyhow::Result<BuildSummary> {
     progress.step("Preparing", "disks in the build directory");
-    fs_err::create_dir_all(&settings.build_dir)?;
-    let build_dir = fs_err::canonicalize(&settings.build_dir)?;
+    let build_dir = locked_dir.root().to_path_buf();
+    // This run's files live in its private directory (removed with it, or by the next run
+    // after a SIGKILL), so a planted name in the build directory is never followed.
+    let run_dir = locked_dir.run_dir().to_path_buf();
     let input = fs_err::canonicalize(&settings.input)?;
     let input_size = crate::image::virtual_size(&input, settings.input_format)?;
-    let output_partial = partial_path(&settings.output);
+    // Locked while we write it: a stale one from a killed run is replaced, a live one refused.
+    let partial_output = crate::rundir::PartialOutput::create(&settings.output)?;
+    let output_partial = partial_output.path().to_path_buf();
     let output_dir = match settings.output.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -154,11 +151,11 @@ pub async fn build(
     // The ISO disk, and so the largest ISO the host accepts from the guest (crate::accept).
     let output_disk_size = input_size + GIB;
     check_space(&input, &build_dir, &output_dir, iso_output)?;
-    let overlay = build_dir.join("input-overlay.qcow2");
-    let scratch = build_dir.join("scratch.raw");
-    // Removed however the build ends; the partial output too unless renamed into place.
+    let overlay = run_dir.join("input-overlay.qcow2");
+    let scratch = run_dir.join("scratch.raw");
+    // Removed however the build ends (the partial output by its own guard).
     let _scratch_files = Cleanup(vec![overlay.clone(), scratch.clone()]);
-    let mut partial_guard = Cleanup(vec![output_partial.clone()]);
+    let mut partial_guard = Cleanup(Vec::new());
 
     let input_backing = crate::qemu::Backing {
         path: input.clone(),
@@ -215,7 +212,7 @@ pub async fn build(
     if let Some(cpus) = settings.vm.vm_cpus {
         options.cpus = cpus;
     }
-    options.run_dir = Some(build_dir.clone());
+    options.run_dir = Some(run_dir.clone());
     options.disks = disks;
     // Planned before the VM starts: files the config names are read (and fail) now, and the
     // plan says whether the VM needs a network.
@@ -288,7 +285,7 @@ pub async fn build(
     for (partial, target) in &sidecars {
         fs_err::rename(partial, target)?;
     }
-    fs_err::rename(&output_partial, &settings.output)?;
+    partial_output.commit(&settings.output)?;
     partial_guard.0.clear();
     Ok(BuildSummary {
         output: settings.output.clone(),

@@ -188,6 +188,11 @@ impl Progress {
         self.current = Some((step.to_string(), std::time::Instant::now()));
     }
 
+    /// The step running now, if any (named in a timeout's error).
+    pub fn current_step(&self) -> Option<&str> {
+        self.current.as_ref().map(|(step, _)| step.as_str())
+    }
+
     /// Progress within the current step.
     pub fn update(&mut self, done: u64, total: u64) {
         if let Some(bar) = &self.bar {

@@ -85,6 +85,11 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
                 "pass --output-image-file or set output.image.path in the config",
             ))
         })?;
+    // The one promise about the input: never written, whatever path names it.
+    crate::preflight::check_output(&input, &output, &build_dir).map_err(|error| {
+        let hint = error.hint();
+        Failure::Usage(crate::report::hinted(error.to_string(), hint))
+    })?;
     for source in &args.package_source {
         if !source.exists() {
             return Err(Failure::Usage(crate::report::hinted(
@@ -136,16 +141,45 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         "configuration is valid"
     );
     let arch = settings.arch;
+    // One vmic per build directory; what a killed run left there goes now.
+    let build_dir = crate::rundir::BuildDir::acquire(&settings.build_dir).map_err(|error| {
+        let hint = match error {
+            crate::rundir::RunDirError::InUse { .. } => {
+                "wait for that build or pass another --build-dir"
+            }
+            _ => "pass a --build-dir vmic can write",
+        };
+        Failure::Usage(crate::report::hinted(error.to_string(), hint))
+    })?;
     let runtime = tokio::runtime::Runtime::new().map_err(|error| Failure::Build(error.into()))?;
     let mut progress = crate::report::Progress::new(crate::report::interactive(global));
-    // On Ctrl-C or SIGTERM the build future is dropped: QEMU is killed and the scratch
-    // files and the partial output are removed by their guards.
+    let timeout = args.timeout;
+    // On Ctrl-C, SIGTERM or the timeout the build future is dropped: QEMU is killed and the
+    // scratch files and the partial output are removed by their guards.
+    let mut timed_out = false;
     let result = runtime.block_on(async {
         tokio::select! {
-            result = crate::build::build(&settings, arch, &mut progress) => result,
+            result = crate::build::build(&settings, arch, &build_dir, &mut progress) => result,
             () = crate::boot::interrupted() => Err(anyhow!("interrupted; the build was stopped and its files removed")),
+            () = tokio::time::sleep(timeout) => {
+                timed_out = true;
+                Err(anyhow!("timed out"))
+            }
         }
     });
+    let result = if timed_out {
+        Err(crate::report::hinted(
+            format!(
+                "the build timed out after {} during step {:?}; it was stopped and its files removed",
+                humanize(timeout),
+                progress.current_step().unwrap_or("starting")
+            ),
+            "find out why that step hangs (the log shows its last output) or pass a longer --timeout",
+        ))
+    } else {
+        result
+    };
+    drop(build_dir);
     let total = progress.finish();
     if let Some(path) = &global.timestamp_file {
         if let Err(error) = progress.write_timestamps(path, total) {
@@ -166,4 +200,14 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         }
     );
     Ok(())
+}
+
+/// `90s`, `30m`, `2h` (the shape `--timeout` takes).
+fn humanize(duration: std::time::Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
