@@ -392,3 +392,116 @@ fn config_dirs_with_outside_links_or_loops_fail_fast_and_start_nothing() {
     }
     assert!(!marker.exists(), "QEMU was started");
 }
+
+/// `customize` as a new user types it, with `args` added; its assertion handle.
+fn customize_qcow2(
+    image: &std::path::Path,
+    config: &std::path::Path,
+    build_dir: &std::path::Path,
+    output: &std::path::Path,
+    path: &std::ffi::OsStr,
+) -> assert_cmd::assert::Assert {
+    vmic()
+        .env("PATH", path)
+        .arg("customize")
+        .arg("--image-file")
+        .arg(image)
+        .arg("--config-file")
+        .arg(config)
+        .arg("--build-dir")
+        .arg(build_dir)
+        .arg("--output-image-file")
+        .arg(output)
+        .args(["--output-image-format", "qcow2"])
+        .assert()
+}
+
+#[test]
+fn an_output_that_is_the_input_is_refused_and_the_input_kept() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        image.to_str().expect("utf-8"),
+        "1M",
+    ]);
+    let before = sha256(&image);
+    let config = dir.path().join("cfg.yaml");
+    fs_err::write(&config, "os:\n  hostname: ok\n").expect("write config");
+    let symlink = dir.path().join("link.qcow2");
+    std::os::unix::fs::symlink(&image, &symlink).expect("symlink");
+    let hard_link = dir.path().join("hard.qcow2");
+    fs_err::hard_link(&image, &hard_link).expect("hard link");
+    let marker = dir.path().join("qemu-started");
+    let path = path_with_recording_qemu(dir.path(), &marker);
+    let build_dir = dir.path().join("build");
+    for output in [&image, &symlink, &hard_link] {
+        let assert = customize_qcow2(&image, &config, &build_dir, output, &path).code(2);
+        let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+        assert!(
+            stderr.contains("is the input image") && stderr.contains("never writes its input"),
+            "{}: {stderr}",
+            output.display()
+        );
+        assert_eq!(sha256(&image), before, "the input is unchanged");
+        assert!(!marker.exists(), "QEMU never started");
+        assert!(!build_dir.exists(), "nothing was created");
+        assert!(
+            !dir.path().join(".disk.qcow2.vmic-partial").exists()
+                && !dir.path().join(".link.qcow2.vmic-partial").exists()
+                && !dir.path().join(".hard.qcow2.vmic-partial").exists(),
+            "no partial output"
+        );
+    }
+    // An output inside the build directory, and one that is a directory.
+    let inside = build_dir.join("out.qcow2");
+    let assert = customize_qcow2(&image, &config, &build_dir, &inside, &path).code(2);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(stderr.contains("is inside the build directory"), "{stderr}");
+    let assert = customize_qcow2(&image, &config, &build_dir, dir.path(), &path).code(2);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(stderr.contains("is an existing directory"), "{stderr}");
+    assert_eq!(sha256(&image), before);
+}
+
+#[test]
+fn a_second_vmic_on_a_busy_build_directory_exits_at_once() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("disk.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        image.to_str().expect("utf-8"),
+        "1M",
+    ]);
+    let config = dir.path().join("cfg.yaml");
+    fs_err::write(&config, "os:\n  hostname: ok\n").expect("write config");
+    let build_dir = dir.path().join("build");
+    // The first vmic: this process holds the build directory's lock.
+    let held = vmic::rundir::BuildDir::acquire(&build_dir).expect("lock");
+    let marker = dir.path().join("qemu-started");
+    let path = path_with_recording_qemu(dir.path(), &marker);
+    let output = dir.path().join("out.qcow2");
+    let started = std::time::Instant::now();
+    let assert = customize_qcow2(&image, &config, &build_dir, &output, &path).code(2);
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains(&format!("is in use by vmic pid {}", std::process::id())),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "refused at once"
+    );
+    assert!(!marker.exists(), "QEMU never started");
+    assert!(
+        held.run_dir().is_dir(),
+        "the first run's files are untouched"
+    );
+    assert!(!output.exists());
+}
