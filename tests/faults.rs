@@ -102,7 +102,10 @@ fn a_hung_script_ends_at_the_timeout_with_its_step_named() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     let build = build_dir.to_string_lossy().into_owned();
-    assert_eq!(wait_until_gone(&build, Duration::from_secs(10)), Vec::<u32>::new());
+    assert_eq!(
+        wait_until_gone(&build, Duration::from_secs(10)),
+        Vec::<u32>::new()
+    );
 }
 
 #[test]
@@ -184,7 +187,10 @@ fn sigkill_mid_build_leaves_nothing_running_and_the_next_run_cleans_up() {
         Vec::<u32>::new(),
         "processes of the killed run still running"
     );
-    assert!(run_dir.exists() && partial.exists(), "SIGKILL left its files");
+    assert!(
+        run_dir.exists() && partial.exists(),
+        "SIGKILL left its files"
+    );
     drop(_vm);
 
     // The next run in the same build directory removes them and succeeds.

@@ -19,21 +19,6 @@ pub const OUTPUT_SERIAL: &str = "vmic-output";
 pub const SCRATCH_SERIAL: &str = "vmic-scratch";
 const GIB: u64 = 1 << 30;
 
-fn qemu_img(argv: &[OsString]) -> anyhow::Result<String> {
-    let output = crate::image::run_qemu_img(argv)?;
-    if !output.status.success() {
-        bail!(
-            "qemu-img {} failed: {}",
-            argv.iter()
-                .map(|arg| arg.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// A sparse file of `size` bytes: costs no disk until written.
 fn sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
     let file = fs_err::File::create(path)?;
@@ -409,7 +394,7 @@ fn convert_overlay(
     output: &Path,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    qemu_img(&convert_argv(overlay, input, output, format))
+    crate::image::qemu_img_stdout(&convert_argv(overlay, input, output, format))
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(())
 }

@@ -266,7 +266,8 @@ pub fn virtual_size(path: &Path, format: ImageFormat) -> anyhow::Result<u64> {
         .context("qemu-img info reported no virtual size")
 }
 
-fn qemu_img_stdout(argv: &[OsString]) -> anyhow::Result<String> {
+/// Runs qemu-img; its stdout, or an error with the argv and its stderr.
+pub fn qemu_img_stdout(argv: &[OsString]) -> anyhow::Result<String> {
     let output = run_qemu_img(argv)?;
     if !output.status.success() {
         anyhow::bail!(

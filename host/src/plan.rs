@@ -83,21 +83,6 @@ fn guest_path(relative: &Path) -> String {
     path
 }
 
-/// Lexically normalize `a/./b/../c` → `a/c` (validation already refused escapes).
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 /// The config directory with `..` and `.` cleaned out, as [`crate::config::resolve_source`]
 /// cleans the paths it resolves.
 fn clean_dir(config_dir: &Path) -> PathBuf {
@@ -162,9 +147,11 @@ fn scripts(list: Option<&Vec<ScriptConfig>>, phase: &str) -> Vec<Script> {
             .enumerate()
             .filter_map(|(index, script)| {
                 let source = match (&script.path, &script.content) {
-                    (Some(path), _) => {
-                        FileSource::Path(normalize(Path::new(path)).to_string_lossy().into_owned())
-                    }
+                    (Some(path), _) => FileSource::Path(
+                        crate::preflight::lexical(Path::new(path))
+                            .to_string_lossy()
+                            .into_owned(),
+                    ),
                     (None, Some(content)) => FileSource::Content(content.clone()),
                     (None, None) => return None,
                 };

@@ -39,18 +39,10 @@ impl OutputPathError {
     }
 }
 
-/// `path` made absolute and lexically normalised (`.`/`..` folded) without touching the file
-/// system: for paths that may not exist yet.
-pub fn absolute(path: &Path) -> PathBuf {
-    let joined = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .unwrap_or_else(|_| PathBuf::from("/"))
-            .join(path)
-    };
+/// `a/./b/../c` → `a/c`, without touching the file system.
+pub fn lexical(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
-    for component in joined.components() {
+    for component in path.components() {
         match component {
             Component::ParentDir => {
                 out.pop();
@@ -60,6 +52,12 @@ pub fn absolute(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// `path` made absolute and lexically normalised (`.`/`..` folded) without touching the file
+/// system: for paths that may not exist yet.
+pub fn absolute(path: &Path) -> PathBuf {
+    lexical(&std::path::absolute(path).unwrap_or_else(|_| PathBuf::from("/").join(path)))
 }
 
 /// The real location of a path that may not exist: its deepest existing ancestor resolved
