@@ -65,33 +65,9 @@ pub fn sha256sum_line(sha256_hex: &str, output: &Path) -> String {
     )
 }
 
-/// `(year, month, day, hour, minute, second)` in UTC of `epoch` (proleptic Gregorian; Howard
-/// Hinnant's `civil_from_days`, as the agent uses for xorriso's dates).
-fn utc_civil(epoch: u64) -> (i64, i64, i64, u64, u64, u64) {
-    let days = (epoch / 86_400) as i64;
-    let seconds = epoch % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        year,
-        month,
-        day,
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60,
-    )
-}
-
 /// `YYYY-MM-DDThh:mm:ssZ` of `epoch`.
 pub fn iso8601(epoch: u64) -> String {
-    let (year, month, day, hour, minute, second) = utc_civil(epoch);
+    let (year, month, day, hour, minute, second) = vmic_protocol::utc_civil(epoch);
     format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
 }
 

@@ -820,6 +820,31 @@ pub fn hex_digest(digest: &Sha256) -> String {
     hex::encode(digest)
 }
 
+/// `(year, month, day, hour, minute, second)` in UTC of `epoch` seconds (proleptic
+/// Gregorian; Howard Hinnant's `civil_from_days`): the agent dates xorriso with it, the host
+/// the provenance record, so both render one epoch the same way.
+pub fn utc_civil(epoch: u64) -> (u64, u64, u64, u64, u64, u64) {
+    let days = (epoch / 86_400) as i64;
+    let seconds = epoch % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year as u64,
+        month as u64,
+        day as u64,
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
