@@ -227,28 +227,324 @@ fn x86_64_qcow2_to_iso_boots_under_uefi_and_bios_and_from_a_disk() {
     assert_live_iso(&boot(&disk, "uefi", "disk", 600), &LIVE_ISO_ARGS);
 }
 
-fn check_format(file: &str) {
+/// The sidecar `suffix` (`.sha256`, `.spdx.json`, `.provenance.json`) beside `output`.
+fn sidecar(output: &Path, suffix: &str) -> PathBuf {
+    let mut name = output.file_name().expect("a file name").to_os_string();
+    name.push(suffix);
+    output.with_file_name(name)
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Reproducible and blind to the container format: the test image's raw, vhd and vhdx files
+/// hold the same disk as its qcow2, and each, built in a build directory of its own with no
+/// epoch given (it comes from the image), gives the shared qcow2 ISO byte for byte, records
+/// included. The shared ISO was booted under UEFI, BIOS and from a disk: these are the same
+/// bytes, so booting them again would prove nothing more.
+#[test]
+fn every_input_format_of_one_disk_gives_the_same_iso_byte_for_byte() {
+    let (shared, _, _) = shared_live_iso();
     let image = test_image("x86_64", "minimal", false);
+    let shared_provenance = read_json(&sidecar(shared, ".provenance.json"));
+    for (file, format) in [
+        ("disk.raw", "raw"),
+        ("disk.vhd", "vpc"),
+        ("disk.vhdx", "vhdx"),
+    ] {
+        let work = work_dir();
+        // The shared ISO's file name: `.sha256` and the SBOM name the file.
+        let iso = work.path().join(shared.file_name().expect("a file name"));
+        build_iso(&image.join(file), &fixture("iso/live.yaml"), &iso, &[]);
+        assert_eq!(
+            sha256_of(&iso),
+            sha256_of(shared),
+            "{file} gives the qcow2's ISO, bit for bit"
+        );
+        for suffix in [".sha256", ".spdx.json"] {
+            assert_eq!(
+                std::fs::read(sidecar(&iso, suffix)).expect("record"),
+                std::fs::read(sidecar(shared, suffix)).expect("shared record"),
+                "OUTPUT{suffix} of {file} is the qcow2's"
+            );
+        }
+        // The provenance differs in what names the input file, and only there.
+        let mut provenance = read_json(&sidecar(&iso, ".provenance.json"));
+        assert_eq!(provenance["input"]["format"], format, "{provenance}");
+        assert_eq!(
+            provenance["input"]["sha256"],
+            sha256_of(&image.join(file)),
+            "{provenance}"
+        );
+        let mut expected = shared_provenance.clone();
+        for record in [&mut provenance, &mut expected] {
+            record["input"] = serde_json::Value::Null;
+        }
+        assert_eq!(provenance, expected, "{file}: the rest of the provenance");
+    }
+}
+
+/// Extract `path` of the ISO to `to` with xorriso.
+fn extract(iso: &Path, path: &str, to: &Path) {
+    run(
+        "xorriso",
+        &[
+            "-osirrox",
+            "on",
+            "-indev",
+            path_str(iso),
+            "-extract",
+            path,
+            path_str(to),
+        ],
+    );
+}
+
+/// Every date vmic sets on an ISO is `epoch`: the volume's creation and modification dates
+/// (ISO 9660 primary volume descriptor), the squashfs' mkfs time, the settings record's date.
+fn assert_dated(iso: &Path, epoch: u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    // `date` renders the expected text, independently of vmic's own date code.
+    let expected = run("date", &["-u", "-d", &format!("@{epoch}"), "+%Y%m%d%H%M%S"]);
+    let expected = expected.trim();
+    let mut pvd = [0u8; 2048];
+    let mut file = std::fs::File::open(iso).expect("open the ISO");
+    file.seek(SeekFrom::Start(16 * 2048)).expect("seek");
+    file.read_exact(&mut pvd)
+        .expect("the primary volume descriptor");
+    assert_eq!(&pvd[1..6], b"CD001", "a primary volume descriptor");
+    // ECMA-119 8.4.26-27: creation at 813, modification at 830, "YYYYMMDDHHMMSScc" + zone.
+    for (what, offset) in [("creation", 813), ("modification", 830)] {
+        let date = String::from_utf8_lossy(&pvd[offset..offset + 14]);
+        assert_eq!(date, expected, "the volume's {what} date is the epoch");
+    }
     let work = work_dir();
-    let iso = work.path().join("live.iso");
-    build_iso(&image.join(file), &fixture("iso/live.yaml"), &iso, &[]);
-    assert_live_iso(&boot(&iso, "uefi", "cdrom", 600), &LIVE_ISO_ARGS);
-    assert_live_iso(&boot(&iso, "bios", "cdrom", 600), &LIVE_ISO_ARGS);
+    let rootfs = work.path().join("rootfs.img");
+    extract(iso, "/liveos/rootfs.img", &rootfs);
+    let mut superblock = [0u8; 12];
+    std::fs::File::open(&rootfs)
+        .and_then(|mut f| f.read_exact(&mut superblock))
+        .expect("the squashfs superblock");
+    assert_eq!(&superblock[..4], b"hsqs", "rootfs.img is a squashfs");
+    let mkfs_time = u32::from_le_bytes(superblock[8..12].try_into().expect("4 bytes"));
+    assert_eq!(u64::from(mkfs_time), epoch, "the squashfs' mkfs time");
+    let record = work.path().join("iso-settings.json");
+    extract(iso, "/vmic/iso-settings.json", &record);
+    assert_eq!(read_json(&record)["created_unix_seconds"], epoch);
 }
 
-#[test]
-fn x86_64_raw_to_iso_boots_under_uefi_and_bios() {
-    check_format("disk.raw");
+/// Exit code of `checkisomd5` on `iso`, and its output.
+fn checkisomd5(iso: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new("checkisomd5")
+        .arg(iso)
+        .output()
+        .expect("running checkisomd5 (package isomd5sum, installed by scripts/setup)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
 }
 
-#[test]
-fn x86_64_vhd_to_iso_boots_under_uefi_and_bios() {
-    check_format("disk.vhd");
+/// Byte offset of `/liveos/rootfs.img`'s data in `iso`, from xorriso's own layout report.
+fn rootfs_offset(iso: &Path) -> u64 {
+    let report = run(
+        "xorriso",
+        &[
+            "-indev",
+            path_str(iso),
+            "-find",
+            "/liveos/rootfs.img",
+            "-exec",
+            "report_lba",
+        ],
+    );
+    let line = report
+        .lines()
+        .find(|line| line.starts_with("File data lba:") && line.contains("/liveos/rootfs.img"))
+        .unwrap_or_else(|| panic!("no rootfs.img extent in:\n{report}"));
+    let lba: u64 = line["File data lba:".len()..]
+        .split(',')
+        .nth(1)
+        .and_then(|field| field.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no start LBA in {line:?}"));
+    lba * 2048
 }
 
+/// The installed packages of the ISO's root file system as dpkg itself lists them, read from
+/// rootfs.img with unsquashfs and dpkg-query: independent of vmic's reading in the VM.
+fn dpkg_packages(iso: &Path, work: &Path) -> Vec<(String, String)> {
+    let rootfs = work.join("rootfs.img");
+    extract(iso, "/liveos/rootfs.img", &rootfs);
+    let root = work.join("rootfs");
+    run(
+        "unsquashfs",
+        &[
+            "-no-progress",
+            "-d",
+            path_str(&root),
+            path_str(&rootfs),
+            "var/lib/dpkg/status",
+        ],
+    );
+    let admin = root.join("var/lib/dpkg");
+    std::fs::create_dir_all(admin.join("info")).expect("dpkg admin dir");
+    let listed = run(
+        "dpkg-query",
+        &[
+            &format!("--admindir={}", path_str(&admin)),
+            "-W",
+            "-f",
+            "${db:Status-Abbrev}\t${binary:Package}\t${Version}\n",
+        ],
+    );
+    let mut packages: Vec<(String, String)> = listed
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let status = fields.next()?;
+            // `ii`, `hi`: installed; `rc` and half-installed states are not.
+            // binary:Package adds `:arch` to foreign and Multi-Arch: same packages only.
+            let name = fields.next()?.split(':').next()?.to_string();
+            let version = fields.next()?.to_string();
+            (status.chars().nth(1) == Some('i')).then_some((name, version))
+        })
+        .collect();
+    packages.sort();
+    packages
+}
+
+/// The shared ISO checks itself (`OUTPUT.sha256`, the implanted MD5 that one flipped byte
+/// breaks, a "Check the medium and boot" entry), is dated by the image's epoch, and carries a
+/// valid SPDX 2.3 SBOM listing exactly the packages dpkg lists, and its provenance.
 #[test]
-fn x86_64_vhdx_to_iso_boots_under_uefi_and_bios() {
-    check_format("disk.vhdx");
+fn the_shared_iso_checks_itself_and_lists_its_packages() {
+    let (iso, _, _) = shared_live_iso();
+    let work = work_dir();
+    let provenance = read_json(&sidecar(iso, ".provenance.json"));
+    let epoch = provenance["source_date_epoch"]
+        .as_u64()
+        .expect("the provenance records the epoch");
+    assert_eq!(provenance["source_date_epoch_from"], "input");
+    assert!(
+        epoch > 1_000_000_000,
+        "the image's os-release mtime: {epoch}"
+    );
+    assert_dated(iso, epoch);
+
+    let dir = iso.parent().expect("a parent");
+    let name = iso.file_name().expect("a name").to_string_lossy();
+    let status = std::process::Command::new("sha256sum")
+        .args(["--check", "--strict", &format!("{name}.sha256")])
+        .current_dir(dir)
+        .status()
+        .expect("sha256sum");
+    assert!(status.success(), "sha256sum -c OUTPUT.sha256 passes");
+    let (code, text) = checkisomd5(iso);
+    assert_eq!(code, Some(0), "checkisomd5 passes on a fresh ISO:\n{text}");
+    let flipped = work.path().join("flipped.iso");
+    std::fs::copy(iso, &flipped).expect("copy of the ISO");
+    let offset = rootfs_offset(&flipped) + 4096;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&flipped)
+            .expect("open the copy");
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, offset).expect("read");
+        byte[0] ^= 0xff;
+        file.write_all_at(&byte, offset).expect("write");
+    }
+    let (code, text) = checkisomd5(&flipped);
+    assert_eq!(
+        code,
+        Some(1),
+        "one byte of rootfs.img flipped fails:\n{text}"
+    );
+    std::fs::remove_file(&flipped).expect("remove the copy");
+    let grub_cfg = work.path().join("grub.cfg");
+    extract(iso, "/boot/grub2/grub.cfg", &grub_cfg);
+    let grub_cfg = std::fs::read_to_string(&grub_cfg).expect("grub.cfg");
+    let entry = grub_cfg
+        .split("menuentry 'Check the medium and boot'")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a media check entry:\n{grub_cfg}"));
+    let linux = entry
+        .lines()
+        .find(|line| line.trim_start().starts_with("linux"))
+        .expect("the entry boots a kernel");
+    assert!(linux.ends_with(" rd.live.check"), "{linux}");
+    assert!(linux.contains("root=live:LABEL=CDROM"), "{linux}");
+
+    // The inventory: a valid SPDX 2.3 document listing exactly the installed packages.
+    let spdx_path = sidecar(iso, ".spdx.json");
+    let validator = std::env::var_os("VMIC_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/vmic"))
+        .join("spdx-venv/bin/pyspdxtools");
+    let validated = std::process::Command::new(&validator)
+        .arg("-i")
+        .arg(&spdx_path)
+        .output()
+        .unwrap_or_else(|e| panic!("{} (scripts/setup installs it): {e}", validator.display()));
+    assert!(
+        validated.status.success(),
+        "pyspdxtools accepts the SBOM:\n{}{}",
+        String::from_utf8_lossy(&validated.stdout),
+        String::from_utf8_lossy(&validated.stderr)
+    );
+    let spdx = read_json(&spdx_path);
+    assert_eq!(spdx["spdxVersion"], "SPDX-2.3");
+    let packages = spdx["packages"].as_array().expect("packages");
+    let mut listed: Vec<(String, String)> = packages
+        .iter()
+        .filter(|p| p["SPDXID"] != "SPDXRef-Output")
+        .map(|p| {
+            (
+                p["name"].as_str().expect("name").to_string(),
+                p["versionInfo"].as_str().expect("version").to_string(),
+            )
+        })
+        .collect();
+    listed.sort();
+    let expected = dpkg_packages(iso, work.path());
+    assert!(
+        expected.len() > 50,
+        "the image has packages: {}",
+        expected.len()
+    );
+    assert_eq!(
+        listed, expected,
+        "the SBOM lists the dpkg database's packages"
+    );
+    let licensed = packages
+        .iter()
+        .filter(|p| p["licenseDeclared"] != "NOASSERTION")
+        .count();
+    assert!(
+        licensed > 0,
+        "machine-readable copyright files give licences"
+    );
+    assert_eq!(
+        packages[0]["checksums"][0]["checksumValue"],
+        sha256_of(iso),
+        "the SBOM describes this ISO"
+    );
+
+    // The provenance names what the ISO was made from.
+    let input = test_image("x86_64", "minimal", false).join("disk.qcow2");
+    assert_eq!(provenance["input"]["sha256"], sha256_of(&input));
+    assert_eq!(provenance["input"]["format"], "qcow2");
+    assert_eq!(
+        provenance["config"]["sha256"],
+        sha256_of(&fixture("iso/live.yaml"))
+    );
+    assert_eq!(provenance["output"]["sha256"], sha256_of(iso));
+    assert_eq!(provenance["vmic_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(provenance["packages"]["count"], expected.len());
+    assert_eq!(provenance["packages"]["manager"], "dpkg");
 }
 
 #[test]
@@ -355,15 +651,32 @@ fn iso_to_iso_with_iso_changes_only_keeps_rootfs_img() {
 }
 
 #[test]
-fn iso_to_iso_with_an_os_change_rebuilds_rootfs_img() {
+fn iso_to_iso_with_an_os_change_rebuilds_rootfs_img_dated_by_the_given_epoch() {
     let (input, _, _) = shared_live_iso();
     let work = work_dir();
     let output = work.path().join("rebuilt.iso");
-    build_iso(input, &fixture("iso/rebuild.yaml"), &output, &[]);
+    // A day after the input's epoch, given on the command line: every date follows it.
+    let input_epoch = read_json(&sidecar(input, ".provenance.json"))["source_date_epoch"]
+        .as_u64()
+        .expect("the shared ISO's epoch");
+    let epoch = (input_epoch + 86_400).to_string();
+    build_iso(
+        input,
+        &fixture("iso/rebuild.yaml"),
+        &output,
+        &["--source-date-epoch", &epoch],
+    );
     assert_ne!(
         rootfs_sha256(&output),
         rootfs_sha256(input),
         "rootfs.img is rebuilt"
+    );
+    assert_dated(&output, input_epoch + 86_400);
+    let provenance = read_json(&sidecar(&output, ".provenance.json"));
+    assert_eq!(provenance["source_date_epoch"], input_epoch + 86_400);
+    assert_eq!(
+        provenance["source_date_epoch_from"],
+        "option or environment"
     );
     let booted = boot(&output, "uefi", "cdrom", 600);
     // The first build's settings stay (hostname, files, ISO args), the new file is there.

@@ -396,8 +396,10 @@ mod failures {
     #[test]
     fn qemu_missing_from_path_names_path_and_the_package() {
         let dir = tempfile::tempdir().expect("tempdir");
-        // A PATH with qemu-img (needed first, to read the input) but no emulator.
-        let bin = dir.path().join("bin");
+        // A PATH with qemu-img (needed first, to read the input) but no emulator. It lives
+        // outside the config directory: a symlink out of that directory is refused on upload.
+        let path_dir = tempfile::tempdir().expect("tempdir");
+        let bin = path_dir.path().join("bin");
         std::fs::create_dir(&bin).expect("creating a PATH dir");
         let qemu_img = vmic::qemu::find_in_path("qemu-img").expect("qemu-img on PATH");
         std::os::unix::fs::symlink(qemu_img, bin.join("qemu-img")).expect("linking qemu-img");

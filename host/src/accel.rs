@@ -6,37 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{AccelChoice, Arch};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Hvf,
-    Tcg,
-}
-
-impl Accel {
-    /// The value for QEMU's `-accel`.
-    pub fn qemu_arg(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Hvf => "hvf",
-            // Multi-threaded TCG uses every vCPU thread; it is the default where supported but
-            // explicit is clearer when reading a logged argv.
-            Accel::Tcg => "tcg,thread=multi",
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Hvf => "hvf",
-            Accel::Tcg => "tcg",
-        }
-    }
-
-    pub fn is_emulated(self) -> bool {
-        self == Accel::Tcg
-    }
-}
+pub use crate::machine::Accel;
 
 /// Resolve the user's choice for a guest of `arch`. `probe_kernel` is a Linux kernel of the
 /// host's arch used to check that KVM really runs guests (a device node is not proof: on a
@@ -86,7 +56,7 @@ fn probe_key(arch: Arch, kernel: &Path) -> String {
     let mut hasher = Sha256::new();
     let host_release = fs_err::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     hasher.update(host_release.as_bytes());
-    let qemu = crate::qemu::system_binary(arch);
+    let qemu = crate::machine::system_binary(arch);
     hasher.update(qemu.to_string_lossy().as_bytes());
     if let Ok(meta) = fs_err::metadata(&qemu) {
         hasher.update(meta.len().to_le_bytes());
@@ -107,15 +77,9 @@ fn probe_key(arch: Arch, kernel: &Path) -> String {
 }
 
 fn run_kvm_probe(arch: Arch, kernel: &Path) -> bool {
-    let qemu = crate::qemu::system_binary(arch);
-    let console = match arch {
-        Arch::X86_64 => "console=ttyS0",
-        Arch::Aarch64 => "console=ttyAMA0",
-    };
-    let machine = match arch {
-        Arch::X86_64 => "q35",
-        Arch::Aarch64 => "virt",
-    };
+    let qemu = crate::machine::system_binary(arch);
+    let console = format!("console={}", crate::machine::console_device(arch));
+    let machine = crate::machine::machine_type(arch);
     let mut child = match Command::new(&qemu)
         .args(["-accel", "kvm", "-M", machine, "-cpu", "host", "-m", "256"])
         .args([

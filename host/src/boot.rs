@@ -6,7 +6,6 @@
 //! QEMU never outlives the command: it is killed on every way out.
 
 mod argv;
-mod console;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,8 +15,8 @@ use anyhow::Context;
 use regex::Regex;
 use tokio::io::AsyncReadExt;
 
-pub use self::argv::{boot_argv, overlay_argv, BootMedium, BootVm, FirmwareImages};
-pub use self::console::{clean_line, Console, ConsoleTail, Verdict};
+pub use self::argv::{boot_argv, BootMedium, BootVm, FirmwareImages};
+pub use crate::console::{clean_line, Console, ConsoleTail, Verdict};
 pub use crate::image::{
     arch_from_bytes, detect_arch, detect_format, format_from_bytes, ImageFormat,
 };

@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use vmic_protocol::{Event, ExecRequest, Request, Response, Stream};
 
 use crate::cli::{Arch, OutputFormat};
-use crate::commands::customize::CustomizeSettings;
 use crate::image::ImageFormat;
 use crate::qemu::Disk;
 use crate::report::Progress;
+use crate::settings::CustomizeSettings;
 use crate::vm::{RunningVm, VmOptions};
 
 pub const INPUT_SERIAL: &str = "vmic-input";

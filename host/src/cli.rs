@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::machine::Arch;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -330,45 +332,6 @@ impl OutputFormat {
             OutputFormat::VhdFixed => "vhd-fixed",
             OutputFormat::Vhdx => "vhdx",
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Arch {
-    #[value(name = "x86_64", alias = "amd64")]
-    X86_64,
-    #[value(name = "aarch64", alias = "arm64")]
-    Aarch64,
-}
-
-impl Arch {
-    pub fn host() -> Option<Arch> {
-        match std::env::consts::ARCH {
-            "x86_64" => Some(Arch::X86_64),
-            "aarch64" => Some(Arch::Aarch64),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-        }
-    }
-
-    /// Debian's name for the architecture.
-    pub fn debian(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "amd64",
-            Arch::Aarch64 => "arm64",
-        }
-    }
-}
-
-impl std::fmt::Display for Arch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 

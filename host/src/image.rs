@@ -289,12 +289,7 @@ pub fn create_overlay(
     overlay: &Path,
     size: u64,
 ) -> anyhow::Result<()> {
-    let output = run_qemu_img(&crate::boot::overlay_argv(
-        image,
-        format.qemu_name(),
-        overlay,
-        size,
-    ))?;
+    let output = run_qemu_img(&overlay_argv(image, format.qemu_name(), overlay, size))?;
     if !output.status.success() {
         anyhow::bail!(
             "creating the overlay over {} failed: {}",
@@ -388,6 +383,26 @@ pub fn check_integrity(path: &Path, format: ImageFormat) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Argv (without the binary) for `qemu-img create`: a qcow2 overlay at `overlay` whose backing
+/// file is `image` in `format`, of `size` bytes. `-u` with an explicit size: qemu-img does not
+/// open `image` (nor anything its header might name). QEMU opens it read-only later; every
+/// guest write lands in the overlay.
+pub fn overlay_argv(image: &Path, format: &str, overlay: &Path, size: u64) -> Vec<OsString> {
+    vec![
+        OsString::from("create"),
+        OsString::from("-q"),
+        OsString::from("-f"),
+        OsString::from("qcow2"),
+        OsString::from("-u"),
+        OsString::from("-b"),
+        image.into(),
+        OsString::from("-F"),
+        format.into(),
+        overlay.into(),
+        size.to_string().into(),
+    ]
 }
 
 #[cfg(test)]
@@ -524,6 +539,23 @@ mod tests {
         assert_eq!(
             argv.join(" "),
             "dd -f vhdx -O raw bs=65536 skip=16 count=1024 if=/in/disk.vhdx of=/tmp/out.raw"
+        );
+    }
+
+    #[test]
+    fn overlay_names_the_backing_format() {
+        let argv = overlay_argv(
+            Path::new("/images/disk.vhd"),
+            "vpc",
+            Path::new("/tmp/boot/overlay.qcow2"),
+            1 << 30,
+        );
+        assert_eq!(
+            argv.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            "create -q -f qcow2 -u -b /images/disk.vhd -F vpc /tmp/boot/overlay.qcow2 1073741824"
         );
     }
 }

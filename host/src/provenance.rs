@@ -387,7 +387,7 @@ pub fn write_partial_sidecars(
     let mut written = Vec::new();
     for (suffix, content) in files {
         let target = sidecar_path(output, suffix);
-        let partial = crate::build::partial_path(&target);
+        let partial = crate::rundir::partial_path(&target);
         fs_err::write(&partial, content)
             .with_context(|| format!("writing {}", target.display()))?;
         written.push((partial, target));

@@ -4,39 +4,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use crate::accel::Accel;
 use crate::cli::Arch;
+use crate::machine::Accel;
 
-/// Name of the QEMU system emulator for `arch`.
-pub fn system_binary_name(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "qemu-system-x86_64",
-        Arch::Aarch64 => "qemu-system-aarch64",
-    }
-}
-
-/// The Debian package that provides the emulator (named in "not found" hints).
-pub fn system_package(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "qemu-system-x86",
-        Arch::Aarch64 => "qemu-system-arm",
-    }
-}
-
-/// Path of the emulator: `$VMIC_QEMU_<ARCH>` if set, else the first match on `PATH`, else the
-/// bare name (spawning it then fails with a hint from [`find_system_binary`]).
-pub fn system_binary(arch: Arch) -> PathBuf {
-    if let Some(path) = std::env::var_os(system_binary_variable(arch)) {
-        return PathBuf::from(path);
-    }
-    find_in_path(system_binary_name(arch))
-        .unwrap_or_else(|| PathBuf::from(system_binary_name(arch)))
-}
-
-/// The environment variable that overrides the emulator's path.
-fn system_binary_variable(arch: Arch) -> String {
-    format!("VMIC_QEMU_{}", arch.name().to_uppercase())
-}
+use crate::machine::system_binary_variable;
+pub use crate::machine::{find_in_path, system_binary, system_binary_name, system_package};
 
 /// The emulator, or an error naming where it was looked for and the package to install.
 pub fn find_system_binary(arch: Arch) -> anyhow::Result<PathBuf> {
@@ -66,13 +38,6 @@ pub fn find_system_binary(arch: Arch) -> anyhow::Result<PathBuf> {
         )
     };
     Err(crate::report::hinted(problem, format!("{fix}{install}")))
-}
-
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }
 
 /// A disk attached to the builder VM, found in the guest by its virtio serial string.
@@ -183,10 +148,7 @@ pub struct BuilderVm {
 impl BuilderVm {
     /// The kernel console device for `arch` (for the cmdline).
     pub fn console_device(arch: Arch) -> &'static str {
-        match arch {
-            Arch::X86_64 => "ttyS0",
-            Arch::Aarch64 => "ttyAMA0",
-        }
+        crate::machine::console_device(arch)
     }
 }
 
@@ -199,20 +161,14 @@ fn os(value: impl Into<OsString>) -> OsString {
 pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
-    let machine = match vm.arch {
-        Arch::X86_64 => "q35",
-        Arch::Aarch64 => "virt",
-    };
-    push(&["-machine", machine, "-accel", vm.accel.qemu_arg()]);
-    let cpu = match (vm.arch, vm.accel) {
-        (_, Accel::Kvm | Accel::Hvf) => "host",
-        (Arch::X86_64, Accel::Tcg) => "max",
-        // Without pointer auth the images' PAC instructions are NOPs instead of emulated
-        // hashes: an aarch64 ISO build took 58.8 s instead of 70.8 s with
-        // `max,pauth-impdef=on` (cortex-a57, lacking newer instructions: 86.5 s).
-        (Arch::Aarch64, Accel::Tcg) => "max,pauth=off,sve=off",
-    };
-    push(&["-cpu", cpu]);
+    push(&[
+        "-machine",
+        crate::machine::machine_type(vm.arch),
+        "-accel",
+        vm.accel.qemu_arg(),
+        "-cpu",
+        crate::machine::cpu_model(vm.arch, vm.accel),
+    ]);
     push(&["-smp", &vm.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     // vhost-user needs guest memory shared with the daemon.
