@@ -179,11 +179,26 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the shared ISO's dir");
         let iso = dir.join("live-qcow2.iso");
+        // The build cache of this test process, empty now: this build stores its ISO there
+        // for `a_rebuild_with_only_iso_changes_reuses_the_cached_build`.
+        let cache = shared_cache_dir();
         let built = build_iso(
             &image.join("disk.qcow2"),
             &fixture("iso/live.yaml"),
             &iso,
-            &[],
+            &["--cache-dir", path_str(&cache)],
+        );
+        assert!(
+            built
+                .stderr
+                .contains("build cache: miss (no cached build of this input)"),
+            "{}",
+            built.stderr
+        );
+        assert!(
+            built.stderr.contains("build cache: stored"),
+            "{}",
+            built.stderr
         );
         let steps = &built.timestamps["steps"];
         eprintln!(
@@ -193,6 +208,96 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
         );
         (iso, built.total_seconds(), built.stderr)
     })
+}
+
+/// The build cache the shared ISO's build fills (inside its directory, so new each run).
+fn shared_cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("iso-tests/shared/cache")
+}
+
+/// A rebuild of the same disk whose config differs only in its `iso` section (edited in place,
+/// as a user iterating would) hits the cache: no customization, dracut or mksquashfs, the same
+/// `rootfs.img`, at most a quarter of the first build's time, and the ISO boots with the new
+/// `iso` settings only (the cached ISO's args and file are gone).
+#[test]
+fn a_rebuild_with_only_iso_changes_reuses_the_cached_build() {
+    let (shared, full_seconds, _) = shared_live_iso();
+    let work = work_dir();
+    let config_dir = work.path().join("iso");
+    run(
+        "cp",
+        &["-a", path_str(&fixture("iso")), path_str(&config_dir)],
+    );
+    let config = config_dir.join("live.yaml");
+    let text = std::fs::read_to_string(&config).expect("live.yaml");
+    let (os_and_scripts, _) = text.split_once("\niso:\n").expect("an iso section");
+    std::fs::write(
+        &config,
+        format!(
+            "{os_and_scripts}\niso:\n  additionalFiles:\n    files/iso-extra-2.txt: /iso-extra-2.txt\n  \
+             kernelCommandLine:\n    extraCommandLine: [vmic.third=3]\n"
+        ),
+    )
+    .expect("editing the iso section");
+    let output = work.path().join("cached.iso");
+    let cache = shared_cache_dir();
+    let image = test_image("x86_64", "minimal", false).join("disk.qcow2");
+    let rebuilt = build_iso(&image, &config, &output, &["--cache-dir", path_str(&cache)]);
+    assert!(
+        rebuilt.stderr.contains("build cache: hit"),
+        "{}",
+        rebuilt.stderr
+    );
+    for evidence in [
+        DRACUT_AND_MKSQUASHFS_RAN,
+        SQUASHFS_COMPRESSION_CHOSEN,
+        "running script",
+    ] {
+        assert!(
+            !rebuilt.stderr.contains(evidence),
+            "a hit neither customizes nor runs dracut or mksquashfs ({evidence:?}):\n{}",
+            rebuilt.stderr
+        );
+    }
+    assert_eq!(
+        rootfs_sha256(&output),
+        rootfs_sha256(shared),
+        "the cached rootfs.img"
+    );
+    eprintln!(
+        "cache hit in {:.1} s ({:.1} s per --timestamp-file) vs {full_seconds:.1} s for the full build",
+        rebuilt.seconds,
+        rebuilt.total_seconds()
+    );
+    assert!(
+        rebuilt.total_seconds() <= full_seconds / 4.0,
+        "a hit takes ≤ 25% of the full build: {:.1} s vs {full_seconds:.1} s",
+        rebuilt.total_seconds()
+    );
+    // The provenance still names the disk image, not the cached ISO.
+    let provenance = read_json(&sidecar(&output, ".provenance.json"));
+    assert_eq!(provenance["input"]["sha256"], sha256_of(&image));
+    let booted = boot(&output, "uefi", "cdrom", 600);
+    assert_eq!(booted.host, "vmic-iso-test", "the cached customization");
+    assert_eq!(
+        booted.cmdline.last().map(String::as_str),
+        Some("vmic.third=3"),
+        "{booted:?}"
+    );
+    for old in LIVE_ISO_ARGS {
+        assert_eq!(
+            booted.count_arg(|arg| arg == old),
+            0,
+            "{old} is gone: {booted:?}"
+        );
+    }
+    assert_eq!(booted.count_arg(|arg| arg == "vmic.os=1"), 1, "{booted:?}");
+    assert_eq!(booted.probe("live-file"), Some("missing"), "{booted:?}");
+    assert_eq!(
+        booted.probe("live-file-2"),
+        Some("added by a later iso-only change"),
+        "{booted:?}"
+    );
 }
 
 /// `rootfs.img` of an ISO, extracted on the host with xorriso.

@@ -45,6 +45,7 @@ pub fn grub_cfg(data: &[u8]) {
     let settings = grub_cfg::IsoBootSettings {
         label: "CDROM".to_owned(),
         user_args: vec!["console=ttyS0".to_owned(), "ds=nocloud;s=x y".to_owned()],
+        dropped_args: vec!["vmic.old=1".to_owned()],
     };
     let Ok(first) = grub_cfg::rewrite_for_iso(text, &settings) else {
         return;

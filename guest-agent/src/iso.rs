@@ -54,7 +54,22 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         .as_ref()
         .map(|record| record.kernel_args_from_user.clone())
         .unwrap_or_default();
-    let user_args = iso_record::merge_user_args(&recorded_args, &request.iso.extra_args);
+    // The build cache's re-master replaces the cached ISO's `iso.*` settings; any other
+    // ISO → ISO build keeps them and adds the new ones.
+    let replace = request.remaster_only && request.replace_iso_settings;
+    let user_args = match replace {
+        true => iso_record::merge_user_args(&[], &request.iso.extra_args),
+        false => iso_record::merge_user_args(&recorded_args, &request.iso.extra_args),
+    };
+    let mut iso_additional_files: Vec<String> = match (&record, replace) {
+        (Some(record), false) => record.iso_additional_files.clone(),
+        _ => Vec::new(),
+    };
+    for file in &request.iso.additional_files {
+        if !iso_additional_files.contains(&file.destination) {
+            iso_additional_files.push(file.destination.clone());
+        }
+    }
 
     // An ISO input keeps its epoch unless the user gives one: re-customizing reproduces too.
     let recorded_epoch = request
@@ -69,7 +84,11 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
             &request,
             record,
             &tree,
-            &user_args,
+            &Remaster {
+                user_args: &user_args,
+                iso_additional_files: &iso_additional_files,
+                replace,
+            },
             epoch,
         )?;
         let packages = remastered_packages(&build, &mut mounts, &tree)?;
@@ -91,6 +110,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
             &grub_cfg::IsoBootSettings {
                 label: request.iso.label.clone(),
                 user_args: user_args.clone(),
+                dropped_args: Vec::new(),
             },
         )
         .context("rewriting /boot/grub2/grub.cfg for the ISO")?;
@@ -158,6 +178,7 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
             created_unix_seconds: epoch,
             rootfs_sha256: rootfs_sha256.clone(),
             grub_noprefix: plan.grub_noprefix,
+            iso_additional_files: iso_additional_files.clone(),
         };
         write_file(
             &tree,
@@ -254,6 +275,16 @@ fn verify_input_rootfs(record: &iso_record::IsoSettingsRecord) -> anyhow::Result
     Ok(())
 }
 
+/// The `iso.*` settings a re-master ends with.
+struct Remaster<'a> {
+    /// Every ISO kernel arg the new ISO carries, in order.
+    user_args: &'a [String],
+    /// Every ISO path `iso.additionalFiles` put on the new ISO.
+    iso_additional_files: &'a [String],
+    /// The input's recorded args and additional files go (else they stay).
+    replace: bool,
+}
+
 /// ISO → ISO with only `iso.*` changes: the ISO's own files, a new grub.cfg, same rootfs.
 fn remaster_tree(
     build: &mut Build<'_>,
@@ -261,9 +292,10 @@ fn remaster_tree(
     request: &IsoBuild,
     record: &iso_record::IsoSettingsRecord,
     tree: &Path,
-    user_args: &[String],
+    remaster: &Remaster<'_>,
     epoch: u64,
 ) -> anyhow::Result<String> {
+    let user_args = remaster.user_args;
     build.step(Step::MakeIso)?;
     if record.label != request.iso.label {
         bail!(
@@ -276,7 +308,19 @@ fn remaster_tree(
     // rootfs.img is most of the ISO: bind-mount it into the tree instead of copying it (under
     // TCG the copy alone costs seconds, and re-mastering must stay cheap).
     let rootfs_in_iso = pipeline::ISO_ROOTFS_IMG.trim_start_matches('/');
-    copy_tree_except(Path::new(INPUT_ISO), tree, &[Path::new(rootfs_in_iso)])?;
+    // Replacing: the previous build's iso.additionalFiles stay behind (the new ones are
+    // copied in later, as for every build).
+    let mut except = vec![PathBuf::from(rootfs_in_iso)];
+    if remaster.replace {
+        except.extend(
+            record
+                .iso_additional_files
+                .iter()
+                .map(|file| PathBuf::from(file.trim_start_matches('/'))),
+        );
+    }
+    let except: Vec<&Path> = except.iter().map(PathBuf::as_path).collect();
+    copy_tree_except(Path::new(INPUT_ISO), tree, &except)?;
     let rootfs = tree.join(rootfs_in_iso);
     fs_create_dir_all(rootfs.parent().expect("rootfs has a parent"))?;
     std::fs::File::create(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
@@ -299,6 +343,15 @@ fn remaster_tree(
         &grub_cfg::IsoBootSettings {
             label: request.iso.label.clone(),
             user_args: user_args.to_vec(),
+            dropped_args: match remaster.replace {
+                true => record
+                    .kernel_args_from_user
+                    .iter()
+                    .filter(|arg| !user_args.contains(arg))
+                    .cloned()
+                    .collect(),
+                false => Vec::new(),
+            },
         },
     )?;
     for path in [pipeline::ISO_GRUB_CFG, "/EFI/BOOT/grub.cfg"] {
@@ -307,6 +360,7 @@ fn remaster_tree(
     }
     let mut record = record.clone();
     record.kernel_args_from_user = user_args.to_vec();
+    record.iso_additional_files = remaster.iso_additional_files.to_vec();
     record.vmic_version = request.iso.vmic_version.clone();
     record.created_unix_seconds = epoch;
     write_file(
@@ -439,10 +493,23 @@ fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree, epoch: u64) -> a
         argv::dracut_live_conf(&install_items).as_bytes(),
         0o644,
     )?;
+    let compress = argv::initrd_compressor(
+        &dracut_configs(root),
+        &kernel_configs(root),
+        ["/usr/bin/zstd", "/bin/zstd"]
+            .iter()
+            .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_file())),
+    );
     let result = (|| {
         for kernel in &plan.kernels {
-            build.log(format!("dracut for kernel {}", kernel.version));
-            let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd);
+            match compress {
+                Some(compress) => build.log(format!(
+                    "dracut for kernel {} (initrd compressed with `{compress}`: the image's dracut config names no compressor)",
+                    kernel.version
+                )),
+                None => build.log(format!("dracut for kernel {}", kernel.version)),
+            }
+            let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd, compress);
             build
                 .run_unchecked(&dracut, Some(root), argv::source_date_epoch_env(epoch))
                 .and_then(|result| succeeded(&dracut, result))
@@ -483,6 +550,33 @@ fn make_rootfs_squashfs(
         None,
     )?;
     Ok(())
+}
+
+/// The text of the image's dracut configs (bounded reads; unreadable ones are skipped).
+fn dracut_configs(root: &Path) -> Vec<String> {
+    let mut paths: Vec<String> = argv::DRACUT_CONFIG_FILES
+        .iter()
+        .map(|path| path.to_string())
+        .collect();
+    for dir in argv::DRACUT_CONFIG_DIRS {
+        let Ok(local) = scoped_join(root, dir) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(local) else {
+            continue;
+        };
+        let mut names: Vec<String> = entries
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".conf"))
+            .collect();
+        names.sort();
+        paths.extend(names.into_iter().map(|name| format!("{dir}/{name}")));
+    }
+    paths
+        .iter()
+        .filter_map(|path| read_image_text(root, path, MAX_IMAGE_TEXT).ok().flatten())
+        .collect()
 }
 
 /// The image's kernel build configs (`/boot/config-*`), for what its kernels can read.

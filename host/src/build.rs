@@ -146,7 +146,37 @@ pub async fn build(
         path: input.clone(),
         format: settings.input_format.qemu_name().into(),
     };
-    let input_disk = if settings.input_format == ImageFormat::Iso {
+    let mut options = VmOptions::new(arch);
+    options.accel = settings.vm.accel;
+    options.transport = settings.vm.transport;
+    options.memory_mib = settings
+        .vm
+        .vm_memory
+        .unwrap_or_else(crate::vm::default_build_memory_mib);
+    if let Some(cpus) = settings.vm.vm_cpus {
+        options.cpus = cpus;
+    }
+    options.run_dir = Some(run_dir.clone());
+    // Planned before the VM starts: files the config names are read (and fail) now, and the
+    // plan says whether the VM needs a network.
+    let mut planned = plan(settings, &build_dir, &input, options.cpus)?;
+    // Hashed once: the build cache's key and the provenance record both need it.
+    // Off the async runtime: a large image takes seconds, and Ctrl-C must not wait for it.
+    let input_sha256 = {
+        let input = input.clone();
+        tokio::task::spawn_blocking(move || crate::provenance::sha256_hex(&input)).await??
+    };
+    let cache = use_cache(settings, arch, &input_sha256, &mut planned)?;
+    let input_disk = if let CacheUse::Hit(cached) = &cache {
+        // The cached ISO is re-mastered: attached read-only like an ISO input.
+        Disk {
+            path: cached.clone(),
+            format: "raw".into(),
+            serial: INPUT_SERIAL.into(),
+            read_only: true,
+            backing: None,
+        }
+    } else if settings.input_format == ImageFormat::Iso {
         // An ISO is never written by the pipeline: attach it read-only as it is.
         Disk {
             path: input.clone(),
@@ -186,22 +216,7 @@ pub async fn build(
         read_only: false,
         backing: None,
     });
-
-    let mut options = VmOptions::new(arch);
-    options.accel = settings.vm.accel;
-    options.transport = settings.vm.transport;
-    options.memory_mib = settings
-        .vm
-        .vm_memory
-        .unwrap_or_else(crate::vm::default_build_memory_mib);
-    if let Some(cpus) = settings.vm.vm_cpus {
-        options.cpus = cpus;
-    }
-    options.run_dir = Some(run_dir.clone());
     options.disks = disks;
-    // Planned before the VM starts: files the config names are read (and fail) now, and the
-    // plan says whether the VM needs a network.
-    let planned = plan(settings, &build_dir, &input, options.cpus)?;
     options.network = planned.os().packages.network;
     options.allow_private_network = settings.allow_private_network;
     if options.network {
@@ -238,6 +253,13 @@ pub async fn build(
             crate::provenance::implant_iso_md5(&output_partial)?;
             // The implanted MD5 changes the file: hash what is finally written.
             let _ = digest;
+            if let CacheUse::Store(cache, parts) = &cache {
+                // A cache that cannot take the entry costs the next build time, not this one.
+                match cache.store(parts, &output_partial) {
+                    Ok(()) => tracing::info!(key = %parts.key(), "build cache: stored"),
+                    Err(error) => tracing::warn!("build cache: not stored: {error:#}"),
+                }
+            }
             (
                 outcome.size,
                 sha256_file(&output_partial)?,
@@ -262,7 +284,14 @@ pub async fn build(
         other => bail!("unexpected answer to the build request: {other:?}"),
     };
     progress.step("Recording", "sha256, SBOM and provenance beside the output");
-    let sidecars = write_sidecars(settings, &input, &hex::encode(digest), &packages, epoch)?;
+    let sidecars = write_sidecars(
+        settings,
+        &input,
+        &input_sha256,
+        &hex::encode(digest),
+        &packages,
+        epoch,
+    )?;
     partial_guard
         .0
         .extend(sidecars.iter().map(|(partial, _)| partial.clone()));
@@ -283,6 +312,7 @@ pub async fn build(
 fn write_sidecars(
     settings: &CustomizeSettings,
     input: &Path,
+    input_sha256: &str,
     output_sha256: &str,
     packages: &vmic_protocol::PackageInventory,
     epoch: Option<u64>,
@@ -298,7 +328,7 @@ fn write_sidecars(
     let inputs = ProvenanceInputs {
         input,
         input_format: settings.input_format.name(),
-        input_sha256: &provenance::sha256_hex(input)?,
+        input_sha256,
         config: &fs_err::canonicalize(&settings.config.path)?,
         config_sha256: &provenance::sha256_hex(&settings.config.path)?,
         package_sources,
@@ -445,6 +475,68 @@ async fn upload(
             .with_context(|| format!("uploading {}", upload.local.display()))?;
     }
     Ok(())
+}
+
+/// What the build cache does for this build.
+enum CacheUse {
+    /// Not used: `--no-cache`, a disk output, or a build it cannot vouch for.
+    Off,
+    /// Re-master this cached ISO instead of building.
+    Hit(PathBuf),
+    /// Build, then store the ISO under these parts.
+    Store(crate::cache::BuildCache, Box<crate::cache::KeyParts>),
+}
+
+/// Look the build up in the cache; on a hit, turn the request into a re-master of the cached
+/// ISO that replaces its `iso.*` settings with this build's.
+fn use_cache(
+    settings: &CustomizeSettings,
+    arch: Arch,
+    input_sha256: &str,
+    planned: &mut Planned,
+) -> anyhow::Result<CacheUse> {
+    use crate::cache::{BuildCache, KeyInputs, KeyParts, Lookup};
+    let (Some(cache_settings), Request::BuildIso(request)) =
+        (&settings.cache, &mut planned.request)
+    else {
+        return Ok(CacheUse::Off);
+    };
+    let manifest = fs_err::read(crate::guest_image::find(arch)?.dir.join("manifest.json"))?;
+    let config_files: Vec<PathBuf> = std::iter::once(&settings.config.path)
+        .chain(settings.config.chain.iter().map(|link| &link.path))
+        .map(|path| fs_err::canonicalize(path).unwrap_or_else(|_| path.clone()))
+        .collect();
+    let inputs = KeyInputs {
+        builder_manifest: &manifest,
+        arch: arch.name(),
+        input_sha256,
+        uploads: &planned.uploads,
+        config_files: &config_files,
+    };
+    let parts = match KeyParts::of(request, &inputs)? {
+        Ok(parts) => parts,
+        Err(why) => {
+            tracing::info!("build cache: not used: {why}");
+            return Ok(CacheUse::Off);
+        }
+    };
+    let cache = BuildCache::new(cache_settings.clone());
+    match cache.lookup(&parts) {
+        Lookup::Hit(iso) => {
+            tracing::info!(
+                key = %parts.key(),
+                "build cache: hit: the cached ISO is re-mastered with this build's iso settings (no customization, dracut or mksquashfs)"
+            );
+            request.input_is_iso = true;
+            request.remaster_only = true;
+            request.replace_iso_settings = true;
+            Ok(CacheUse::Hit(iso))
+        }
+        Lookup::Miss(why) => {
+            tracing::info!(key = %parts.key(), "build cache: miss ({why})");
+            Ok(CacheUse::Store(cache, Box::new(parts)))
+        }
+    }
 }
 
 /// The request for the agent and the files it needs, from the settings.

@@ -162,8 +162,47 @@ pub struct CustomizeArgs {
     #[arg(long, value_name = "DURATION", default_value = "4h", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
 
+    /// Neither reuse nor store ISO builds in the build cache.
+    #[arg(long, env = "VMIC_NO_CACHE")]
+    pub no_cache: bool,
+
+    /// The build cache: a disk -> ISO build whose input, `os` and `scripts` sections, the
+    /// files they name and package sources are those of a cached build re-masters the cached
+    /// ISO with this build's `iso` settings instead of customizing, running dracut and
+    /// mksquashfs again. Default: <vmic cache dir>/builds (~/.cache/vmic/builds).
+    #[arg(long, env = "VMIC_BUILD_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// The build cache's size cap (`500M`, `8G`); the least recently used entries go first.
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = parse_size)]
+    pub cache_max_size: u64,
+
     #[command(flatten)]
     pub vm: VmArgs,
+}
+
+/// `8G`, `500M`, `64K` (binary units) or plain bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid size {text:?}: use e.g. 500M, 8G or a number of bytes");
+    let text = text.trim();
+    let (number, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(invalid()),
+            };
+            (&text[..at], shift)
+        }
+        _ => (text, 0),
+    };
+    let value: u64 = number.parse().map_err(|_| invalid())?;
+    value
+        .checked_shl(shift)
+        .filter(|bytes| bytes >> shift == value)
+        .ok_or_else(invalid)
 }
 
 /// `90s`, `30m`, `2h`, `1h30m` or plain seconds.

@@ -7,6 +7,7 @@ pub mod accel;
 pub mod accept;
 pub mod boot;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod completions;

@@ -278,6 +278,7 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
             threads: facts.cpus.max(1),
         },
         remaster_only: facts.input_is_iso && !changes_rootfs(config),
+        replace_iso_settings: false,
         source_date_epoch: facts.source_date_epoch,
     };
     Ok(Plan {

@@ -27,6 +27,8 @@ pub struct CustomizeSettings {
     pub arch: Arch,
     /// `--source-date-epoch` / `SOURCE_DATE_EPOCH`; `None`: the agent takes the input's.
     pub source_date_epoch: Option<u64>,
+    /// The build cache (ISO outputs); `None` with `--no-cache`.
+    pub cache: Option<crate::cache::CacheSettings>,
     pub vm: VmArgs,
 }
 
@@ -117,6 +119,13 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
         squashfs_compression,
         arch,
         source_date_epoch: args.source_date_epoch,
+        cache: (!args.no_cache).then(|| crate::cache::CacheSettings {
+            dir: args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| crate::guest_image::cache_dir().join("builds")),
+            max_bytes: args.cache_max_size,
+        }),
         vm: args.vm.clone(),
     })
 }

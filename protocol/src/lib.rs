@@ -45,9 +45,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 4;
+pub const MIN_PROTOCOL_VERSION: u32 = 5;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -211,6 +211,10 @@ pub struct IsoBuild {
     pub squashfs: SquashfsSettings,
     /// Only `iso.*` changed on an ISO input: re-master without rebuilding `rootfs.img`.
     pub remaster_only: bool,
+    /// With `remaster_only`: the input ISO's recorded `iso.*` settings (kernel args, additional
+    /// files) are replaced by this request's instead of kept. The host's build cache uses it:
+    /// the cached ISO was built with another `iso` section.
+    pub replace_iso_settings: bool,
     /// `SOURCE_DATE_EPOCH`: every timestamp in the ISO is clamped to it. `None`: the agent
     /// takes it from the input (see [`IsoOutcome::source_date_epoch`]).
     pub source_date_epoch: Option<u64>,

@@ -29,8 +29,12 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `vmic` without the build cache: a test sees the build it asks for, whatever an earlier run
+/// left in `~/.cache/vmic/builds`. [`customize_to`] turns it back on for `--cache-dir`.
 pub fn vmic() -> Command {
-    Command::cargo_bin("vmic").expect("the vmic binary is built for tests")
+    let mut command = Command::cargo_bin("vmic").expect("the vmic binary is built for tests");
+    command.env("VMIC_NO_CACHE", "1");
+    command
 }
 
 /// The directory holding the test image `name` (`x86_64-minimal`, ...), built if missing.
@@ -140,7 +144,11 @@ pub fn customize_to(
     let timestamps = work.path().join("timestamps.json");
     let _vm = lock(&VM_LOCK);
     let started = Instant::now();
-    let result = vmic()
+    let mut command = vmic();
+    if extra.contains(&"--cache-dir") {
+        command.env_remove("VMIC_NO_CACHE");
+    }
+    let result = command
         .arg("customize")
         .arg("--image-file")
         .arg(input)

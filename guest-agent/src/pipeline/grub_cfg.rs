@@ -43,6 +43,9 @@ pub struct IsoBootSettings {
     /// The user's ISO kernel args, in order, already merged with the ones recorded in an input
     /// ISO ([`super::iso_record::merge_user_args`]). Literal kernel args: quoted for grub here.
     pub user_args: Vec<String>,
+    /// Args of an earlier build to take off every `linux` line (vmic's build cache replaces the
+    /// cached ISO's `iso.*` args instead of keeping them).
+    pub dropped_args: Vec<String>,
 }
 
 /// A kernel or initrd named by grub.cfg, after the rewrite.
@@ -174,6 +177,7 @@ pub fn rewrite_for_iso(
                 words[2..]
                     .iter()
                     .filter(|w| !is_replaced_arg(w, &user_args))
+                    .filter(|w| !settings.dropped_args.contains(&w.value))
                     .map(|w| w.raw.to_owned()),
             );
             parts.push(format!("root=live:LABEL={}", settings.label));
@@ -629,6 +633,7 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         IsoBootSettings {
             label: DEFAULT_LABEL.to_owned(),
             user_args: user_args.iter().map(|a| (*a).to_owned()).collect(),
+            dropped_args: Vec::new(),
         }
     }
 
@@ -751,6 +756,7 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             &IsoBootSettings {
                 label: DEFAULT_LABEL.into(),
                 user_args: merged,
+                dropped_args: Vec::new(),
             },
         )
         .expect("again");
@@ -889,6 +895,7 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             &IsoBootSettings {
                 label: "VMIC_LIVE-1.0".into(),
                 user_args: vec![],
+                dropped_args: Vec::new(),
             },
         )
         .expect("rewrite");
@@ -918,6 +925,7 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
                 &IsoBootSettings {
                     label: label.to_owned(),
                     user_args: vec![],
+                    dropped_args: Vec::new(),
                 },
             );
             assert!(
@@ -1036,5 +1044,28 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
 
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn dropped_args_leave_every_linux_line() {
+        let grub = "menuentry 'a' {\n  linux /boot/vmlinuz root=live:LABEL=CDROM rd.live.image vmic.old=1 quiet vmic.keep=2\n  initrd /boot/initrd.img\n}\n";
+        let rewritten = rewrite_for_iso(
+            grub,
+            &IsoBootSettings {
+                label: DEFAULT_LABEL.into(),
+                user_args: vec!["vmic.keep=2".into(), "vmic.new=3".into()],
+                dropped_args: vec!["vmic.old=1".into()],
+            },
+        )
+        .expect("rewritten");
+        let linux = rewritten
+            .text
+            .lines()
+            .find(|line| line.trim_start().starts_with("linux"))
+            .expect("a linux line");
+        assert!(!linux.contains("vmic.old=1"), "{linux}");
+        assert!(linux.contains(" quiet "), "{linux}");
+        assert!(linux.ends_with("vmic.keep=2 vmic.new=3"), "{linux}");
+        assert_eq!(linux.matches("vmic.keep=2").count(), 1, "{linux}");
     }
 }

@@ -40,6 +40,11 @@ pub struct IsoSettingsRecord {
     pub rootfs_sha256: String,
     /// The image's grub was a `-noprefix` build.
     pub grub_noprefix: bool,
+    /// ISO paths that `iso.additionalFiles` put on the ISO (all builds), so that vmic's build
+    /// cache can take them off again when it re-masters the ISO with another `iso` section.
+    /// Absent in records written before it existed.
+    #[serde(default)]
+    pub iso_additional_files: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +146,7 @@ mod tests {
             created_unix_seconds: 1_735_689_600,
             rootfs_sha256: "ab".repeat(32),
             grub_noprefix: false,
+            iso_additional_files: vec!["/cloud-init-data/user-data".into()],
         }
     }
 
