@@ -585,10 +585,8 @@ fn the_shared_iso_checks_itself_and_lists_its_packages() {
 
     // The inventory: a valid SPDX 2.3 document listing exactly the installed packages.
     let spdx_path = sidecar(iso, ".spdx.json");
-    let validator = std::env::var_os("VMIC_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/vmic"))
-        .join("spdx-venv/bin/pyspdxtools");
+    // Where scripts/setup put it: vmic's cache dir, found as vmic finds it.
+    let validator = vmic::guest_image::cache_dir().join("spdx-venv/bin/pyspdxtools");
     let validated = std::process::Command::new(&validator)
         .arg("-i")
         .arg(&spdx_path)

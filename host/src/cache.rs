@@ -86,7 +86,12 @@ impl KeyParts {
                     .into(),
             ));
         }
-        // Files only `iso.additionalFiles` names go onto the ISO, not into the root file system.
+        // What can reach the root file system: the files the `os` section and the package
+        // sources name, and, when there are scripts (they see the config directory as
+        // /_imageconfigs), every file of the config directory. Not: files only
+        // `iso.additionalFiles` names from outside the config directory, the config files
+        // themselves (their effect is the request), and without scripts the config directory's
+        // unnamed files.
         let named = |files: &[vmic_protocol::FileCopy]| -> Vec<String> {
             files
                 .iter()
@@ -98,11 +103,17 @@ impl KeyParts {
         };
         let iso_named = named(&request.iso.additional_files);
         let os_named = named(&request.customization.os.additional_files);
+        let scripts = !request.customization.post_customization.is_empty()
+            || !request.customization.finalize_customization.is_empty();
+        let config_dir = format!("{}/", crate::plan::GUEST_CONFIG_DIR);
         let mut files = BTreeMap::new();
         for upload in inputs.uploads {
-            let iso_only = iso_named.contains(&upload.guest) && !os_named.contains(&upload.guest);
+            let keyed = match upload.guest.starts_with(&config_dir) {
+                true => scripts || os_named.contains(&upload.guest),
+                false => !iso_named.contains(&upload.guest) || os_named.contains(&upload.guest),
+            };
             let local = fs_err::canonicalize(&upload.local)?;
-            if iso_only || inputs.config_files.contains(&local) {
+            if !keyed || inputs.config_files.contains(&local) {
                 continue;
             }
             let digest = hex::encode(vmic_protocol::sha256_reader(fs_err::File::open(&local)?)?);
@@ -371,6 +382,7 @@ mod tests {
         );
         write("files/motd", "hello\n");
         write("files/iso-only.txt", "on the ISO only\n");
+        write("files/iso-other.txt", "another file for the ISO\n");
         write("scripts/setup.sh", "echo setup\n");
         write("debs/hello.deb", "not really a deb\n");
     }
@@ -433,10 +445,52 @@ mod tests {
     fn iso_only_changes_keep_the_key() {
         let (before, after, changes) = changed(|dir| {
             edit(dir, "config.yaml", "[a=1]", "[a=2, b=3]");
-            fs_err::write(dir.join("project/files/iso-only.txt"), "other\n").unwrap();
+            edit(
+                dir,
+                "config.yaml",
+                "files/iso-only.txt",
+                "files/iso-other.txt",
+            );
         });
         assert_eq!(changes, Vec::<String>::new());
         assert_eq!(before.key(), after.key());
+    }
+
+    #[test]
+    fn with_scripts_every_config_directory_file_keys_the_cache() {
+        // A script can read any of them through /_imageconfigs.
+        let (before, after, changes) = changed(|dir| {
+            fs_err::write(dir.join("project/files/iso-only.txt"), "other\n").unwrap();
+        });
+        assert_ne!(before.key(), after.key());
+        assert_eq!(
+            changes,
+            ["config directory file files/iso-only.txt changed"]
+        );
+    }
+
+    #[test]
+    fn without_scripts_only_the_files_the_os_section_names_key_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        project(dir.path());
+        let config = dir.path().join("project/config.yaml");
+        let text = fs_err::read_to_string(&config).unwrap();
+        let start = text.find("scripts:").unwrap();
+        let end = text.find("iso:").unwrap();
+        fs_err::write(&config, format!("{}{}", &text[..start], &text[end..])).unwrap();
+        let first = parts(dir.path());
+        fs_err::write(dir.path().join("project/files/iso-only.txt"), "other\n").unwrap();
+        fs_err::write(dir.path().join("project/scripts/setup.sh"), "unused now\n").unwrap();
+        assert_eq!(
+            parts(dir.path()).key(),
+            first.key(),
+            "unnamed files do not count"
+        );
+        fs_err::write(dir.path().join("project/files/motd"), "named\n").unwrap();
+        assert_eq!(
+            parts(dir.path()).changes_since(&first),
+            ["config directory file files/motd changed"]
+        );
     }
 
     #[test]
