@@ -304,18 +304,7 @@ fn a_rebuild_with_only_iso_changes_reuses_the_cached_build() {
 fn rootfs_sha256(iso: &Path) -> String {
     let work = work_dir();
     let rootfs = work.path().join("rootfs.img");
-    run(
-        "xorriso",
-        &[
-            "-osirrox",
-            "on",
-            "-indev",
-            path_str(iso),
-            "-extract",
-            "/liveos/rootfs.img",
-            path_str(&rootfs),
-        ],
-    );
+    extract(iso, "/liveos/rootfs.img", &rootfs);
     sha256_of(&rootfs)
 }
 

@@ -360,7 +360,6 @@ mod tests {
     use super::*;
     use crate::config::{load_and_validate, ValidationContext};
     use crate::plan::{iso_plan, HostFacts};
-    use vmic_protocol::Compression;
 
     /// A config directory (`project/`): the config, a file `os.additionalFiles` names, a
     /// script file, an ISO-only file; and a package source directory beside it (`debs/`).
@@ -395,16 +394,8 @@ mod tests {
         let plan = iso_plan(
             &loaded.config,
             &HostFacts {
-                config_dir: &fs_err::canonicalize(&loaded.dir).unwrap(),
-                input_is_iso: false,
-                input_serial: "vmic-input",
-                output_serial: "vmic-output",
-                cpus: 2,
-                exclude: Vec::new(),
-                package_sources: &sources,
                 disable_base_repos: true,
-                squashfs_compression: Compression::Auto,
-                source_date_epoch: None,
+                ..HostFacts::for_tests(&fs_err::canonicalize(&loaded.dir).unwrap(), &sources)
             },
         )
         .expect("plan");
@@ -545,23 +536,9 @@ mod tests {
     #[test]
     fn network_package_installs_and_iso_inputs_are_not_cached() {
         let dir = tempfile::tempdir().unwrap();
-        let mut request = iso_plan(
-            &Default::default(),
-            &HostFacts {
-                config_dir: dir.path(),
-                input_is_iso: false,
-                input_serial: "i",
-                output_serial: "o",
-                cpus: 1,
-                exclude: Vec::new(),
-                package_sources: &[],
-                disable_base_repos: false,
-                squashfs_compression: Compression::Auto,
-                source_date_epoch: None,
-            },
-        )
-        .map(|plan| plan.request)
-        .unwrap_or_else(|error| panic!("{error:#}"));
+        let mut request = iso_plan(&Default::default(), &HostFacts::for_tests(dir.path(), &[]))
+            .map(|plan| plan.request)
+            .unwrap_or_else(|error| panic!("{error:#}"));
         let inputs = KeyInputs {
             builder_manifest: b"{}",
             arch: "x86_64",

@@ -98,6 +98,18 @@ pub fn cpu_model(arch: Arch, accel: Accel) -> &'static str {
     }
 }
 
+/// `-machine`, `-accel` and `-cpu` for a guest of `arch` under `accel`: every VM vmic starts.
+pub fn machine_argv(arch: Arch, accel: Accel) -> [&'static str; 6] {
+    [
+        "-machine",
+        machine_type(arch),
+        "-accel",
+        accel.qemu_arg(),
+        "-cpu",
+        cpu_model(arch, accel),
+    ]
+}
+
 /// The kernel console device of the machine's first serial port.
 pub fn console_device(arch: Arch) -> &'static str {
     match arch {

@@ -72,6 +72,25 @@ pub struct HostFacts<'a> {
     pub source_date_epoch: Option<u64>,
 }
 
+#[cfg(test)]
+impl<'a> HostFacts<'a> {
+    /// A disk input on 2 CPUs, nothing excluded, automatic compression, no epoch.
+    pub fn for_tests(config_dir: &'a Path, package_sources: &'a [PathBuf]) -> Self {
+        HostFacts {
+            config_dir,
+            input_is_iso: false,
+            input_serial: "vmic-input",
+            output_serial: "vmic-output",
+            cpus: 2,
+            exclude: Vec::new(),
+            package_sources,
+            disable_base_repos: false,
+            squashfs_compression: Compression::Auto,
+            source_date_epoch: None,
+        }
+    }
+}
+
 fn guest_path(relative: &Path) -> String {
     let mut path = String::from(GUEST_CONFIG_DIR);
     for component in relative.components() {
@@ -670,16 +689,8 @@ mod tests {
         iso_plan(
             &loaded.config,
             &HostFacts {
-                config_dir: &loaded.dir,
                 input_is_iso,
-                input_serial: "vmic-input",
-                output_serial: "vmic-output",
-                cpus: 2,
-                exclude: Vec::new(),
-                package_sources: &[],
-                disable_base_repos: false,
-                squashfs_compression: Compression::Auto,
-                source_date_epoch: None,
+                ..HostFacts::for_tests(&loaded.dir, &[])
             },
         )
         .expect("plan")
@@ -763,16 +774,8 @@ mod tests {
             disk_plan(
                 &loaded.config,
                 &HostFacts {
-                    config_dir: &loaded.dir,
-                    input_is_iso: false,
-                    input_serial: "vmic-input",
-                    output_serial: "vmic-output",
-                    cpus: 2,
-                    exclude: Vec::new(),
-                    package_sources: &sources,
                     disable_base_repos,
-                    squashfs_compression: Compression::Auto,
-                    source_date_epoch: None,
+                    ..HostFacts::for_tests(&loaded.dir, &sources)
                 },
             )
             .expect("plan")

@@ -161,14 +161,7 @@ fn os(value: impl Into<OsString>) -> OsString {
 pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
-    push(&[
-        "-machine",
-        crate::machine::machine_type(vm.arch),
-        "-accel",
-        vm.accel.qemu_arg(),
-        "-cpu",
-        crate::machine::cpu_model(vm.arch, vm.accel),
-    ]);
+    push(&crate::machine::machine_argv(vm.arch, vm.accel));
     push(&["-smp", &vm.cpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     // vhost-user needs guest memory shared with the daemon.

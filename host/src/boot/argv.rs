@@ -55,14 +55,7 @@ fn os(value: impl Into<OsString>) -> OsString {
 pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
-    push(&[
-        "-machine",
-        crate::machine::machine_type(vm.arch),
-        "-accel",
-        vm.accel.qemu_arg(),
-        "-cpu",
-        crate::machine::cpu_model(vm.arch, vm.accel),
-    ]);
+    push(&crate::machine::machine_argv(vm.arch, vm.accel));
     push(&[
         "-smp",
         &vm.cpus.to_string(),
