@@ -465,6 +465,41 @@ fn rootfs_offset(iso: &Path) -> u64 {
     lba * 2048
 }
 
+/// A copy of `iso` at `to` with one byte inside `rootfs.img`'s data inverted.
+fn copy_with_rootfs_byte_flipped(iso: &Path, to: &Path) {
+    use std::os::unix::fs::FileExt;
+    std::fs::copy(iso, to).expect("copy of the ISO");
+    let offset = rootfs_offset(to) + 4096;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(to)
+        .expect("open the copy");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).expect("read");
+    byte[0] ^= 0xff;
+    file.write_all_at(&byte, offset).expect("write");
+}
+
+/// A vmic ISO whose `rootfs.img` was changed after vmic made it (its record unchanged) is
+/// refused when re-mastered: the record's sha256 vouches for the root file system it keeps.
+#[test]
+fn a_vmic_iso_whose_rootfs_was_altered_is_refused() {
+    let (shared, _, _) = shared_live_iso();
+    let work = work_dir();
+    let forged = work.path().join("forged.iso");
+    copy_with_rootfs_byte_flipped(shared, &forged);
+    let stderr = fail_iso(&forged, &fixture("iso/remaster.yaml"), 1, &[]);
+    assert!(
+        stderr.contains("/liveos/rootfs.img on the input ISO does not match its settings record"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the ISO was changed after vmic made it"),
+        "{stderr}"
+    );
+}
+
 /// The installed packages of the ISO's root file system as dpkg itself lists them, read from
 /// rootfs.img with unsquashfs and dpkg-query: independent of vmic's reading in the VM.
 fn dpkg_packages(iso: &Path, work: &Path) -> Vec<(String, String)> {
@@ -537,20 +572,7 @@ fn the_shared_iso_checks_itself_and_lists_its_packages() {
     let (code, text) = checkisomd5(iso);
     assert_eq!(code, Some(0), "checkisomd5 passes on a fresh ISO:\n{text}");
     let flipped = work.path().join("flipped.iso");
-    std::fs::copy(iso, &flipped).expect("copy of the ISO");
-    let offset = rootfs_offset(&flipped) + 4096;
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&flipped)
-            .expect("open the copy");
-        let mut byte = [0u8; 1];
-        file.read_exact_at(&mut byte, offset).expect("read");
-        byte[0] ^= 0xff;
-        file.write_all_at(&byte, offset).expect("write");
-    }
+    copy_with_rootfs_byte_flipped(iso, &flipped);
     let (code, text) = checkisomd5(&flipped);
     assert_eq!(
         code,

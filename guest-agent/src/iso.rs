@@ -34,176 +34,280 @@ pub(crate) fn vm_arch() -> Arch {
     }
 }
 
-/// Build the LiveOS ISO and copy it to the output disk.
+/// What every step of one ISO build works on.
+struct IsoJob<'r> {
+    request: &'r IsoBuild,
+    arch: Arch,
+    work: PathBuf,
+    /// The ISO's file tree, mastered by xorriso at the end.
+    tree: PathBuf,
+    input: PathBuf,
+    output: Disk,
+    mounts: Mounts,
+}
+
+/// The `iso.*` settings the new ISO ends with (an input ISO's recorded ones merged in, or
+/// replaced for the build cache's re-master), and the epoch when it is already known.
+struct NewIsoSettings {
+    user_args: Vec<String>,
+    iso_additional_files: Vec<String>,
+    replace: bool,
+    /// The request's, else an input ISO's; `None`: taken from the image once mounted.
+    epoch: Option<u64>,
+}
+
+/// What the root file system steps produced.
+struct Made {
+    rootfs_sha256: String,
+    epoch: u64,
+    packages: vmic_protocol::PackageInventory,
+}
+
+/// Build the LiveOS ISO and copy it to the output disk: the steps, in order.
 pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoOutcome> {
     let mut build = Build::new(context);
-    let arch = vm_arch();
-    let work = PathBuf::from(&request.work_dir);
-    let tree = work.join("iso");
-    let input = disk_by_serial(&request.input_serial)?.device;
-    let output = disk_by_serial(&request.output_serial)?;
-    let mut mounts = Mounts::default();
-
-    build.step(Step::Mount)?;
-    let record = if request.input_is_iso {
-        Some(mount_input_iso(&build, &mut mounts, &input)?)
-    } else {
-        None
+    let mut job = IsoJob {
+        request: &request,
+        arch: vm_arch(),
+        work: PathBuf::from(&request.work_dir),
+        tree: PathBuf::from(&request.work_dir).join("iso"),
+        input: disk_by_serial(&request.input_serial)?.device,
+        output: disk_by_serial(&request.output_serial)?,
+        mounts: Mounts::default(),
     };
-    let recorded_args = record
-        .as_ref()
-        .map(|record| record.kernel_args_from_user.clone())
-        .unwrap_or_default();
+    build.step(Step::Mount)?;
+    let record = match request.input_is_iso {
+        true => Some(mount_input_iso(&build, &mut job.mounts, &job.input)?),
+        false => None,
+    };
+    let settings = outcome_settings(&request, record.as_ref());
+    let made = match &record {
+        Some(record) if request.remaster_only => remaster(&mut build, &mut job, record, &settings)?,
+        _ => rebuild_rootfs(&mut build, &mut job, record.as_ref(), &settings)?,
+    };
+    copy_additional_files(&job.tree, &request.iso.additional_files)
+        .context("iso.additionalFiles")?;
+    let (size, sha256) = make_iso(&build, &mut job, made.epoch)?;
+    build.end_step();
+    Ok(IsoOutcome {
+        size,
+        sha256,
+        rootfs_sha256: hex_to_digest(&made.rootfs_sha256)?,
+        steps: build.steps,
+        source_date_epoch: made.epoch,
+        packages: made.packages,
+    })
+}
+
+/// The new ISO's kernel args and additional files, from the request and an input's record.
+fn outcome_settings(
+    request: &IsoBuild,
+    record: Option<&iso_record::IsoSettingsRecord>,
+) -> NewIsoSettings {
     // The build cache's re-master replaces the cached ISO's `iso.*` settings; any other
     // ISO → ISO build keeps them and adds the new ones.
     let replace = request.remaster_only && request.replace_iso_settings;
-    let user_args = match replace {
-        true => iso_record::merge_user_args(&[], &request.iso.extra_args),
-        false => iso_record::merge_user_args(&recorded_args, &request.iso.extra_args),
-    };
-    let mut iso_additional_files: Vec<String> = match (&record, replace) {
-        (Some(record), false) => record.iso_additional_files.clone(),
-        _ => Vec::new(),
-    };
+    let kept = record.filter(|_| !replace);
+    let recorded_args = kept
+        .map(|record| record.kernel_args_from_user.clone())
+        .unwrap_or_default();
+    let mut iso_additional_files = kept
+        .map(|record| record.iso_additional_files.clone())
+        .unwrap_or_default();
     for file in &request.iso.additional_files {
         if !iso_additional_files.contains(&file.destination) {
             iso_additional_files.push(file.destination.clone());
         }
     }
+    NewIsoSettings {
+        user_args: iso_record::merge_user_args(&recorded_args, &request.iso.extra_args),
+        iso_additional_files,
+        replace,
+        // An ISO input keeps its epoch unless the user gives one: re-customizing reproduces too.
+        epoch: request
+            .source_date_epoch
+            .or(record.map(|record| record.created_unix_seconds)),
+    }
+}
 
-    // An ISO input keeps its epoch unless the user gives one: re-customizing reproduces too.
-    let recorded_epoch = request
-        .source_date_epoch
-        .or(record.as_ref().map(|record| record.created_unix_seconds));
-    let (rootfs_sha256, epoch, packages) = if request.remaster_only {
-        let record = record.as_ref().expect("remastering needs an ISO input");
-        let epoch = recorded_epoch.expect("an ISO input has a record");
-        let rootfs_sha256 = remaster_tree(
-            &mut build,
-            &mut mounts,
-            &request,
-            record,
-            &tree,
-            &Remaster {
-                user_args: &user_args,
-                iso_additional_files: &iso_additional_files,
-                replace,
-            },
-            epoch,
-        )?;
-        let packages = remastered_packages(&build, &mut mounts, &tree)?;
-        (rootfs_sha256, epoch, packages)
-    } else {
-        let root = match &record {
-            Some(record) => unpack_iso(&mut build, record, &work, arch)?,
-            None => mount_image(&build, &mut mounts, &input)?,
-        };
-        check_arch(&root, arch)?;
-        let epoch =
-            recorded_epoch.unwrap_or_else(|| crate::inventory::epoch_from_image(&build, &root));
-        build.step(Step::Customize)?;
-        let chroot_mounts = customize_image(&build, &root, &request.customization)?;
+/// ISO → ISO with only `iso.*` changes: `rootfs.img` and the initrds stay.
+fn remaster(
+    build: &mut Build<'_>,
+    job: &mut IsoJob<'_>,
+    record: &iso_record::IsoSettingsRecord,
+    settings: &NewIsoSettings,
+) -> anyhow::Result<Made> {
+    let epoch = settings.epoch.expect("an ISO input has a record");
+    let rootfs_sha256 = remaster_tree(
+        build,
+        &mut job.mounts,
+        job.request,
+        record,
+        &job.tree,
+        &Remaster {
+            user_args: &settings.user_args,
+            iso_additional_files: &settings.iso_additional_files,
+            replace: settings.replace,
+        },
+        epoch,
+    )?;
+    let packages = remastered_packages(build, &mut job.mounts, &job.tree)?;
+    Ok(Made {
+        rootfs_sha256,
+        epoch,
+        packages,
+    })
+}
 
-        let grub = read_grub_cfg(&root)?;
-        let rewritten = grub_cfg::rewrite_for_iso(
-            &grub,
-            &grub_cfg::IsoBootSettings {
-                label: request.iso.label.clone(),
-                user_args: user_args.clone(),
-                dropped_args: Vec::new(),
-            },
-        )
-        .context("rewriting /boot/grub2/grub.cfg for the ISO")?;
-        let boot_files = collect_boot_files(&root)?;
-        let plan = pipeline::plan_iso_tree(
-            arch,
-            &boot_files,
-            &rewritten.initrd_file_names(),
-            EfiGrubSource::Image,
-        )?;
-
-        // dracut is mostly one bash process; mksquashfs takes whatever CPU is left. The
-        // squashfs leaves out everything dracut writes (see ROOTFS_EXCLUDES), so the two run
-        // side by side: under emulation that hides most of the squashing time.
-        build.step(Step::MakeInitrdAndSquashfs)?;
-        check_dracut(&root)?;
-        let rootfs = tree.join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
-        fs_create_dir_all(rootfs.parent().expect("rootfs has a parent"))?;
-        let (initrds, squashed) = std::thread::scope(|scope| {
-            let squash = scope.spawn(|| {
-                let started = std::time::Instant::now();
-                make_rootfs_squashfs(&build, &root, &rootfs, &request, epoch)
-                    .map(|()| started.elapsed().as_secs_f64())
-            });
-            let started = std::time::Instant::now();
-            let initrds =
-                make_initrds(&build, &root, &plan, epoch).map(|()| started.elapsed().as_secs_f64());
-            (
-                initrds,
-                squash.join().expect("the mksquashfs thread does not panic"),
-            )
-        });
-        let (dracut_seconds, squash_seconds) = (initrds?, squashed?);
-        build.log(format!(
-            "dracut took {dracut_seconds:.1} s and mksquashfs {squash_seconds:.1} s, side by side"
-        ));
-        drop(chroot_mounts);
-        remove_config_mountpoint(&root);
-        let packages = crate::inventory::read_packages(&build, &root)?;
-        let rootfs_sha256 = hex::encode(sha256_file(&rootfs)?);
-
-        build.step(Step::MakeIso)?;
-        populate_tree(
-            &build,
-            &root,
-            &tree,
-            &work,
-            &plan,
-            &media_check::add_entry(&rewritten.text, &request.iso.label),
-            &request,
-            epoch,
-        )?;
-        let record = iso_record::IsoSettingsRecord {
-            format: iso_record::FORMAT_VERSION,
-            vmic_version: request.iso.vmic_version.clone(),
-            arch,
-            label: request.iso.label.clone(),
-            kernel_args_from_user: user_args.clone(),
-            live_args: grub_cfg::LIVE_ARGS
-                .iter()
-                .chain([&grub_cfg::SELINUX_OFF])
-                .map(|arg| arg.to_string())
-                .collect(),
-            kernel_versions: plan.kernels.iter().map(|k| k.version.clone()).collect(),
-            created_unix_seconds: epoch,
-            rootfs_sha256: rootfs_sha256.clone(),
-            grub_noprefix: plan.grub_noprefix,
-            iso_additional_files: iso_additional_files.clone(),
-        };
-        write_file(
-            &tree,
-            iso_record::ISO_SETTINGS_PATH,
-            record.render()?.as_bytes(),
-            0o644,
-        )?;
-        if request.input_is_iso {
-            copy_input_iso_extras(&tree)?;
-        }
-        mounts.unmount_below(Path::new(IMAGE_ROOT));
-        (rootfs_sha256, epoch, packages)
+/// Disk (or an ISO's unpacked root) → customized root → initrd + `rootfs.img` → ISO tree.
+fn rebuild_rootfs(
+    build: &mut Build<'_>,
+    job: &mut IsoJob<'_>,
+    record: Option<&iso_record::IsoSettingsRecord>,
+    settings: &NewIsoSettings,
+) -> anyhow::Result<Made> {
+    let request = job.request;
+    let root = match record {
+        Some(record) => unpack_iso(build, record, &job.work, job.arch)?,
+        None => mount_image(build, &mut job.mounts, &job.input)?,
     };
+    check_arch(&root, job.arch)?;
+    let epoch = settings
+        .epoch
+        .unwrap_or_else(|| crate::inventory::epoch_from_image(build, &root));
 
-    copy_additional_files(&tree, &request.iso.additional_files).context("iso.additionalFiles")?;
-    // xorriso writes the image to stdout, straight onto the output disk: no ISO-sized temporary
-    // file on the scratch disk and no second pass to copy it.
+    build.step(Step::Customize)?;
+    let chroot_mounts = customize_image(build, &root, &request.customization)?;
+    let grub = read_grub_cfg(&root)?;
+    let rewritten = grub_cfg::rewrite_for_iso(
+        &grub,
+        &grub_cfg::IsoBootSettings {
+            label: request.iso.label.clone(),
+            user_args: settings.user_args.clone(),
+            dropped_args: Vec::new(),
+        },
+    )
+    .context("rewriting /boot/grub2/grub.cfg for the ISO")?;
+    let plan = pipeline::plan_iso_tree(
+        job.arch,
+        &collect_boot_files(&root)?,
+        &rewritten.initrd_file_names(),
+        EfiGrubSource::Image,
+    )?;
+
+    build.step(Step::MakeInitrdAndSquashfs)?;
+    let rootfs_sha256 = make_initrds_and_squashfs(build, &root, &job.tree, &plan, request, epoch)?;
+    drop(chroot_mounts);
+    remove_config_mountpoint(&root);
+    let packages = crate::inventory::read_packages(build, &root)?;
+
+    build.step(Step::MakeIso)?;
+    populate_tree(
+        build,
+        &root,
+        &job.tree,
+        &job.work,
+        &plan,
+        &media_check::add_entry(&rewritten.text, &request.iso.label),
+        request,
+        epoch,
+    )?;
+    write_record(job, settings, &plan, &rootfs_sha256, epoch)?;
+    if record.is_some() {
+        copy_input_iso_extras(&job.tree)?;
+    }
+    job.mounts.unmount_below(Path::new(IMAGE_ROOT));
+    Ok(Made {
+        rootfs_sha256,
+        epoch,
+        packages,
+    })
+}
+
+/// dracut and mksquashfs side by side; returns `rootfs.img`'s sha256. dracut is mostly one
+/// bash process; mksquashfs takes whatever CPU is left. The squashfs leaves out everything
+/// dracut writes (see ROOTFS_EXCLUDES): under emulation that hides most of the squashing time.
+fn make_initrds_and_squashfs(
+    build: &Build<'_>,
+    root: &Path,
+    tree: &Path,
+    plan: &IsoTree,
+    request: &IsoBuild,
+    epoch: u64,
+) -> anyhow::Result<String> {
+    check_dracut(root)?;
+    let rootfs = tree.join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
+    fs_create_dir_all(rootfs.parent().expect("rootfs has a parent"))?;
+    let (initrds, squashed) = std::thread::scope(|scope| {
+        let squash = scope.spawn(|| {
+            let started = std::time::Instant::now();
+            make_rootfs_squashfs(build, root, &rootfs, request, epoch)
+                .map(|()| started.elapsed().as_secs_f64())
+        });
+        let started = std::time::Instant::now();
+        let initrds =
+            make_initrds(build, root, plan, epoch).map(|()| started.elapsed().as_secs_f64());
+        (
+            initrds,
+            squash.join().expect("the mksquashfs thread does not panic"),
+        )
+    });
+    let (dracut_seconds, squash_seconds) = (initrds?, squashed?);
+    build.log(format!(
+        "dracut took {dracut_seconds:.1} s and mksquashfs {squash_seconds:.1} s, side by side"
+    ));
+    Ok(hex::encode(sha256_file(&rootfs)?))
+}
+
+/// The settings record (spec step 7), so that the ISO can be re-customized.
+fn write_record(
+    job: &IsoJob<'_>,
+    settings: &NewIsoSettings,
+    plan: &IsoTree,
+    rootfs_sha256: &str,
+    epoch: u64,
+) -> anyhow::Result<()> {
+    let record = iso_record::IsoSettingsRecord {
+        format: iso_record::FORMAT_VERSION,
+        vmic_version: job.request.iso.vmic_version.clone(),
+        arch: job.arch,
+        label: job.request.iso.label.clone(),
+        kernel_args_from_user: settings.user_args.clone(),
+        live_args: grub_cfg::LIVE_ARGS
+            .iter()
+            .chain([&grub_cfg::SELINUX_OFF])
+            .map(|arg| arg.to_string())
+            .collect(),
+        kernel_versions: plan.kernels.iter().map(|k| k.version.clone()).collect(),
+        created_unix_seconds: epoch,
+        rootfs_sha256: rootfs_sha256.to_string(),
+        grub_noprefix: plan.grub_noprefix,
+        iso_additional_files: settings.iso_additional_files.clone(),
+    };
+    write_file(
+        &job.tree,
+        iso_record::ISO_SETTINGS_PATH,
+        record.render()?.as_bytes(),
+        0o644,
+    )
+}
+
+/// xorriso writes the image to stdout, straight onto the output disk: no ISO-sized temporary
+/// file on the scratch disk and no second pass to copy it. Returns its size and sha256.
+fn make_iso(
+    build: &Build<'_>,
+    job: &mut IsoJob<'_>,
+    epoch: u64,
+) -> anyhow::Result<(u64, [u8; 32])> {
+    let label = &job.request.iso.label;
     let options = argv::XorrisoOptions {
-        iso_tree: tree.to_string_lossy().into_owned(),
+        iso_tree: job.tree.to_string_lossy().into_owned(),
         output: "-".to_string(),
-        label: request.iso.label.clone(),
+        label: label.clone(),
         efi_boot_image: pipeline::ISO_EFIBOOT_IMG
             .trim_start_matches('/')
             .to_string(),
-        bios: arch.has_bios().then(|| argv::BiosBoot {
+        bios: job.arch.has_bios().then(|| argv::BiosBoot {
             eltorito_image: pipeline::ISO_BIOS_ELTORITO_IMG
                 .trim_start_matches('/')
                 .to_string(),
@@ -211,19 +315,10 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         }),
         modification_date: Some(inventory::xorriso_date(epoch)),
     };
-    let (size, sha256) = write_to_disk(&build, &argv::xorriso_argv(&options), &output, epoch)?;
-    mounts.unmount_below(&work);
-    mounts.unmount_below(Path::new("/mnt"));
-    build.end_step();
-    let rootfs_sha256 = hex_to_digest(&rootfs_sha256)?;
-    Ok(IsoOutcome {
-        size,
-        sha256,
-        rootfs_sha256,
-        steps: build.steps,
-        source_date_epoch: epoch,
-        packages,
-    })
+    let written = write_to_disk(build, &argv::xorriso_argv(&options), &job.output, epoch)?;
+    job.mounts.unmount_below(&job.work);
+    job.mounts.unmount_below(Path::new("/mnt"));
+    Ok(written)
 }
 
 fn hex_to_digest(text: &str) -> anyhow::Result<[u8; 32]> {
