@@ -40,6 +40,40 @@ fn validate_config_accepts_the_seed_examples() {
     }
 }
 
+/// `VMIC_NO_CACHE` takes the spellings CI files use, and every subcommand runs beside it
+/// (`customize`'s flags are the top level's too, so a bad value broke `vmic boot`).
+#[test]
+fn the_no_cache_variable_takes_the_usual_spellings_under_every_command() {
+    let path = fixture("cloud-init/iso-map.yaml");
+    for value in ["1", "true", "yes", "0", "false", "no"] {
+        vmic()
+            .env("VMIC_NO_CACHE", value)
+            .args([
+                "validate-config",
+                "--output-image-format",
+                "iso",
+                "--config-file",
+            ])
+            .arg(&path)
+            .assert()
+            .success();
+        vmic()
+            .env("VMIC_NO_CACHE", value)
+            .args(["boot", "--help"])
+            .assert()
+            .success();
+    }
+    vmic()
+        .env("VMIC_NO_CACHE", "maybe")
+        .args(["validate-config", "--config-file"])
+        .arg(&path)
+        .assert()
+        .failure()
+        .stderr(
+            predicates::str::contains("VMIC_NO_CACHE").or(predicates::str::contains("no-cache")),
+        );
+}
+
 #[test]
 fn validate_config_lists_every_error_with_file_line_column_and_path() {
     let path = fixture("bad/several-errors.yaml");

@@ -162,8 +162,13 @@ pub struct CustomizeArgs {
     #[arg(long, value_name = "DURATION", default_value = "4h", value_parser = parse_duration)]
     pub timeout: std::time::Duration,
 
-    /// Neither reuse nor store ISO builds in the build cache.
-    #[arg(long, env = "VMIC_NO_CACHE")]
+    /// Neither reuse nor store ISO builds in the build cache (`VMIC_NO_CACHE=1|true|yes`).
+    #[arg(
+        long,
+        env = "VMIC_NO_CACHE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub no_cache: bool,
 
     /// The build cache: a disk -> ISO build whose input, `os` and `scripts` sections, the
@@ -409,6 +414,22 @@ mod duration_tests {
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         for bad in ["", "0s", "h", "5x", "10m5", "-3s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod cache_flag_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("500M"), Ok(500 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "G", "8X", "-1G", "99999999999T", "1.5G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
 }
