@@ -244,7 +244,6 @@ fn the_same_config_as_an_iso_carries_the_same_customizations() {
 
 #[test]
 fn every_disk_format_is_written_with_the_inputs_size() {
-    let input = minimal_qcow2();
     let virtual_size = |path: &Path, format: &str| -> u64 {
         let info = run(
             "qemu-img",
@@ -253,22 +252,27 @@ fn every_disk_format_is_written_with_the_inputs_size() {
         let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info JSON");
         info["virtual-size"].as_u64().expect("virtual-size")
     };
-    let expected = virtual_size(&input, "qcow2");
+    let images = test_image("x86_64", "minimal", false);
     let work = work_dir();
     let config = work.path().join("hostname.yaml");
     std::fs::write(&config, "os:\n  hostname: vmic-format-test\n").expect("config");
-    for (format, qemu_format) in [
-        ("raw", "raw"),
-        ("vhd", "vpc"),
-        ("vhd-fixed", "vpc"),
-        ("vhdx", "vhdx"),
+    // Each output format from another input format: every format is read and written once
+    // (the same disk in each file; `tests/iso.rs` also builds its ISO from the raw one).
+    for (input, input_format, format, qemu_format) in [
+        ("disk.raw", "raw", "raw", "raw"),
+        ("disk.vhd", "vpc", "vhd", "vpc"),
+        ("disk.vhdx", "vhdx", "vhd-fixed", "vpc"),
+        ("disk.qcow2", "qcow2", "vhdx", "vhdx"),
     ] {
+        let input = images.join(input);
+        let expected = virtual_size(&input, input_format);
         let output = work.path().join(format!("out.{format}"));
         build_disk(&input, &config, &output, format, &[]);
         assert_eq!(
             virtual_size(&output, qemu_format),
             expected,
-            "{format} keeps the virtual size"
+            "{format} from {} keeps the virtual size",
+            input.display()
         );
         // Content, not just size: the customized root file system, read through the format.
         // (Two builds are never byte-identical, the mounts stamp the file systems, so the

@@ -333,51 +333,46 @@ fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Reproducible and blind to the container format: the test image's raw, vhd and vhdx files
-/// hold the same disk as its qcow2, and each, built in a build directory of its own with no
-/// epoch given (it comes from the image), gives the shared qcow2 ISO byte for byte, records
-/// included. The shared ISO was booted under UEFI, BIOS and from a disk: these are the same
-/// bytes, so booting them again would prove nothing more.
+/// Reproducible, whatever file holds the disk: the test image's raw file holds the same disk
+/// as its qcow2, and built in a build directory of its own with no epoch given (it comes from
+/// the image) it gives the shared qcow2 ISO byte for byte, records included. The shared ISO
+/// was booted under UEFI, BIOS and from a disk: these are the same bytes, so booting them again
+/// would prove nothing more. (vhd and vhdx inputs: `tests/disk.rs`, which reads every format.)
 #[test]
-fn every_input_format_of_one_disk_gives_the_same_iso_byte_for_byte() {
+fn the_same_disk_as_raw_gives_the_same_iso_byte_for_byte() {
     let (shared, _, _) = shared_live_iso();
     let image = test_image("x86_64", "minimal", false);
     let shared_provenance = read_json(&sidecar(shared, ".provenance.json"));
-    for (file, format) in [
-        ("disk.raw", "raw"),
-        ("disk.vhd", "vpc"),
-        ("disk.vhdx", "vhdx"),
-    ] {
-        let work = work_dir();
-        // The shared ISO's file name: `.sha256` and the SBOM name the file.
-        let iso = work.path().join(shared.file_name().expect("a file name"));
-        build_iso(&image.join(file), &fixture("iso/live.yaml"), &iso, &[]);
+    let (file, format) = ("disk.raw", "raw");
+    let work = work_dir();
+    // The shared ISO's file name: `.sha256` and the SBOM name the file.
+    let iso = work.path().join(shared.file_name().expect("a file name"));
+    build_iso(&image.join(file), &fixture("iso/live.yaml"), &iso, &[]);
+    assert_eq!(
+        sha256_of(&iso),
+        sha256_of(shared),
+        "{file} gives the qcow2's ISO, bit for bit"
+    );
+    for suffix in [".sha256", ".spdx.json"] {
         assert_eq!(
-            sha256_of(&iso),
-            sha256_of(shared),
-            "{file} gives the qcow2's ISO, bit for bit"
+            std::fs::read(sidecar(&iso, suffix)).expect("record"),
+            std::fs::read(sidecar(shared, suffix)).expect("shared record"),
+            "OUTPUT{suffix} of {file} is the qcow2's"
         );
-        for suffix in [".sha256", ".spdx.json"] {
-            assert_eq!(
-                std::fs::read(sidecar(&iso, suffix)).expect("record"),
-                std::fs::read(sidecar(shared, suffix)).expect("shared record"),
-                "OUTPUT{suffix} of {file} is the qcow2's"
-            );
-        }
-        // The provenance differs in what names the input file, and only there.
-        let mut provenance = read_json(&sidecar(&iso, ".provenance.json"));
-        assert_eq!(provenance["input"]["format"], format, "{provenance}");
-        assert_eq!(
-            provenance["input"]["sha256"],
-            sha256_of(&image.join(file)),
-            "{provenance}"
-        );
-        let mut expected = shared_provenance.clone();
-        for record in [&mut provenance, &mut expected] {
-            record["input"] = serde_json::Value::Null;
-        }
-        assert_eq!(provenance, expected, "{file}: the rest of the provenance");
     }
+    // The provenance differs in what names the input file, and only there.
+    let mut provenance = read_json(&sidecar(&iso, ".provenance.json"));
+    assert_eq!(provenance["input"]["format"], format, "{provenance}");
+    assert_eq!(
+        provenance["input"]["sha256"],
+        sha256_of(&image.join(file)),
+        "{provenance}"
+    );
+    let mut expected = shared_provenance.clone();
+    for record in [&mut provenance, &mut expected] {
+        record["input"] = serde_json::Value::Null;
+    }
+    assert_eq!(provenance, expected, "{file}: the rest of the provenance");
 }
 
 /// Extract `path` of the ISO to `to` with xorriso.
