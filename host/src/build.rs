@@ -164,7 +164,7 @@ pub async fn build(
     // Off the async runtime: a large image takes seconds, and Ctrl-C must not wait for it.
     let input_sha256 = {
         let input = input.clone();
-        tokio::task::spawn_blocking(move || crate::provenance::sha256_hex(&input)).await??
+        off_runtime(move || crate::provenance::sha256_hex(&input)).await?
     };
     let cache = use_cache(settings, arch, &input_sha256, &mut planned)?;
     let input_disk = if let CacheUse::Hit(cached) = &cache {
@@ -244,15 +244,17 @@ pub async fn build(
     let (size, digest, packages, epoch) = match outcome {
         Response::Iso(outcome) => {
             progress.step("Finishing", "verifying the ISO");
-            let digest = crate::accept::accept_iso(
-                &output_partial,
-                output_disk_size,
-                outcome.size,
-                &outcome.sha256,
-            )?;
-            crate::provenance::implant_iso_md5(&output_partial)?;
-            // The implanted MD5 changes the file: hash what is finally written.
-            let _ = digest;
+            // Reading the whole ISO three times: off the async runtime, so that Ctrl-C and
+            // the timeout are not held up behind it.
+            let path = output_partial.clone();
+            let claimed = (outcome.size, outcome.sha256);
+            let digest = off_runtime(move || {
+                crate::accept::accept_iso(&path, output_disk_size, claimed.0, &claimed.1)?;
+                crate::provenance::implant_iso_md5(&path)?;
+                // The implanted MD5 changes the file: hash what is finally written.
+                sha256_file(&path)
+            })
+            .await?;
             if let CacheUse::Store(cache, parts) = &cache {
                 // A cache that cannot take the entry costs the next build time, not this one.
                 match cache.store(parts, &output_partial) {
@@ -262,7 +264,7 @@ pub async fn build(
             }
             (
                 outcome.size,
-                sha256_file(&output_partial)?,
+                digest,
                 outcome.packages,
                 Some(outcome.source_date_epoch),
             )
@@ -277,9 +279,12 @@ pub async fn build(
                 &input_backing,
                 &output_partial,
                 settings.output_format,
-            )?;
+            )
+            .await?;
             let size = fs_err::metadata(&output_partial)?.len();
-            (size, sha256_file(&output_partial)?, outcome.packages, None)
+            let path = output_partial.clone();
+            let digest = off_runtime(move || sha256_file(&path)).await?;
+            (size, digest, outcome.packages, None)
         }
         other => bail!("unexpected answer to the build request: {other:?}"),
     };
@@ -418,15 +423,46 @@ pub fn convert_argv(
     argv
 }
 
-fn convert_overlay(
+/// `qemu-img convert` as a child of the async runtime: Ctrl-C, SIGTERM or `--timeout` drop
+/// this future and qemu-img dies with it (kill on drop), as it does with vmic (PDEATHSIG).
+async fn convert_overlay(
     overlay: &Path,
     input: &crate::qemu::Backing,
     output: &Path,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    crate::image::qemu_img_stdout(&convert_argv(overlay, input, output, format))
-        .with_context(|| format!("writing {}", output.display()))?;
+    let mut command = tokio::process::Command::new(crate::image::qemu_img_binary());
+    command
+        .args(convert_argv(overlay, input, output, format))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    crate::qemu::set_parent_death_signal(&mut command);
+    let done = command
+        .output()
+        .await
+        .with_context(|| format!("cannot run qemu-img to write {}", output.display()))?;
+    if !done.status.success() {
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        bail!(
+            "writing {}: qemu-img convert failed ({}): {}",
+            output.display(),
+            done.status,
+            stderr.trim()
+        );
+    }
     Ok(())
+}
+
+/// Blocking work (hashing whole images) on tokio's blocking pool, so the build future stays
+/// responsive to Ctrl-C, SIGTERM and the timeout. Dropped early, the work finishes unobserved.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("a blocking task of the build panicked")?
 }
 
 fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {

@@ -315,8 +315,9 @@ impl QemuProcess {
     }
 }
 
+/// The child gets SIGKILL when vmic dies, even of SIGKILL (Linux; elsewhere a no-op).
 #[cfg(target_os = "linux")]
-fn set_parent_death_signal(command: &mut tokio::process::Command) {
+pub(crate) fn set_parent_death_signal(command: &mut tokio::process::Command) {
     // SAFETY: prctl is async-signal-safe and the closure touches no memory of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -329,7 +330,7 @@ fn set_parent_death_signal(command: &mut tokio::process::Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_command: &mut tokio::process::Command) {}
+pub(crate) fn set_parent_death_signal(_command: &mut tokio::process::Command) {}
 
 /// UEFI firmware for a VM: the read-only code and the template of its variable store (each VM
 /// gets its own writable copy of the template).
