@@ -145,13 +145,6 @@ pub struct BuilderVm {
     pub token_file: PathBuf,
 }
 
-impl BuilderVm {
-    /// The kernel console device for `arch` (for the cmdline).
-    pub fn console_device(arch: Arch) -> &'static str {
-        crate::machine::console_device(arch)
-    }
-}
-
 fn os(value: impl Into<OsString>) -> OsString {
     value.into()
 }

@@ -216,7 +216,7 @@ impl RunningVm {
                 // table switch is emulated (docs/benchmarks.md has the before/after).
                 cmdline: format!(
                     "console={} panic=-1 quiet loglevel=4 mitigations=off rdinit=/init {}",
-                    BuilderVm::console_device(options.arch),
+                    crate::machine::console_device(options.arch),
                     channel.cmdline()
                 ),
                 disks: options.disks.clone(),
