@@ -82,6 +82,80 @@ fn sha256_file(path: &Path) -> [u8; 32] {
     Sha256::digest(fs_err::read(path).expect("read file")).into()
 }
 
+/// Bytes between stdin/stdout and the agent's vsock port through the vhost-user socket: the
+/// second local process of the token test (the frames are the test's, the connection its own).
+const VSOCK_RELAY: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b"CONNECT " + sys.argv[2].encode() + b"\n")
+line = b""
+while not line.endswith(b"\n"):
+    byte = s.recv(1)
+    if not byte:
+        sys.exit("CONNECT: closed")
+    line += byte
+if not line.startswith(b"OK "):
+    sys.exit("CONNECT: " + line.decode(errors="replace"))
+s.settimeout(60)  # an agent that never answers ends the relay, not the test run
+def up():
+    try:
+        while data := sys.stdin.buffer.read1(65536):
+            s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    except OSError:  # the agent closed the connection first
+        pass
+threading.Thread(target=up, daemon=True).start()
+while data := s.recv(65536):
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+"#;
+
+/// Another process connects to the agent while the host's session runs, presents a Hello with
+/// a wrong token and returns the agent's answer; the agent must then close the connection.
+fn hello_from_another_process(socket: &Path) -> String {
+    use std::io::Write;
+    use vmic_protocol::{GuestMessage, HostHello, HostMessage};
+    let mut relay = std::process::Command::new("python3")
+        .args(["-c", VSOCK_RELAY])
+        .arg(socket)
+        .arg(vmic_protocol::AGENT_VSOCK_PORT.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 relay");
+    let mut from_agent = relay.stdout.take().expect("stdout");
+    let mut to_agent = relay.stdin.take().expect("stdin");
+    let hello = vmic_protocol::read_message::<GuestMessage>(&mut from_agent).expect("agent Hello");
+    assert!(matches!(hello, Some(GuestMessage::Hello(_))), "{hello:?}");
+    let forged = HostMessage::Hello(HostHello {
+        protocol_version: vmic_protocol::PROTOCOL_VERSION,
+        host_version: "attacker".into(),
+        token: "0".repeat(64),
+    });
+    to_agent
+        .write_all(&vmic_protocol::encode(&forged).expect("encode"))
+        .expect("send Hello");
+    let answer = match vmic_protocol::read_message::<GuestMessage>(&mut from_agent) {
+        Ok(Some(GuestMessage::Fatal(error))) => error.context.join(": "),
+        other => panic!("expected the agent's refusal, got {other:?}"),
+    };
+    // Whatever the attacker sends next is never served: the agent closed the connection.
+    let exec = HostMessage::Request {
+        id: 1,
+        request: Request::Exec(ExecRequest::new(["/bin/touch", "/tmp/attacker-was-here"])),
+    };
+    let _ = to_agent.write_all(&vmic_protocol::encode(&exec).expect("encode"));
+    drop(to_agent);
+    let next = vmic_protocol::read_message::<GuestMessage>(&mut from_agent);
+    assert!(
+        matches!(next, Ok(None)),
+        "the agent answered after refusing: {next:?}"
+    );
+    relay.wait().expect("relay exits");
+    answer
+}
+
 /// Hello, streamed exec, exit codes, 50 MiB both ways with sha256, cancel; then the agent is
 /// killed mid-request and everything must be cleaned up.
 fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
@@ -204,6 +278,29 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
             state == "gone" || state == "Z",
             "the cancelled command's process is dead: state {state:?}"
         );
+
+        // Issue 10: another local process that reaches the VM's socket cannot drive the
+        // agent, and the host's session is not disturbed by the attempt.
+        if let Some(socket) = vm.agent_socket() {
+            let refusal = tokio::task::spawn_blocking(move || hello_from_another_process(&socket))
+                .await
+                .expect("attacker thread");
+            assert!(
+                refusal.contains("refused a Hello without this VM's token"),
+                "{refusal}"
+            );
+            let after = vm
+                .session
+                .run(&[
+                    "/bin/sh",
+                    "-c",
+                    "test ! -e /tmp/attacker-was-here && echo still mine",
+                ])
+                .await;
+            assert_eq!(after.expect("session usable").stdout, b"still mine\n");
+        } else {
+            assert_ne!(vm.transport, TransportKind::VhostUserVsock);
+        }
 
         // The serving agent is killed while a request runs: the host reports it, the VM
         // powers off, and nothing is left behind.

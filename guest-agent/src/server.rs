@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -74,7 +75,13 @@ pub fn run(spec: ChannelSpec, notes: Vec<Note>) -> anyhow::Result<()> {
             .next()
             .with_context(|| format!("opening the {spec}"))?;
         match greet(channel, &expected) {
-            Ok((reader, writer)) => return serve_session(reader, writer, notes),
+            Ok((reader, writer)) => {
+                if opener.can_retry() {
+                    let expected = expected.clone();
+                    thread::spawn(move || refuse_latecomers(opener, expected));
+                }
+                return serve_session(reader, writer, notes);
+            }
             // A vsock connection the host gave up on before its Hello, or another process
             // without the token: take the next one.
             Err(error) if opener.can_retry() => {
@@ -82,6 +89,37 @@ pub fn run(spec: ChannelSpec, notes: Vec<Note>) -> anyhow::Result<()> {
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+/// Connections after the host's, answered at once: more are closed unanswered.
+const LATECOMERS: usize = 4;
+
+/// Answer every connection that follows the host's with a refusal, so that another local
+/// process that reaches the VM's socket learns at once that it cannot drive the agent (without
+/// the token, or with it: one host per VM) instead of hanging in the listen backlog.
+fn refuse_latecomers(mut opener: Opener, expected: Expected) {
+    let answering = Arc::new(AtomicUsize::new(0));
+    while let Ok(channel) = opener.next() {
+        // A silent latecomer holds its thread until it closes; the count bounds them.
+        if answering.fetch_add(1, Ordering::SeqCst) >= LATECOMERS {
+            answering.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let expected = expected.clone();
+        let answering = Arc::clone(&answering);
+        thread::spawn(move || {
+            // greet sends the refusal itself when the Hello lacks the token.
+            if let Ok((_, writer)) = greet(channel, &expected) {
+                fatal(
+                    &writer,
+                    &anyhow!(
+                        "refused a second session: this VM already serves the host that started it"
+                    ),
+                );
+            }
+            answering.fetch_sub(1, Ordering::SeqCst);
+        });
     }
 }
 

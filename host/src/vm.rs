@@ -284,6 +284,11 @@ impl RunningVm {
         self.channel.daemon_pid()
     }
 
+    /// The unix socket through which the agent is reached (vhost-user vsock only).
+    pub fn agent_socket(&self) -> Option<PathBuf> {
+        self.channel.agent_socket().map(Path::to_path_buf)
+    }
+
     /// Where this VM's sockets live (removed when the VM is dropped).
     pub fn socket_dir(&self) -> Option<PathBuf> {
         self._temp.as_ref().map(|temp| temp.path().to_path_buf())

@@ -238,6 +238,12 @@ impl Transport {
         self.daemon.as_ref().and_then(QemuProcess::id)
     }
 
+    /// Where any local process that can open it reaches the agent (`CONNECT <port>`), for
+    /// vhost-user vsock: the tests attack it.
+    pub fn agent_socket(&self) -> Option<&Path> {
+        self.uds_path.as_deref()
+    }
+
     /// Stop the daemon (QEMU must be gone first, or it will complain about the lost backend).
     pub async fn shutdown(&mut self) {
         if let Some(mut daemon) = self.daemon.take() {
