@@ -8,7 +8,7 @@
 mod argv;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -231,7 +231,7 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
         settings.accel.name()
     );
     let mut qemu = crate::qemu::QemuProcess::spawn(&prepared.binary, prepared.argv.clone())?;
-    let mut stream = match connect_console(&mut qemu, &prepared.serial_socket).await? {
+    let mut stream = match crate::console::connect(&mut qemu, &prepared.serial_socket).await? {
         Some(stream) => stream,
         None => {
             let (status, stderr) = qemu.wait().await?;
@@ -244,7 +244,10 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
         }
     };
     let mut log = match &settings.console_log {
-        Some(path) => Some(fs_err::File::create(path)?),
+        Some(path) => Some(
+            crate::console::CappedLog::create(path, crate::console::CONSOLE_LOG_CAP)
+                .with_context(|| format!("cannot write the console log {}", path.display()))?,
+        ),
         None => None,
     };
     let mut console = Console::new(settings.expect.clone());
@@ -292,7 +295,7 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
         };
         let bytes = &buffer[..count];
         if let Some(log) = log.as_mut() {
-            log.write_all(bytes)?;
+            log.write(bytes)?;
         }
         let (lines, verdict) = console.feed(bytes);
         for line in &lines {
@@ -318,9 +321,6 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
     }
     // The console closed: QEMU has exited (the guest powered off or rebooted, -no-reboot).
     let (status, stderr) = qemu.wait().await?;
-    if let Some(log) = log.as_mut() {
-        log.flush()?;
-    }
     if let Some(line) = panic_line {
         return Err(BootError::KernelPanic {
             line,
@@ -370,31 +370,6 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Connect to QEMU's console socket (QEMU waits for us before starting the guest). `None` if
-/// QEMU exits first.
-async fn connect_console(
-    qemu: &mut crate::qemu::QemuProcess,
-    socket: &Path,
-) -> anyhow::Result<Option<tokio::net::UnixStream>> {
-    let give_up = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(stream) = tokio::net::UnixStream::connect(socket).await {
-            return Ok(Some(stream));
-        }
-        if qemu.try_wait()?.is_some() {
-            return Ok(None);
-        }
-        if Instant::now() > give_up {
-            qemu.kill().await;
-            anyhow::bail!(
-                "QEMU did not open its console socket {} within 30 s",
-                socket.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -234,7 +234,7 @@ pub async fn build(
             outcome
         }
         Err(error) => {
-            let tail = crate::vm::console_tail(&vm.console_log, 30);
+            let tail = crate::console::log_tail(&vm.console_log, 30);
             drop(vm);
             tracing::debug!("builder VM console:\n{tail}");
             return Err(error);

@@ -1,9 +1,21 @@
 //! The guest's serial console as the host reads it: bytes in, clean lines out, each checked
-//! against the expected pattern and for a kernel panic; the last lines kept for error reports.
+//! against the expected pattern and for a kernel panic; the last lines kept for error reports;
+//! the raw bytes kept in a log whose size the guest cannot grow past a cap.
 
 use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use regex::Regex;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+
+/// Console bytes kept per log file. A guest that prints without end (a boot loop, a flood from
+/// the image's scripts) must not fill the host's disk: when a log reaches this size it becomes
+/// `NAME.1` (replacing the older one) and a new log starts, so at most twice this is kept, and
+/// always the newest output.
+pub const CONSOLE_LOG_CAP: u64 = 8 << 20;
 
 /// How many console lines an error report shows.
 pub const TAIL_LINES: usize = 40;
@@ -117,6 +129,113 @@ impl Console {
     }
 }
 
+/// A console log that keeps the newest output within a size cap (see [`CONSOLE_LOG_CAP`]).
+pub struct CappedLog {
+    path: PathBuf,
+    cap: u64,
+    written: u64,
+    file: std::fs::File,
+}
+
+impl CappedLog {
+    pub fn create(path: &Path, cap: u64) -> std::io::Result<CappedLog> {
+        Ok(CappedLog {
+            file: std::fs::File::create(path)?,
+            path: path.to_path_buf(),
+            cap,
+            written: 0,
+        })
+    }
+
+    /// Where the output before the current log's went.
+    pub fn older(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(".1");
+        PathBuf::from(name)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.written > 0 && self.written + bytes.len() as u64 > self.cap {
+            std::fs::rename(&self.path, Self::older(&self.path))?;
+            self.file = std::fs::File::create(&self.path)?;
+            self.written = 0;
+        }
+        self.file.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Copies a VM's console socket into a [`CappedLog`] until QEMU closes it.
+pub struct ConsoleRecorder(tokio::task::JoinHandle<()>);
+
+impl ConsoleRecorder {
+    pub fn spawn(mut stream: UnixStream, mut log: CappedLog) -> ConsoleRecorder {
+        ConsoleRecorder(tokio::spawn(async move {
+            let mut buffer = vec![0u8; 16 << 10];
+            let mut failed = false;
+            // Keep reading after a write error: a console nobody reads stalls the guest.
+            while let Ok(count @ 1..) = stream.read(&mut buffer).await {
+                if let Err(error) = log.write(&buffer[..count]) {
+                    if !failed {
+                        tracing::warn!("writing the console log {}: {error}", log.path.display());
+                        failed = true;
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Wait until QEMU (already gone or being killed) closed the console and everything it
+    /// printed is in the log, for at most `within`.
+    pub async fn finish(self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.0).await;
+    }
+}
+
+/// Connect to QEMU's console socket (`server=on,wait=on`: QEMU starts the guest only once we
+/// are there). `None` if QEMU exits first.
+pub async fn connect(
+    qemu: &mut crate::qemu::QemuProcess,
+    socket: &Path,
+) -> anyhow::Result<Option<UnixStream>> {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = UnixStream::connect(socket).await {
+            return Ok(Some(stream));
+        }
+        if qemu.try_wait()?.is_some() {
+            return Ok(None);
+        }
+        if Instant::now() > give_up {
+            qemu.kill().await;
+            anyhow::bail!(
+                "QEMU did not open its console socket {} within 30 s",
+                socket.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The last `count` lines of a console log and the file before it, cleaned like `vmic boot`'s
+/// (escapes and `\r` removed), each indented for an error report.
+pub fn log_tail(path: &Path, count: usize) -> String {
+    let mut bytes = std::fs::read(CappedLog::older(path)).unwrap_or_default();
+    bytes.extend(std::fs::read(path).unwrap_or_default());
+    if bytes.is_empty() {
+        return String::new();
+    }
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    let lines: Vec<&[u8]> = bytes.split(|&byte| byte == b'\n').collect();
+    let start = lines.len().saturating_sub(count);
+    lines[start..]
+        .iter()
+        .map(|line| format!("  | {}", crate::inert::inert_line(&clean_line(line))))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Linux's panic message (x86_64 and arm64 alike).
 pub fn is_kernel_panic(line: &str) -> bool {
     line.contains("Kernel panic - not syncing")
@@ -169,6 +288,54 @@ pub fn clean_line(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_log_keeps_the_newest_output_within_twice_its_cap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let mut log = CappedLog::create(&path, 100).expect("create");
+        for line in 0..1000 {
+            log.write(format!("line {line:04}\n").as_bytes())
+                .expect("write");
+        }
+        let current = std::fs::read_to_string(&path).expect("log");
+        let older = std::fs::read_to_string(CappedLog::older(&path)).expect("older");
+        assert!(
+            current.len() <= 100 && older.len() <= 100,
+            "{current:?} {older:?}"
+        );
+        assert!(older.len() > 90, "rotated only when full: {older:?}");
+        assert!(current.ends_with("line 0999\n"), "{current:?}");
+        // The two files are consecutive: the older one ends where the current one starts.
+        let first: u32 = current[5..9].parse().expect("number");
+        assert!(
+            older.ends_with(&format!("line {:04}\n", first - 1)),
+            "{older:?}"
+        );
+        // No third file.
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 2);
+        // The tail reads across both files, cleaned and indented.
+        let tail = log_tail(&path, 12);
+        assert_eq!(tail.lines().count(), 12);
+        assert!(tail.starts_with("  | line 0988"), "{tail}");
+        assert!(tail.ends_with("  | line 0999"), "{tail}");
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_cap_is_kept_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("console.log");
+        let mut log = CappedLog::create(&path, 10).expect("create");
+        log.write(b"0123456789abcdef\n").expect("write");
+        log.write(b"next\n").expect("write");
+        assert_eq!(std::fs::read(&path).expect("log"), b"next\n");
+        assert_eq!(
+            std::fs::read(CappedLog::older(&path)).expect("older"),
+            b"0123456789abcdef\n"
+        );
+        let tail = log_tail(&dir.path().join("none.log"), 5);
+        assert_eq!(tail, "", "no console output, no tail lines");
+    }
 
     #[test]
     fn escapes_and_carriage_returns_are_removed() {

@@ -136,7 +136,8 @@ pub struct BuilderVm {
     pub cmdline: String,
     pub disks: Vec<Disk>,
     pub channel: Channel,
-    pub console_log: PathBuf,
+    /// The serial console's socket, which vmic connects to before the guest starts.
+    pub console_socket: PathBuf,
     /// QMP socket, used to stop the VM cleanly.
     pub qmp_socket: PathBuf,
     /// A user-mode (slirp) NIC: outbound connections only, for the image's package repos.
@@ -177,9 +178,15 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     argv.push(os("-append"));
     argv.push(os(&vm.cmdline));
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
+    // A socket vmic reads (console.rs caps what it keeps), not a file QEMU grows without end.
     push(&[
+        "-chardev",
+        &format!(
+            "socket,id=console,path={},server=on,wait=on",
+            escape_comma(&vm.console_socket)
+        ),
         "-serial",
-        &format!("file:{}", escape_comma(&vm.console_log)),
+        "chardev:console",
     ]);
     push(&[
         "-qmp",
@@ -481,7 +488,7 @@ mod tests {
                 },
             ],
             channel,
-            console_log: "/build/console.log".into(),
+            console_socket: "/build/console.sock".into(),
             qmp_socket: "/tmp/vmic-x/qmp.sock".into(),
             network: false,
             token_file: "/tmp/vmic-x/token".into(),

@@ -138,22 +138,6 @@ fn start_proxy(channel: &Transport, allow_private_network: bool) -> anyhow::Resu
     ))))
 }
 
-/// Last `count` lines of a console log, cleaned like `vmic boot`'s (escapes and `\r` removed).
-pub fn console_tail(path: &Path, count: usize) -> String {
-    let bytes = fs_err::read(path).unwrap_or_default();
-    let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
-    let lines: Vec<&[u8]> = bytes.split(|&byte| byte == b'\n').collect();
-    let start = lines.len().saturating_sub(count);
-    lines[start..]
-        .iter()
-        .map(|line| {
-            let line = crate::console::clean_line(line);
-            format!("  | {}", crate::inert::inert_line(&line))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 impl RunningVm {
     pub async fn start(options: VmOptions) -> anyhow::Result<RunningVm> {
         let started = Instant::now();
@@ -221,19 +205,35 @@ impl RunningVm {
                 ),
                 disks: options.disks.clone(),
                 channel: channel.channel.clone(),
-                console_log: console_log.clone(),
+                console_socket: socket_dir.join("console.sock"),
                 qmp_socket: socket_dir.join("qmp.sock"),
                 // No NIC: the proxy relayed over vsock is the only way out.
                 network: false,
                 token_file: token_file.clone(),
             };
             let argv = crate::qemu::builder_argv(&vm);
-            let qemu = QemuProcess::spawn(&qemu_binary, argv)?;
+            let mut qemu = QemuProcess::spawn(&qemu_binary, argv)?;
+            let console = match crate::console::connect(&mut qemu, &vm.console_socket).await? {
+                Some(stream) => stream,
+                None => {
+                    let (status, stderr) = qemu.wait().await?;
+                    anyhow::bail!(
+                        "QEMU exited ({status}) before the builder VM started: {}",
+                        stderr.trim()
+                    );
+                }
+            };
+            let log =
+                crate::console::CappedLog::create(&console_log, crate::console::CONSOLE_LOG_CAP)
+                    .with_context(|| {
+                        format!("creating the console log {}", console_log.display())
+                    })?;
             let mut running = RunningVmStart {
                 token: token.clone(),
                 qemu,
                 channel,
                 console_log: console_log.clone(),
+                recorder: Some(crate::console::ConsoleRecorder::spawn(console, log)),
             };
             let deadline = Instant::now() + options.ready_timeout;
             match running.wait_ready(deadline).await {
@@ -331,6 +331,7 @@ struct RunningVmStart {
     qemu: QemuProcess,
     channel: Transport,
     console_log: PathBuf,
+    recorder: Option<crate::console::ConsoleRecorder>,
 }
 
 impl RunningVmStart {
@@ -363,11 +364,15 @@ impl RunningVmStart {
                 let timed_out = !exited_early && Instant::now() >= deadline;
                 self.qemu.kill().await;
                 self.channel.shutdown().await;
+                // QEMU is gone: the console's last lines are in the log once the socket closed.
+                if let Some(recorder) = self.recorder.take() {
+                    recorder.finish(Duration::from_secs(2)).await;
+                }
                 Err(NotReady {
                     reason: format!("{error:#}"),
                     timed_out,
                     console: self.console_log.display().to_string(),
-                    tail: console_tail(&self.console_log, 30),
+                    tail: crate::console::log_tail(&self.console_log, 30),
                 }
                 .into())
             }
