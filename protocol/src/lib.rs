@@ -916,6 +916,54 @@ mod tests {
     }
 
     #[test]
+    fn utc_civil_dates_across_leap_years_and_centuries() {
+        // Reference values from Python's datetime (UTC).
+        let cases = [
+            (0, (1970, 1, 1, 0, 0, 0)),
+            (946_684_799, (1999, 12, 31, 23, 59, 59)),
+            (951_782_400, (2000, 2, 29, 0, 0, 0)),
+            (1_700_000_000, (2023, 11, 14, 22, 13, 20)),
+            (1_709_251_199, (2024, 2, 29, 23, 59, 59)),
+            (4_107_542_399, (2100, 2, 28, 23, 59, 59)),
+            (4_107_542_400, (2100, 3, 1, 0, 0, 0)),
+            (253_402_300_799, (9999, 12, 31, 23, 59, 59)),
+        ];
+        for (epoch, civil) in cases {
+            assert_eq!(utc_civil(epoch), civil, "{epoch}");
+        }
+    }
+
+    #[test]
+    fn a_full_data_chunk_fits_one_frame() {
+        let chunk = HostMessage::Data {
+            id: u64::MAX,
+            chunk: vec![0xa5; CHUNK_LEN],
+        };
+        round_trip(chunk);
+        assert!(MAX_FRAME_LEN >= 2 * CHUNK_LEN, "room for a chunk and its framing");
+    }
+
+    #[test]
+    fn every_step_has_its_own_title_and_a_detail() {
+        let steps = [
+            Step::Mount,
+            Step::Customize,
+            Step::MakeInitrdAndSquashfs,
+            Step::MakeIso,
+            Step::Unmount,
+        ];
+        let titles: std::collections::BTreeSet<&str> = steps.iter().map(|s| s.title()).collect();
+        assert_eq!(titles.len(), steps.len(), "titles name steps apart: {titles:?}");
+        for step in steps {
+            assert!(!step.title().trim().is_empty(), "{step:?}");
+            assert!(!step.detail().trim().is_empty(), "{step:?}");
+            assert_ne!(step.title(), step.detail(), "{step:?}");
+        }
+        // `--timestamp-file` and the tests name the customization step by this word.
+        assert_eq!(Step::Customize.title(), "Customizing");
+    }
+
+    #[test]
     fn compression_values() {
         assert_eq!(Compression::parse("auto"), Ok(Compression::Auto));
         assert_eq!(
@@ -927,6 +975,7 @@ mod tests {
             Ok(Compression::Gzip { level: Some(1) })
         );
         assert_eq!(Compression::parse("lz4"), Ok(Compression::Lz4));
+        assert_eq!(Compression::parse("xz"), Ok(Compression::Xz));
         for bad in ["zstd:0", "zstd:23", "lz4:1", "brotli", "gzip:x", "auto:3"] {
             assert!(Compression::parse(bad).is_err(), "{bad}");
         }
