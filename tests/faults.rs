@@ -1,6 +1,7 @@
 //! Faults end to end (issue 14): a build that hangs ends at `--timeout` with its step named; a
 //! vmic killed with SIGKILL takes QEMU with it, a second vmic on the same build directory is
-//! refused while the first runs, and the next run cleans up after the dead one and succeeds.
+//! refused while the first runs, and the next run cleans up after the dead one and succeeds;
+//! an image whose /etc/fstab links to /proc/kmsg fails at once, naming the link.
 //! Every wait here is on an event (a line on vmic's stderr, a process leaving /proc).
 
 mod common;
@@ -215,4 +216,44 @@ fn sigkill_mid_build_leaves_nothing_running_and_the_next_run_cleans_up() {
         .collect();
     assert!(leftovers.is_empty(), "left in the build dir: {leftovers:?}");
     assert_eq!(sha256_of(&input), before, "the input is unchanged");
+}
+
+/// An image whose /etc/fstab links to /proc/kmsg: a reader that followed the link in the
+/// builder VM would block on the kernel log forever. vmic resolves it inside the image and fails
+/// at once, naming the file and the link; input unchanged, no output.
+#[test]
+fn an_image_whose_fstab_links_to_proc_kmsg_fails_at_once() {
+    let work = work_dir();
+    let hostile = work.path().join("kmsg-fstab.qcow2");
+    let config = work.path().join("kmsg.yaml");
+    std::fs::write(
+        &config,
+        "scripts:\n  postCustomization:\n  - name: kmsg-fstab\n    content: ln -sf /proc/kmsg /etc/fstab\n",
+    )
+    .expect("config");
+    let made = customize_to("qcow2", &minimal_qcow2(), &config, &hostile, None, &[]);
+    assert_eq!(made.code, Some(0), "{}", made.stderr);
+
+    let before = sha256_of(&hostile);
+    let plain = work.path().join("plain.yaml");
+    std::fs::write(&plain, "os:\n  hostname: never-built\n").expect("config");
+    let iso = work.path().join("never.iso");
+    let refused = customize_to("iso", &hostile, &plain, &iso, None, &[]);
+    assert_eq!(refused.code, Some(1), "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("/etc/fstab is a link to /proc/kmsg"),
+        "{}",
+        refused.stderr
+    );
+    // At once: the boot and the partition probe, not the 4 h default timeout.
+    assert!(
+        refused.seconds < 300.0,
+        "ended after {:.0} s",
+        refused.seconds
+    );
+    assert!(!iso.exists());
+    assert_no_partial(&iso);
+    assert_eq!(sha256_of(&hostile), before, "the input is unchanged");
 }

@@ -36,9 +36,12 @@ pub(crate) fn mount_image(
         argv.push(root_partition.device.clone());
         argv.push(PROBE.to_string());
         probe.mount(build, argv, Path::new(PROBE))?;
-        crate::rootfs::read_image_text(Path::new(PROBE), "/etc/fstab", MAX_IMAGE_TEXT)
+        match crate::rootfs::read_image_text(Path::new(PROBE), "/etc/fstab", MAX_IMAGE_TEXT)
             .context("reading the image's /etc/fstab")?
-            .context("the image has no /etc/fstab")?
+        {
+            Some(text) => text,
+            None => bail!("{}", missing_fstab(Path::new(PROBE))),
+        }
     };
     let plan = fstab::mount_plan(&fstab_text).context("the image's /etc/fstab")?;
     if !plan.iter().any(|entry| entry.mountpoint == "/") {
@@ -158,7 +161,9 @@ fn find_root_partition(build: &Build<'_>, partitions: &[Partition]) -> anyhow::R
         if probe.mount(build, argv, Path::new(PROBE)).is_err() {
             continue;
         }
-        if Path::new(PROBE).join("etc/fstab").is_file() {
+        // Any entry named etc/fstab marks the root, checked without following it: a link out
+        // of the image (to the builder's /proc/kmsg, say) is refused when it is read.
+        if std::fs::symlink_metadata(Path::new(PROBE).join("etc/fstab")).is_ok() {
             return Ok(partition.clone());
         }
     }
@@ -170,6 +175,18 @@ fn find_root_partition(build: &Build<'_>, partitions: &[Partition]) -> anyhow::R
             .collect::<Vec<_>>()
             .join(", ")
     )
+}
+
+/// Why the root file system has no readable /etc/fstab: absent, or a link that leads nowhere
+/// once resolved inside the image (vmic never resolves the image's links in the builder VM).
+fn missing_fstab(root: &Path) -> String {
+    match std::fs::read_link(root.join("etc/fstab")) {
+        Ok(target) => format!(
+            "the image's /etc/fstab is a link to {}, which leads to no file inside the image (its links are resolved inside the image, never in the builder VM); make /etc/fstab a regular file",
+            target.display()
+        ),
+        Err(_) => "the image has no /etc/fstab".into(),
+    }
 }
 
 fn resolve_device(partitions: &[Partition], spec: &fstab::DeviceSpec) -> Option<String> {
@@ -219,4 +236,27 @@ pub(crate) fn check_arch(root: &Path, arch: Arch) -> anyhow::Result<()> {
         return Ok(());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fstab_link_out_of_the_image_is_named_with_its_target() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(root.path().join("etc")).expect("etc");
+        let fstab = root.path().join("etc/fstab");
+        std::os::unix::fs::symlink("/proc/kmsg", &fstab).expect("link");
+        // Resolved inside the image, the link leads nowhere: nothing of the builder is read.
+        let read = crate::rootfs::read_image_text(root.path(), "/etc/fstab", MAX_IMAGE_TEXT);
+        assert!(matches!(read, Ok(None)), "{read:?}");
+        let message = missing_fstab(root.path());
+        assert!(
+            message.contains("is a link to /proc/kmsg") && message.contains("regular file"),
+            "{message}"
+        );
+        std::fs::remove_file(&fstab).expect("remove");
+        assert_eq!(missing_fstab(root.path()), "the image has no /etc/fstab");
+    }
 }

@@ -940,7 +940,10 @@ mod tests {
             chunk: vec![0xa5; CHUNK_LEN],
         };
         round_trip(chunk);
-        assert!(MAX_FRAME_LEN >= 2 * CHUNK_LEN, "room for a chunk and its framing");
+        assert!(
+            MAX_FRAME_LEN >= 2 * CHUNK_LEN,
+            "room for a chunk and its framing"
+        );
     }
 
     #[test]
@@ -953,7 +956,11 @@ mod tests {
             Step::Unmount,
         ];
         let titles: std::collections::BTreeSet<&str> = steps.iter().map(|s| s.title()).collect();
-        assert_eq!(titles.len(), steps.len(), "titles name steps apart: {titles:?}");
+        assert_eq!(
+            titles.len(),
+            steps.len(),
+            "titles name steps apart: {titles:?}"
+        );
         for step in steps {
             assert!(!step.title().trim().is_empty(), "{step:?}");
             assert!(!step.detail().trim().is_empty(), "{step:?}");
