@@ -239,6 +239,10 @@ fn an_image_whose_fstab_links_to_proc_kmsg_fails_at_once() {
     std::fs::write(&plain, "os:\n  hostname: never-built\n").expect("config");
     let iso = work.path().join("never.iso");
     let refused = customize_to("iso", &hostile, &plain, &iso, None, &[]);
+    eprintln!(
+        "hostile image made in {:.0} s, refused in {:.0} s",
+        made.seconds, refused.seconds
+    );
     assert_eq!(refused.code, Some(1), "{}", refused.stderr);
     assert!(
         refused

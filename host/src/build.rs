@@ -591,6 +591,26 @@ impl Planned {
     }
 }
 
+/// What a config directory upload leaves out, whatever the directory holds: this build's own
+/// files (canonical paths, as `upload::list_files` compares them).
+fn never_uploaded(build_dir: &Path, input: &Path, output: &Path) -> Vec<PathBuf> {
+    let output_dir = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let output = fs_err::canonicalize(output_dir)
+        .unwrap_or_default()
+        .join(output.file_name().unwrap_or_default());
+    vec![
+        build_dir.to_path_buf(),
+        input.to_path_buf(),
+        // The output being written is sparse and as large as the output disk: uploaded, it
+        // cost minutes of zeros at TCG speed.
+        crate::rundir::partial_path(&output),
+        output,
+    ]
+}
+
 fn plan(
     settings: &CustomizeSettings,
     build_dir: &Path,
@@ -603,13 +623,7 @@ fn plan(
         input_serial: INPUT_SERIAL,
         output_serial: OUTPUT_SERIAL,
         cpus,
-        exclude: vec![
-            build_dir.to_path_buf(),
-            input.to_path_buf(),
-            fs_err::canonicalize(settings.output.parent().unwrap_or(Path::new(".")))
-                .unwrap_or_default()
-                .join(settings.output.file_name().unwrap_or_default()),
-        ],
+        exclude: never_uploaded(build_dir, input, &settings.output),
         package_sources: &settings.package_sources,
         disable_base_repos: settings.disable_base_image_repos,
         squashfs_compression: settings.squashfs_compression,
@@ -672,4 +686,35 @@ async fn drive_build(
         })
         .await?;
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_output_being_written_in_the_config_directory_is_not_uploaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_dir = fs_err::canonicalize(dir.path()).expect("canonical");
+        fs_err::write(config_dir.join("config.yaml"), "os: {}\n").expect("config");
+        fs_err::write(config_dir.join("input.qcow2"), "input").expect("input");
+        fs_err::create_dir(config_dir.join("build")).expect("build dir");
+        fs_err::write(config_dir.join("build/scratch.raw"), "scratch").expect("scratch");
+        let output = config_dir.join("out.iso");
+        let partial = crate::rundir::PartialOutput::create(&output).expect("partial");
+        fs_err::OpenOptions::new()
+            .write(true)
+            .open(partial.path())
+            .expect("open")
+            .set_len(1 << 30)
+            .expect("sparse");
+        fs_err::write(&output, "an older output").expect("old output");
+        let exclude = never_uploaded(
+            &config_dir.join("build"),
+            &config_dir.join("input.qcow2"),
+            &config_dir.join(".").join("out.iso"),
+        );
+        let listed = crate::upload::list_files(&config_dir, &exclude, &[]).expect("list");
+        assert_eq!(listed, vec![PathBuf::from("config.yaml")]);
+    }
 }

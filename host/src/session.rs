@@ -267,10 +267,13 @@ impl Session {
 
     /// Copy a host file into the guest; the agent verifies size and sha256.
     pub async fn put_file(&self, local: &Path, remote: &str, mode: u32) -> anyhow::Result<()> {
-        let mut file = tokio::fs::File::open(local)
+        let file = tokio::fs::File::open(local)
             .await
             .with_context(|| format!("opening {}", local.display()))?;
         let size = file.metadata().await?.len();
+        // A file that grows while it is sent sends what it held when opened: the size the
+        // plan bounded and the agent was told.
+        let mut file = file.take(size);
         let mut handle = self
             .start(Request::PutFile {
                 path: remote.to_string(),
