@@ -51,7 +51,14 @@ pub fn config(data: &[u8]) {
     ) else {
         return;
     };
-    let lines = text.lines().count().max(1);
+    // Lines as YAML counts them: CR LF, CR and LF each end one (a file of bare CRs, as old Mac
+    // editors wrote, has many lines and no LF).
+    let lines = text
+        .replace("\r\n", "\n")
+        .replace('\r', "\n")
+        .lines()
+        .count()
+        .max(1);
     for error in &errors.errors {
         assert!(!error.message.is_empty(), "{error:?}");
         let position = error

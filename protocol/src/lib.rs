@@ -52,6 +52,8 @@ pub const MIN_PROTOCOL_VERSION: u32 = 5;
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
 pub const CHUNK_LEN: usize = 1 << 20;
+// A full chunk and its framing fit one frame.
+const _: () = assert!(MAX_FRAME_LEN >= 2 * CHUNK_LEN);
 /// vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent opens.
@@ -493,7 +495,22 @@ pub struct InstalledPackage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepTime {
     pub step: Step,
+    /// Finite and not negative: anything else is refused when decoded.
+    #[serde(deserialize_with = "seconds")]
     pub seconds: f64,
+}
+
+/// A duration the guest reports: NaN, infinities and negative times are malformed (and would
+/// break equality, sums and the JSON the host writes).
+fn seconds<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    let value = f64::deserialize(deserializer)?;
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(serde::de::Error::custom(
+            "a step time must be a finite number of seconds",
+        ))
+    }
 }
 
 /// A phase of a build request, as the host shows it: one `Event::Progress` with `0/0` starts
@@ -542,7 +559,7 @@ impl Step {
     }
 }
 
-// f64 has no Eq; step times are informational, equal when their bits are.
+// f64 has no Eq; decoded step times are never NaN (see `seconds`), so equality is reflexive.
 impl Eq for StepTime {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -934,16 +951,36 @@ mod tests {
     }
 
     #[test]
+    fn step_times_that_are_not_a_duration_are_malformed() {
+        let outcome = |seconds| GuestMessage::Response {
+            id: 1,
+            result: Ok(Response::Disk(DiskOutcome {
+                steps: vec![StepTime {
+                    step: Step::Mount,
+                    seconds,
+                }],
+                packages: PackageInventory::default(),
+            })),
+        };
+        round_trip(outcome(0.0));
+        round_trip(outcome(12.5));
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let frame = encode(&outcome(bad)).expect("encodes");
+            let decoded = decode::<GuestMessage>(&frame[4..]);
+            assert!(
+                matches!(decoded, Err(ProtocolError::Malformed(_))),
+                "{bad}: {decoded:?}"
+            );
+        }
+    }
+
+    #[test]
     fn a_full_data_chunk_fits_one_frame() {
         let chunk = HostMessage::Data {
             id: u64::MAX,
             chunk: vec![0xa5; CHUNK_LEN],
         };
         round_trip(chunk);
-        assert!(
-            MAX_FRAME_LEN >= 2 * CHUNK_LEN,
-            "room for a chunk and its framing"
-        );
     }
 
     #[test]

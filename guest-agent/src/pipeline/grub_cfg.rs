@@ -102,6 +102,11 @@ pub enum GrubCfgError {
     RootArg { arg: String },
     #[error("an ISO kernel argument is empty")]
     EmptyArg,
+    #[error(
+        "grub.cfg line {line}: a quote opens there and never closes; grub itself cannot read \
+         this file (close the quote in the image's grub.cfg)"
+    )]
+    UnterminatedQuote { line: usize },
 }
 
 /// Checks a volume label for use in `-V`, `root=live:LABEL=` and `search --label`.
@@ -201,7 +206,7 @@ pub fn rewrite_for_iso(
         )),
         "set" if words.len() == 2 => rewrite_set(&words[1], &settings.label),
         _ => None,
-    });
+    })?;
     if result.linux_commands == 0 {
         return Err(GrubCfgError::NoLinuxCommand);
     }
@@ -256,7 +261,7 @@ fn edit_linux_args(
             Some(parts.join(" "))
         }
         _ => None,
-    });
+    })?;
     if linux_commands == 0 {
         return Err(GrubCfgError::NoLinuxCommand);
     }
@@ -269,9 +274,9 @@ fn edit_linux_args(
 fn edit_commands(
     grub_cfg: &str,
     mut replace: impl FnMut(&str, &[Word<'_>]) -> Option<String>,
-) -> String {
+) -> Result<String, GrubCfgError> {
     let mut out = String::with_capacity(grub_cfg.len() + 512);
-    for line in logical_lines(grub_cfg) {
+    for line in logical_lines(grub_cfg)? {
         let mut replacements: Vec<(usize, usize, String)> = Vec::new();
         for command in lex(line) {
             let words = skip_keywords(&command);
@@ -291,7 +296,7 @@ fn edit_commands(
         }
         out.push_str(&line[cursor..]);
     }
-    out
+    Ok(out)
 }
 
 /// The `search` line that finds the ISO 9660 file system.
@@ -432,28 +437,57 @@ struct Word<'a> {
     end: usize,
 }
 
-/// The file cut into logical lines: a line ending in `\` continues on the next. Each item
-/// keeps its line ends, so concatenating them gives the input back.
-fn logical_lines(text: &str) -> Vec<&str> {
+/// The file cut into logical lines: a line ending in `\` continues on the next, and so does
+/// one whose quote is still open (grub's words may hold newlines). Each item keeps its line
+/// ends, so concatenating them gives the input back. A quote open at the end of the file is
+/// an error, as it is to grub.
+fn logical_lines(text: &str) -> Result<Vec<&str>, GrubCfgError> {
+    let bytes = text.as_bytes();
     let mut lines = Vec::new();
     let mut start = 0;
-    let mut search_from = 0;
-    while let Some(offset) = text[search_from..].find('\n') {
-        let newline = search_from + offset;
-        let before = &text[start..newline];
-        let backslashes = before.len() - before.trim_end_matches('\\').len();
-        if backslashes % 2 == 1 {
-            search_from = newline + 1;
-            continue;
+    // The open quote and the line it opened on.
+    let mut quote: Option<(u8, usize)> = None;
+    let mut line = 1;
+    let mut word_start = true;
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        match (quote, byte) {
+            (Some((b'\'', _)), b'\'') | (Some((b'"', _)), b'"') => quote = None,
+            // An escape: the next byte is taken as is (a newline after it continues the line).
+            (Some((b'"', _)), b'\\') | (None, b'\\') if i + 1 < bytes.len() => {
+                i += 1;
+                if bytes[i] == b'\n' {
+                    line += 1;
+                }
+            }
+            (Some(_), _) => {}
+            (None, b'\'' | b'"') => quote = Some((byte, line)),
+            (None, b'#') if word_start => {
+                // A comment runs to the end of the line; its quotes are text.
+                while i + 1 < bytes.len() && bytes[i + 1] != b'\n' {
+                    i += 1;
+                }
+            }
+            (None, b'\n') => {
+                lines.push(&text[start..=i]);
+                start = i + 1;
+            }
+            (None, _) => {}
         }
-        lines.push(&text[start..=newline]);
-        start = newline + 1;
-        search_from = start;
+        if byte == b'\n' {
+            line += 1;
+        }
+        word_start = quote.is_none() && matches!(bytes[i], b' ' | b'\t' | b'\r' | b'\n' | b';');
+        i += 1;
+    }
+    if let Some((_, line)) = quote {
+        return Err(GrubCfgError::UnterminatedQuote { line });
     }
     if start < text.len() {
         lines.push(&text[start..]);
     }
-    lines
+    Ok(lines)
 }
 
 /// Splits a logical line into commands (at `;`, and at `{`/`}` words), ignoring comments.
@@ -966,6 +1000,37 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
     }
 
     #[test]
+    fn quotes_may_span_lines_but_must_close() {
+        // A quoted word with a newline is one word of one command, as grub reads it; an
+        // apostrophe in a comment opens nothing.
+        let cfg = "# the image's own menu\nmenuentry 'Linux' {\n\techo 'two\nlines'\n\tlinux /boot/vmlinuz-6.1 root=/dev/sda2\n}\n";
+        let lines = logical_lines(cfg).expect("quotes close");
+        assert_eq!(lines.concat(), cfg);
+        assert!(lines.contains(&"\techo 'two\nlines'\n"), "{lines:?}");
+        let settings = IsoBootSettings {
+            label: "CDROM".into(),
+            user_args: vec!["a;b".into()],
+            dropped_args: Vec::new(),
+        };
+        let once = rewrite_for_iso(cfg, &settings).expect("rewritten");
+        assert!(once.text.contains("\techo 'two\nlines'\n"), "{}", once.text);
+        let twice = rewrite_for_iso(&once.text, &settings).expect("rewritten again");
+        assert_eq!(once.text, twice.text);
+
+        // What the fuzzer found: a quote left open re-quoted the rest on every rewrite.
+        let open = "menuentry x {\n\tlinux /vmlinuz ro\n\tinitrd /initrd ...'\n}\n";
+        assert_eq!(
+            rewrite_for_iso(open, &settings).map(|r| r.text),
+            Err(GrubCfgError::UnterminatedQuote { line: 3 })
+        );
+        let open_double = "echo \"x\\\"\nlinux /vmlinuz\n";
+        assert_eq!(
+            logical_lines(open_double),
+            Err(GrubCfgError::UnterminatedQuote { line: 1 })
+        );
+    }
+
+    #[test]
     fn lexer_keeps_unknown_text_byte_for_byte() {
         let cfg = "if [ \"${grub_platform}\" = \"efi\" ]; then insmod efi_gop; fi\r\n\
                    menuentry 'a;b' { echo \"x } y\"; }\n\
@@ -1002,7 +1067,7 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             "linux /vmlinuz-1 ro 'ds=nocloud;s=file:///cidata/' 'msg=it'\\''s fine'\ninitrd /initrd-1\n"
         );
         // grub reads the line back as one command with the args as written.
-        let commands = lex(logical_lines(&once)[0]);
+        let commands = lex(logical_lines(&once).expect("quotes close")[0]);
         assert_eq!(commands.len(), 1, "{commands:?}");
         let values: Vec<&str> = commands[0].iter().map(|w| w.value.as_str()).collect();
         assert_eq!(
