@@ -261,3 +261,118 @@ fn an_image_whose_fstab_links_to_proc_kmsg_fails_at_once() {
     assert_no_partial(&iso);
     assert_eq!(sha256_of(&hostile), before, "the input is unchanged");
 }
+
+/// SIGTERM while qemu-img writes the output: vmic ends within 2 s, qemu-img with it, and
+/// nothing partial is left. qemu-img here is a wrapper that hangs in `convert` (the real
+/// conversion of the test disk takes ~2 s, too short to hit reliably); every other qemu-img
+/// call reaches the real one.
+#[test]
+fn sigterm_during_the_copy_out_ends_within_two_seconds_with_nothing_left() {
+    let work = work_dir();
+    let real = std::env::split_paths(&std::env::var_os("PATH").expect("PATH"))
+        .map(|dir| dir.join("qemu-img"))
+        .find(|path| path.is_file())
+        .expect("qemu-img on PATH");
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    let pid_file = work.path().join("convert.pid");
+    let wrapper = bin.join("qemu-img");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = convert ]; then echo $$ > {0}.new; mv {0}.new {0}; exec sleep 600; fi\nexec {1} \"$@\"\n",
+            pid_file.display(),
+            real.display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut path = vec![bin.clone()];
+    path.extend(std::env::split_paths(
+        &std::env::var_os("PATH").expect("PATH"),
+    ));
+    let config = work.path().join("hostname.yaml");
+    std::fs::write(&config, "os:\n  hostname: never-written\n").expect("config");
+    let input = minimal_qcow2();
+    let before = sha256_of(&input);
+    let output = work.path().join("out.qcow2");
+    let build_dir = work.path().join("build");
+    let _vm = common::lock(&common::VM_LOCK);
+    let mut vmic = Command::new(assert_cmd::cargo::cargo_bin("vmic"))
+        .env("VMIC_NO_CACHE", "1")
+        .env("PATH", std::env::join_paths(path).expect("PATH"))
+        .arg("customize")
+        .arg("--image-file")
+        .arg(&input)
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--build-dir")
+        .arg(&build_dir)
+        .arg("--output-image-file")
+        .arg(&output)
+        .args(["--output-image-format", "qcow2"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vmic");
+    // The copy-out runs once the wrapper says it was called to convert.
+    let mut stderr = BufReader::new(vmic.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    while !seen.contains("Converting") {
+        let mut line = String::new();
+        let read = stderr.read_line(&mut line).expect("read vmic's stderr");
+        assert!(read > 0, "vmic ended before the copy-out:\n{seen}");
+        seen.push_str(&line);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let convert_pid: i32 = loop {
+        if let Ok(text) = std::fs::read_to_string(&pid_file) {
+            break text.trim().parse().expect("a pid");
+        }
+        assert!(Instant::now() < deadline, "qemu-img convert never started");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+
+    let sent = Instant::now();
+    // SAFETY: kill(2) on the child we spawned; no memory is shared.
+    assert_eq!(unsafe { libc::kill(vmic.id() as i32, libc::SIGTERM) }, 0);
+    let status = vmic.wait().expect("wait");
+    let took = sent.elapsed();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).expect("stderr");
+    assert!(took < Duration::from_secs(2), "vmic took {took:?} to stop");
+    assert_eq!(status.code(), Some(1), "{seen}{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    // Killed when vmic dropped it; the kernel's teardown may take a moment more.
+    let gone_by = Instant::now() + Duration::from_secs(1);
+    while running(convert_pid) && Instant::now() < gone_by {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !running(convert_pid),
+        "qemu-img convert (pid {convert_pid}) still runs"
+    );
+    assert!(!output.exists());
+    assert_no_partial(&output);
+    assert!(
+        std::fs::read_dir(&build_dir)
+            .expect("build dir")
+            .flatten()
+            .all(|entry| entry.file_name() == ".vmic.lock"),
+        "the run's files are removed"
+    );
+    assert_eq!(sha256_of(&input), before, "the input is unchanged");
+}
+
+/// Whether `pid` is a live process (a zombie has stopped running).
+fn running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
