@@ -26,70 +26,6 @@ fn sparse_file(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bytes free for unprivileged writes on the file system holding `dir`.
-pub fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: statvfs is plain old data; all-zero is a valid value.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a valid out pointer.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("checking free space in {}", dir.display()));
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
-}
-
-/// Refuse to start when the build directory or the output's directory clearly lack room:
-/// failing after minutes of TCG work is worse than failing now. The estimates follow the
-/// input's allocated bytes: the scratch disk holds the squashfs (about half of that) plus the
-/// ISO tree and the ISO; the overlay takes what customization writes; a disk output holds
-/// all the input's data plus the changes.
-fn check_space(
-    input: &Path,
-    build_dir: &Path,
-    output_dir: &Path,
-    iso_output: bool,
-) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    const MIB: u64 = 1 << 20;
-    let allocated = fs_err::metadata(input)?.blocks() * 512;
-    let build_need = allocated + allocated / 5 + 256 * MIB;
-    let output_need = if iso_output {
-        allocated * 7 / 10 + 64 * MIB
-    } else {
-        allocated + 256 * MIB
-    };
-    let same_fs = fs_err::metadata(build_dir)?.dev() == fs_err::metadata(output_dir)?.dev();
-    let checks: Vec<(&Path, u64, &str)> = if same_fs {
-        vec![(
-            build_dir,
-            build_need + output_need,
-            "build directory (also holds the output)",
-        )]
-    } else {
-        vec![
-            (build_dir, build_need, "build directory"),
-            (output_dir, output_need, "output directory"),
-        ]
-    };
-    for (dir, need, what) in checks {
-        let free = free_bytes(dir)?;
-        if free < need {
-            return Err(crate::report::hinted(
-                format!(
-                    "not enough space in the {what} {}: {} MiB free, about {} MiB needed",
-                    dir.display(),
-                    free / MIB,
-                    need / MIB
-                ),
-                "free some space or pass --build-dir on a larger file system",
-            ));
-        }
-    }
-    Ok(())
-}
-
 pub use crate::rundir::partial_path;
 
 /// Removes the listed files unless disarmed: the failure path of the build.
@@ -135,7 +71,7 @@ pub async fn build(
     let iso_output = settings.output_format == OutputFormat::Iso;
     // The ISO disk, and so the largest ISO the host accepts from the guest (crate::accept).
     let output_disk_size = input_size + GIB;
-    check_space(&input, &build_dir, &output_dir, iso_output)?;
+    crate::space::check_space(&input, &build_dir, &output_dir, iso_output)?;
     let overlay = run_dir.join("input-overlay.qcow2");
     let scratch = run_dir.join("scratch.raw");
     // Removed however the build ends (the partial output by its own guard).

@@ -30,6 +30,7 @@ pub mod rundir;
 pub mod sandbox;
 pub mod secret;
 pub mod session;
+pub mod space;
 pub mod settings;
 pub mod transport;
 pub mod upload;

@@ -34,9 +34,18 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     // On Ctrl-C, SIGTERM or the timeout the build future is dropped: QEMU is killed and the
     // scratch files and the partial output are removed by their guards.
     let mut timed_out = false;
+    let output_dir = match settings.output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let watched = vec![
+        (build_dir.root().to_path_buf(), "build directory"),
+        (output_dir, "output directory"),
+    ];
     let result = runtime.block_on(async {
         tokio::select! {
             result = crate::build::build(&settings, arch, &build_dir, &mut progress) => result,
+            error = crate::space::watch(watched, crate::space::RESERVE) => Err(error),
             () = crate::boot::interrupted() => Err(anyhow!("interrupted; the build was stopped and its files removed")),
             () = tokio::time::sleep(timeout) => {
                 timed_out = true;
