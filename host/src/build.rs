@@ -324,16 +324,9 @@ pub fn convert_argv(
     output: &Path,
     format: OutputFormat,
 ) -> Vec<OsString> {
-    let (qemu_format, options): (&str, Option<&str>) = match format {
-        OutputFormat::Raw => ("raw", None),
-        OutputFormat::Qcow2 => ("qcow2", None),
-        // force_size keeps the virtual size exact instead of rounding to VHD geometry, which
-        // Azure requires for fixed VHDs and which keeps partition tables valid.
-        OutputFormat::Vhd => ("vpc", Some("subformat=dynamic,force_size=on")),
-        OutputFormat::VhdFixed => ("vpc", Some("subformat=fixed,force_size=on")),
-        OutputFormat::Vhdx => ("vhdx", None),
-        OutputFormat::Iso => unreachable!("an ISO is not converted from the overlay"),
-    };
+    let (qemu_format, options) = format
+        .qemu_target()
+        .expect("an ISO is not converted from the overlay");
     let mut argv: Vec<OsString> = vec!["convert".into(), "-O".into(), qemu_format.into()];
     if let Some(options) = options {
         argv.push("-o".into());
@@ -359,26 +352,16 @@ pub fn convert_argv(
     argv
 }
 
-/// `qemu-img convert` as a child of the async runtime: Ctrl-C, SIGTERM or `--timeout` drop
-/// this future and qemu-img dies with it (kill on drop), as it does with vmic (PDEATHSIG).
+/// `qemu-img convert` of the overlay (and its input) into the output; dropped, qemu-img dies.
 async fn convert_overlay(
     overlay: &Path,
     input: &crate::qemu::Backing,
     output: &Path,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let mut command = tokio::process::Command::new(crate::image::qemu_img_binary());
-    command
-        .args(convert_argv(overlay, input, output, format))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    crate::qemu::set_parent_death_signal(&mut command);
-    let done = command
-        .output()
+    let done = crate::image::run_qemu_img_async(convert_argv(overlay, input, output, format))
         .await
-        .with_context(|| format!("cannot run qemu-img to write {}", output.display()))?;
+        .with_context(|| format!("writing {}", output.display()))?;
     if !done.status.success() {
         let stderr = String::from_utf8_lossy(&done.stderr);
         bail!(

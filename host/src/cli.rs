@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+pub use crate::format::OutputFormat;
 pub use crate::machine::Arch;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -352,31 +353,6 @@ pub enum Media {
     Auto,
     Disk,
     Cdrom,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-pub enum OutputFormat {
-    Iso,
-    Raw,
-    Qcow2,
-    Vhd,
-    #[value(name = "vhd-fixed")]
-    VhdFixed,
-    Vhdx,
-}
-
-impl OutputFormat {
-    /// The spelling on the command line and in configs.
-    pub fn name(self) -> &'static str {
-        match self {
-            OutputFormat::Iso => "iso",
-            OutputFormat::Raw => "raw",
-            OutputFormat::Qcow2 => "qcow2",
-            OutputFormat::Vhd => "vhd",
-            OutputFormat::VhdFixed => "vhd-fixed",
-            OutputFormat::Vhdx => "vhdx",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -8,41 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::cli::Arch;
-
-/// Image formats `vmic boot` attaches, with QEMU's name for each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    Raw,
-    Qcow2,
-    /// VHD, fixed or dynamic (QEMU's `vpc` driver).
-    Vpc,
-    Vhdx,
-    /// ISO 9660, booted as a CD-ROM.
-    Iso,
-}
-
-impl ImageFormat {
-    /// The QEMU block driver (always given explicitly: QEMU never probes).
-    pub fn qemu_name(self) -> &'static str {
-        match self {
-            ImageFormat::Raw | ImageFormat::Iso => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Vpc => "vpc",
-            ImageFormat::Vhdx => "vhdx",
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "raw",
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Vpc => "vhd",
-            ImageFormat::Vhdx => "vhdx",
-            ImageFormat::Iso => "iso",
-        }
-    }
-}
+pub use crate::format::{ImageFormat, OutputFormat};
+use crate::machine::Arch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
@@ -220,15 +187,7 @@ impl RangeReader<'_> {
         let dir = tempfile::tempdir()?;
         let out = dir.path().join("range.raw");
         let argv = qemu_img_dd_argv(self.path, self.format, &out, BLOCK, first_block, blocks);
-        let output = std::process::Command::new(qemu_img_binary())
-            .args(&argv)
-            .output()?;
-        if !output.status.success() {
-            anyhow::bail!(
-                "qemu-img dd failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
+        qemu_img_stdout(&argv)?;
         let bytes = fs_err::read(&out)?;
         let skip = usize::try_from(offset - first_block * BLOCK)?;
         let end = usize::try_from(length)?
@@ -300,17 +259,35 @@ pub fn create_overlay(
     Ok(())
 }
 
-/// Run `qemu-img` with `argv`; a missing binary is an error naming the package.
+/// Run `qemu-img` with `argv` for a short query (info, measure); a missing binary is an error
+/// naming the package.
 pub fn run_qemu_img<S: AsRef<std::ffi::OsStr>>(argv: &[S]) -> anyhow::Result<std::process::Output> {
     std::process::Command::new(qemu_img_binary())
         .args(argv)
         .output()
-        .map_err(|error| {
-            crate::report::hinted(
-                format!("cannot run qemu-img: {error}"),
-                "install qemu-utils (`scripts/setup` does it)",
-            )
-        })
+        .map_err(qemu_img_missing)
+}
+
+/// Run `qemu-img` for long work (converting a whole disk) as a child of the async runtime:
+/// Ctrl-C, SIGTERM or `--timeout` drop the future and qemu-img is killed with it (kill on
+/// drop), as it is when vmic dies (PDEATHSIG). Its stdout is discarded, stderr kept.
+pub async fn run_qemu_img_async(argv: Vec<OsString>) -> anyhow::Result<std::process::Output> {
+    let mut command = tokio::process::Command::new(qemu_img_binary());
+    command
+        .args(argv)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    crate::qemu::set_parent_death_signal(&mut command);
+    command.output().await.map_err(qemu_img_missing)
+}
+
+fn qemu_img_missing(error: std::io::Error) -> anyhow::Error {
+    crate::report::hinted(
+        format!("cannot run qemu-img: {error}"),
+        "install qemu-utils (`scripts/setup` does it)",
+    )
 }
 
 /// Argv (without the binary) copying `blocks` blocks of `block` bytes from `first_block` of the

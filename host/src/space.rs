@@ -138,7 +138,9 @@ mod tests {
         let error = watch_with(dirs, RESERVE, EVERY, probe).await;
         let message = format!("{error:#}");
         assert!(
-            message.contains("the output directory /out is almost full (200 MiB free, under the 256 MiB"),
+            message.contains(
+                "the output directory /out is almost full (200 MiB free, under the 256 MiB"
+            ),
             "{message}"
         );
         // 1000 → 200 MiB in eight looks, one every EVERY (the first at once).
