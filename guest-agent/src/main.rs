@@ -20,6 +20,7 @@ mod image;
 mod init;
 mod inventory;
 mod iso;
+mod modules;
 mod pipeline;
 mod relay;
 mod rootfs;
