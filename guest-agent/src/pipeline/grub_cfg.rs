@@ -502,6 +502,9 @@ fn lex(line: &str) -> Vec<Vec<Word<'_>>> {
             match bytes[i] {
                 b' ' | b'\t' | b'\r' | b'\n' => i += 1,
                 b'\\' if bytes.get(i + 1) == Some(&b'\n') => i += 2,
+                // A `\` that ends the file escapes nothing: kept as text, outside any word, so
+                // that what an edit appends after the word is not escaped by it.
+                b'\\' if i + 1 == bytes.len() => i += 1,
                 _ => break,
             }
         }
@@ -522,12 +525,11 @@ fn lex(line: &str) -> Vec<Vec<Word<'_>>> {
                     if bytes.get(i + 1) == Some(&b'\n') {
                         break;
                     }
-                    if let Some(c) = line[i + 1..].chars().next() {
-                        value.push(c);
-                        i += 1 + c.len_utf8();
-                    } else {
-                        i += 1;
-                    }
+                    let Some(c) = line[i + 1..].chars().next() else {
+                        break;
+                    };
+                    value.push(c);
+                    i += 1 + c.len_utf8();
                 }
                 b'\'' => {
                     let close = line[i + 1..].find('\'').map_or(line.len(), |p| i + 1 + p);
@@ -1023,6 +1025,12 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             rewrite_for_iso(open, &settings).map(|r| r.text),
             Err(GrubCfgError::UnterminatedQuote { line: 3 })
         );
+        // The second: a backslash ending the file escaped the space before the appended args.
+        let dangling = "menuentry x {\n\tlinux /vmlinuz c380\\em\\\\\\";
+        let once = rewrite_for_iso(dangling, &settings).expect("rewritten");
+        let twice = rewrite_for_iso(&once.text, &settings).expect("rewritten again");
+        assert_eq!(once.text, twice.text);
+        assert_eq!(once.text.matches("root=live:").count(), 1, "{}", once.text);
         let open_double = "echo \"x\\\"\nlinux /vmlinuz\n";
         assert_eq!(
             logical_lines(open_double),
