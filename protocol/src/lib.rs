@@ -52,8 +52,8 @@ pub const MIN_PROTOCOL_VERSION: u32 = 5;
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
 pub const CHUNK_LEN: usize = 1 << 20;
-// A full chunk and its framing fit one frame.
-const _: () = assert!(MAX_FRAME_LEN >= 2 * CHUNK_LEN);
+// A full chunk and its framing fit one frame, and a chunk is large enough to stream with.
+const _: () = assert!(MAX_FRAME_LEN >= 2 * CHUNK_LEN && CHUNK_LEN >= 64 << 10);
 /// vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent opens.
@@ -998,6 +998,8 @@ mod tests {
             steps.len(),
             "titles name steps apart: {titles:?}"
         );
+        let details: std::collections::BTreeSet<&str> = steps.iter().map(|s| s.detail()).collect();
+        assert_eq!(details.len(), steps.len(), "details differ: {details:?}");
         for step in steps {
             assert!(!step.title().trim().is_empty(), "{step:?}");
             assert!(!step.detail().trim().is_empty(), "{step:?}");
