@@ -192,9 +192,12 @@ pub async fn build(
             })
             .await?;
             if let CacheUse::Store(cache, parts) = &cache {
+                // Copying the ISO into the cache is blocking work, like the hashing above.
+                let (cache, parts, iso) = (cache.clone(), parts.clone(), output_partial.clone());
+                let key = parts.key();
                 // A cache that cannot take the entry costs the next build time, not this one.
-                match cache.store(parts, &output_partial) {
-                    Ok(()) => tracing::info!(key = %parts.key(), "build cache: stored"),
+                match off_runtime(move || cache.store(&parts, &iso)).await {
+                    Ok(()) => tracing::info!(key = %key, "build cache: stored"),
                     Err(error) => tracing::warn!("build cache: not stored: {error:#}"),
                 }
             }

@@ -210,6 +210,7 @@ pub struct EntryRecord {
 }
 
 /// The cache directory.
+#[derive(Debug, Clone)]
 pub struct BuildCache {
     settings: CacheSettings,
 }
