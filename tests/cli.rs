@@ -1,8 +1,11 @@
 //! CLI tests: `vmic validate-config` and `vmic schema` as a user runs them.
 
+mod common;
+
 use std::path::PathBuf;
 
 use assert_cmd::Command;
+use common::customize_args;
 use predicates::prelude::*;
 use serde_json::json;
 
@@ -207,16 +210,13 @@ fn customize_refuses_bad_build_options_before_starting() {
     let build_dir = dir.path().join("build");
     let run = |extra: &[&str]| {
         vmic()
-            .arg("customize")
-            .arg("--image-file")
-            .arg(&image)
-            .arg("--config-file")
-            .arg(&config)
-            .arg("--build-dir")
-            .arg(&build_dir)
-            .arg("--output-image-file")
-            .arg(dir.path().join("out.iso"))
-            .args(["--output-image-format", "iso"])
+            .args(customize_args(
+                &image,
+                &config,
+                &build_dir,
+                dir.path().join("out.iso"),
+                "iso",
+            ))
             .args(extra)
             .assert()
             .code(2)
@@ -325,16 +325,7 @@ fn inputs_that_name_other_files_are_refused_before_anything_starts() {
         let build_dir = dir.path().join(format!("{name}.build"));
         let customize = vmic()
             .env("PATH", &path)
-            .arg("customize")
-            .arg("--image-file")
-            .arg(&image)
-            .arg("--config-file")
-            .arg(&config)
-            .arg("--build-dir")
-            .arg(&build_dir)
-            .arg("--output-image-file")
-            .arg(&output)
-            .args(["--output-image-format", "iso"])
+            .args(customize_args(&image, &config, &build_dir, &output, "iso"))
             .assert()
             .code(2);
         let stderr = String::from_utf8_lossy(&customize.get_output().stderr).into_owned();
@@ -402,16 +393,13 @@ fn config_dirs_with_outside_links_or_loops_fail_fast_and_start_nothing() {
         let started = std::time::Instant::now();
         let run = vmic()
             .env("PATH", &path)
-            .arg("customize")
-            .arg("--image-file")
-            .arg(&image)
-            .arg("--config-file")
-            .arg(&config)
-            .arg("--build-dir")
-            .arg(dir.path().join(format!("{name}.build")))
-            .arg("--output-image-file")
-            .arg(&output)
-            .args(["--output-image-format", "iso"])
+            .args(customize_args(
+                &image,
+                &config,
+                dir.path().join(format!("{name}.build")),
+                &output,
+                "iso",
+            ))
             .timeout(std::time::Duration::from_secs(60))
             .assert()
             .failure();
@@ -437,16 +425,7 @@ fn customize_qcow2(
 ) -> assert_cmd::assert::Assert {
     vmic()
         .env("PATH", path)
-        .arg("customize")
-        .arg("--image-file")
-        .arg(image)
-        .arg("--config-file")
-        .arg(config)
-        .arg("--build-dir")
-        .arg(build_dir)
-        .arg("--output-image-file")
-        .arg(output)
-        .args(["--output-image-format", "qcow2"])
+        .args(customize_args(image, config, build_dir, output, "qcow2"))
         .assert()
 }
 

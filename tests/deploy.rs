@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::CommandFactory;
-use common::{lock, path_str, vmic, work_dir, VM_LOCK};
+use common::{customize_args, lock, path_str, vmic, work_dir, VM_LOCK};
 
 fn deploy(path: &str) -> PathBuf {
     common::repo().join("deploy").join(path)
@@ -445,16 +445,13 @@ fn guest_image_export_import_then_build_with_the_imported_image() {
     let output = work.path().join("out.qcow2");
     let _vm = lock(&VM_LOCK);
     let built = vmic()
-        .arg("customize")
-        .arg("--image-file")
-        .arg(&input)
-        .arg("--config-file")
-        .arg(&config)
-        .arg("--build-dir")
-        .arg(work.path().join("build"))
-        .arg("--output-image-file")
-        .arg(&output)
-        .args(["--output-image-format", "qcow2"])
+        .args(customize_args(
+            &input,
+            &config,
+            work.path().join("build"),
+            &output,
+            "qcow2",
+        ))
         .env("VMIC_GUEST_IMAGE_DIR", &imported)
         .output()
         .expect("running vmic customize");

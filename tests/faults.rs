@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_no_partial, customize_to, sha256_of, test_image, work_dir};
+use common::{assert_no_partial, customize_args, customize_to, sha256_of, test_image, work_dir};
 
 fn minimal_qcow2() -> PathBuf {
     test_image("x86_64", "minimal", false).join("disk.qcow2")
@@ -118,16 +118,13 @@ fn sigkill_mid_build_leaves_nothing_running_and_the_next_run_cleans_up() {
     let before = sha256_of(&input);
     let _vm = common::lock(&common::VM_LOCK);
     let mut first = Command::new(assert_cmd::cargo::cargo_bin("vmic"))
-        .arg("customize")
-        .arg("--image-file")
-        .arg(&input)
-        .arg("--config-file")
-        .arg(hanging_config(work.path()))
-        .arg("--build-dir")
-        .arg(&build_dir)
-        .arg("--output-image-file")
-        .arg(&output)
-        .args(["--output-image-format", "qcow2"])
+        .args(customize_args(
+            &input,
+            hanging_config(work.path()),
+            &build_dir,
+            &output,
+            "qcow2",
+        ))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -154,16 +151,13 @@ fn sigkill_mid_build_leaves_nothing_running_and_the_next_run_cleans_up() {
     // A second vmic on the same build directory is refused at once, naming the first.
     let second_started = Instant::now();
     let second = common::vmic()
-        .arg("customize")
-        .arg("--image-file")
-        .arg(&input)
-        .arg("--config-file")
-        .arg(hanging_config(work.path()))
-        .arg("--build-dir")
-        .arg(&build_dir)
-        .arg("--output-image-file")
-        .arg(work.path().join("other.qcow2"))
-        .args(["--output-image-format", "qcow2"])
+        .args(customize_args(
+            &input,
+            hanging_config(work.path()),
+            &build_dir,
+            work.path().join("other.qcow2"),
+            "qcow2",
+        ))
         .output()
         .expect("second vmic");
     let second_stderr = String::from_utf8_lossy(&second.stderr);
@@ -305,16 +299,9 @@ fn sigterm_during_the_copy_out_ends_within_two_seconds_with_nothing_left() {
     let mut vmic = Command::new(assert_cmd::cargo::cargo_bin("vmic"))
         .env("VMIC_NO_CACHE", "1")
         .env("PATH", std::env::join_paths(path).expect("PATH"))
-        .arg("customize")
-        .arg("--image-file")
-        .arg(&input)
-        .arg("--config-file")
-        .arg(&config)
-        .arg("--build-dir")
-        .arg(&build_dir)
-        .arg("--output-image-file")
-        .arg(&output)
-        .args(["--output-image-format", "qcow2"])
+        .args(customize_args(
+            &input, &config, &build_dir, &output, "qcow2",
+        ))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

@@ -37,6 +37,27 @@ pub fn vmic() -> Command {
     command
 }
 
+/// `customize` with the paths every build names and the output format, for `.args(...)`.
+pub fn customize_args(
+    input: impl AsRef<std::ffi::OsStr>,
+    config: impl AsRef<std::ffi::OsStr>,
+    build_dir: impl AsRef<std::ffi::OsStr>,
+    output: impl AsRef<std::ffi::OsStr>,
+    format: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["customize".into(), "--image-file".into()];
+    args.push(input.as_ref().into());
+    args.push("--config-file".into());
+    args.push(config.as_ref().into());
+    args.push("--build-dir".into());
+    args.push(build_dir.as_ref().into());
+    args.push("--output-image-file".into());
+    args.push(output.as_ref().into());
+    args.push("--output-image-format".into());
+    args.push(format.into());
+    args
+}
+
 /// The directory holding the test image `name` (`x86_64-minimal`, ...), built if missing.
 pub fn test_image(arch: &str, variant: &str, boot_partition: bool) -> PathBuf {
     let name = format!(
@@ -149,16 +170,8 @@ pub fn customize_to(
         command.env_remove("VMIC_NO_CACHE");
     }
     let result = command
-        .arg("customize")
-        .arg("--image-file")
-        .arg(input)
-        .arg("--config-file")
-        .arg(config)
-        .arg("--build-dir")
-        .arg(&build_dir)
-        .arg("--output-image-file")
-        .arg(output)
-        .args(["--output-image-format", format, "--timestamp-file"])
+        .args(customize_args(input, config, &build_dir, output, format))
+        .arg("--timestamp-file")
         .arg(&timestamps)
         .args(extra)
         .output()
