@@ -64,10 +64,7 @@ pub async fn build(
     // Locked while we write it: a stale one from a killed run is replaced, a live one refused.
     let partial_output = crate::rundir::PartialOutput::create(&settings.output)?;
     let output_partial = partial_output.path().to_path_buf();
-    let output_dir = match settings.output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let output_dir = crate::rundir::parent_dir(&settings.output).to_path_buf();
     let iso_output = settings.output_format == OutputFormat::Iso;
     // The ISO disk, and so the largest ISO the host accepts from the guest (crate::accept).
     let output_disk_size = input_size + GIB;
@@ -516,11 +513,7 @@ impl Planned {
 /// What a config directory upload leaves out, whatever the directory holds: this build's own
 /// files (canonical paths, as `upload::list_files` compares them).
 fn never_uploaded(build_dir: &Path, input: &Path, output: &Path) -> Vec<PathBuf> {
-    let output_dir = match output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let output = fs_err::canonicalize(output_dir)
+    let output = fs_err::canonicalize(crate::rundir::parent_dir(output))
         .unwrap_or_default()
         .join(output.file_name().unwrap_or_default());
     vec![

@@ -172,6 +172,14 @@ fn remove_leftovers(root: &Path) -> Result<(), RunDirError> {
     Ok(())
 }
 
+/// The directory a file is written into: its parent, or `.` for a bare name.
+pub fn parent_dir(file: &Path) -> &Path {
+    match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
 /// Temp name beside the output, so the final rename is atomic and a failed build leaves
 /// nothing that looks like a finished output.
 pub fn partial_path(output: &Path) -> PathBuf {

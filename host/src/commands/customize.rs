@@ -34,10 +34,7 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     // On Ctrl-C, SIGTERM or the timeout the build future is dropped: QEMU is killed and the
     // scratch files and the partial output are removed by their guards.
     let mut timed_out = false;
-    let output_dir = match settings.output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let output_dir = crate::rundir::parent_dir(&settings.output).to_path_buf();
     let watched = vec![
         (build_dir.root().to_path_buf(), "build directory"),
         (output_dir, "output directory"),

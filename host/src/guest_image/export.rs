@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -171,10 +171,7 @@ pub fn export(root: &Path, arches: &[Arch], file: &Path) -> anyhow::Result<Vec<S
         ));
     }
 
-    let parent = match file.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = crate::rundir::parent_dir(file).to_path_buf();
     let staging = tempfile::Builder::new()
         .prefix(".vmic-export-")
         .tempfile_in(&parent)
@@ -710,6 +707,7 @@ fn symlink(target: &Path, link: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn fake_image(root: &Path, arch: Arch, id: &str) {
         let dir = root.join(id);
