@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use vmic::report::Reporter;
 use vmic::session::{Session, MAX_GUEST_LINE, REQUEST_QUEUE_LEN};
 use vmic::transport::Connection;
 use vmic_protocol::{
@@ -116,7 +117,7 @@ async fn session() -> (Session, Agent) {
         writer: Box::pin(host_writer),
     };
     let (session, ()) = tokio::join!(
-        Session::handshake(connection, "hostile-test-token"),
+        Session::handshake(connection, "hostile-test-token", Reporter::plain()),
         agent.greet()
     );
     (session.expect("handshake"), agent)
@@ -167,6 +168,7 @@ async fn oversized_frame_length_fails_the_request_without_allocating_it() {
             writer: Box::pin(host_writer),
         },
         "hostile-test-token",
+        Reporter::plain(),
     )
     .await
     .err()

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use vmic::report::Reporter;
 use vmic::session::Session;
 use vmic::transport::Connection;
 use vmic_protocol::{Event, ExecRequest, Request, Stream};
@@ -40,7 +41,7 @@ async fn session() -> (Session, tokio::process::Child) {
         reader: Box::pin(child.stdout.take().expect("stdout")),
         writer: Box::pin(child.stdin.take().expect("stdin")),
     };
-    let session = Session::handshake(connection, "test-token")
+    let session = Session::handshake(connection, "test-token", Reporter::plain())
         .await
         .expect("handshake");
     (session, child)

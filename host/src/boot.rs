@@ -23,7 +23,7 @@ pub use crate::image::{
 
 use crate::accel::Accel;
 use crate::cli::{Arch, BootArgs, Firmware, GlobalArgs, Media};
-use crate::report::Failure;
+use crate::report::{Failure, Reporter, Source};
 
 /// `vmic boot`, resolved: every path checked, every choice made.
 #[derive(Debug, Clone)]
@@ -90,7 +90,10 @@ pub fn run(_global: &GlobalArgs, args: BootArgs) -> Result<(), Failure> {
         .build()
         .context("starting the async runtime")
         .map_err(Failure::Build)?;
-    let matched = runtime.block_on(boot(&settings)).map_err(Failure::Build)?;
+    let reporter = crate::report::Reporter::plain();
+    let matched = runtime
+        .block_on(boot(&settings, &reporter))
+        .map_err(Failure::Build)?;
     if let Some(line) = matched {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{line}");
@@ -215,22 +218,27 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
 
 /// Boot and watch the console. `Ok(Some(line))`: the line that matched `--expect`;
 /// `Ok(None)`: no pattern and the VM powered off cleanly.
-pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
+pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Result<Option<String>> {
     let prepared = prepare(settings)?;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + settings.timeout;
-    tracing::info!(
-        "booting {} ({}, {}, {}, {})",
-        settings.image.display(),
-        settings.format.name(),
-        settings.arch,
-        match settings.firmware {
-            Firmware::Uefi => "UEFI",
-            Firmware::Bios => "BIOS",
-        },
-        settings.accel.name()
+    reporter.note(
+        Source::Vmic,
+        format_args!(
+            "booting {} ({}, {}, {}, {})",
+            settings.image.display(),
+            settings.format.name(),
+            settings.arch,
+            match settings.firmware {
+                Firmware::Uefi => "UEFI",
+                Firmware::Bios => "BIOS",
+            },
+            settings.accel.name()
+        ),
     );
+    crate::sandbox::warn_if_unsupported(&prepared.binary, reporter);
     let mut qemu = crate::qemu::QemuProcess::spawn(&prepared.binary, prepared.argv.clone())?;
+    qemu.warn_if_unwatched(reporter);
     let mut stream = match crate::console::connect(&mut qemu, &prepared.serial_socket).await? {
         Some(stream) => stream,
         None => {
@@ -268,7 +276,7 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
             read = stream.read(&mut buffer) => read,
             _ = sleep_until_some(partial_deadline) => {
                 if let Some(line) = console.partial_match() {
-                    return finish_matched(&mut qemu, started, line).await;
+                    return finish_matched(&mut qemu, started, line, reporter).await;
                 }
                 partial_deadline = None;
                 continue;
@@ -306,7 +314,7 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
             .map(|_| tokio::time::Instant::now() + Duration::from_millis(500));
         match verdict {
             Some(Verdict::Matched(line)) => {
-                return finish_matched(&mut qemu, started, line).await;
+                return finish_matched(&mut qemu, started, line, reporter).await;
             }
             Some(Verdict::Panic(line)) if panic_line.is_none() => {
                 tracing::debug!(
@@ -337,9 +345,12 @@ pub async fn boot(settings: &BootSettings) -> anyhow::Result<Option<String>> {
         }
         .into()),
         None if status.success() => {
-            tracing::info!(
-                "the VM powered off after {:.1} s",
-                started.elapsed().as_secs_f64()
+            reporter.note(
+                Source::Vmic,
+                format_args!(
+                    "the VM powered off after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ),
             );
             Ok(None)
         }
@@ -356,10 +367,14 @@ async fn finish_matched(
     qemu: &mut crate::qemu::QemuProcess,
     started: Instant,
     line: String,
+    reporter: &Reporter,
 ) -> anyhow::Result<Option<String>> {
-    tracing::info!(
-        "matched after {:.1} s: {line}",
-        started.elapsed().as_secs_f64()
+    reporter.note(
+        Source::Vmic,
+        format_args!(
+            "matched after {:.1} s: {line}",
+            started.elapsed().as_secs_f64()
+        ),
     );
     qemu.kill().await;
     Ok(Some(line))

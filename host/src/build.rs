@@ -5,12 +5,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use vmic_protocol::{Event, ExecRequest, Request, Response, Stream};
+use vmic_protocol::{Event, Request, Response, Stream};
 
 use crate::cli::{Arch, OutputFormat};
 use crate::image::ImageFormat;
 use crate::qemu::Disk;
-use crate::report::Progress;
+use crate::report::{Reporter, Source};
 use crate::settings::CustomizeSettings;
 use crate::vm::{RunningVm, VmOptions};
 
@@ -52,9 +52,9 @@ pub async fn build(
     settings: &CustomizeSettings,
     arch: Arch,
     locked_dir: &crate::rundir::BuildDir,
-    progress: &mut Progress,
+    reporter: &Reporter,
 ) -> anyhow::Result<BuildSummary> {
-    progress.step("Preparing", "disks in the build directory");
+    reporter.step("Preparing", "disks in the build directory");
     let build_dir = locked_dir.root().to_path_buf();
     // This run's files live in its private directory (removed with it, or by the next run
     // after a SIGKILL), so a planted name in the build directory is never followed.
@@ -63,6 +63,17 @@ pub async fn build(
     let input_size = crate::image::virtual_size(&input, settings.input_format)?;
     // Locked while we write it: a stale one from a killed run is replaced, a live one refused.
     let partial_output = crate::rundir::PartialOutput::create(&settings.output)?;
+    for left in locked_dir.leftovers().iter().chain(
+        partial_output
+            .replaced_stale()
+            .then(|| partial_output.path().to_path_buf())
+            .as_ref(),
+    ) {
+        reporter.note(
+            Source::Vmic,
+            format_args!("removed {} left by a vmic run that ended", left.display()),
+        );
+    }
     let output_partial = partial_output.path().to_path_buf();
     let output_dir = crate::rundir::parent_dir(&settings.output).to_path_buf();
     let iso_output = settings.output_format == OutputFormat::Iso;
@@ -92,14 +103,14 @@ pub async fn build(
     options.run_dir = Some(run_dir.clone());
     // Planned before the VM starts: files the config names are read (and fail) now, and the
     // plan says whether the VM needs a network.
-    let mut planned = plan(settings, &build_dir, &input, options.cpus)?;
+    let mut planned = plan(settings, &build_dir, &input, options.cpus, reporter)?;
     // Hashed once: the build cache's key and the provenance record both need it.
     // Off the async runtime: a large image takes seconds, and Ctrl-C must not wait for it.
     let input_sha256 = {
         let input = input.clone();
         off_runtime(move || crate::provenance::sha256_hex(&input)).await?
     };
-    let cache = use_cache(settings, arch, &input_sha256, &mut planned)?;
+    let cache = use_cache(settings, arch, &input_sha256, &mut planned, reporter)?;
     let input_disk = if let CacheUse::Hit(cached) = &cache {
         // The cached ISO is re-mastered: attached read-only like an ISO input.
         Disk {
@@ -153,14 +164,18 @@ pub async fn build(
     options.network = planned.os().packages.network;
     options.allow_private_network = settings.allow_private_network;
     if options.network {
-        tracing::info!(
-            "the builder VM reaches the image's package repositories through vmic's proxy (public addresses{})",
-            if options.allow_private_network { " and private networks" } else { " only" }
+        reporter.note(
+            Source::Vmic,
+            format_args!(
+                "the builder VM reaches the image's package repositories through vmic's proxy (public addresses{})",
+                if options.allow_private_network { " and private networks" } else { " only" }
+            ),
         );
     }
-    progress.step("Booting", &format!("{arch} builder VM"));
+    reporter.step("Booting", &format!("{arch} builder VM"));
+    options.reporter = reporter.clone();
     let vm = RunningVm::start(options).await?;
-    let result = drive_build(&vm, planned, progress).await;
+    let result = drive_build(&vm, planned, reporter).await;
     let outcome = match result {
         Ok(outcome) => {
             vm.shutdown().await?;
@@ -176,7 +191,7 @@ pub async fn build(
 
     let (size, digest, packages, epoch) = match outcome {
         Response::Iso(outcome) => {
-            progress.step("Finishing", "verifying the ISO");
+            reporter.step("Finishing", "verifying the ISO");
             // Reading the whole ISO three times: off the async runtime, so that Ctrl-C and
             // the timeout are not held up behind it.
             let path = output_partial.clone();
@@ -194,8 +209,27 @@ pub async fn build(
                 let key = parts.key();
                 // A cache that cannot take the entry costs the next build time, not this one.
                 match off_runtime(move || cache.store(&parts, &iso)).await {
-                    Ok(()) => tracing::info!(key = %key, "build cache: stored"),
-                    Err(error) => tracing::warn!("build cache: not stored: {error:#}"),
+                    Ok(crate::cache::Stored::TooLarge { size, max_bytes }) => reporter.note(
+                        Source::Vmic,
+                        format_args!(
+                            "build cache: the ISO ({} MiB) is larger than the cache ({} MiB); not stored",
+                            size >> 20,
+                            max_bytes >> 20
+                        ),
+                    ),
+                    Ok(crate::cache::Stored::Entry { evicted }) => {
+                        reporter.note(Source::Vmic, format_args!("build cache: stored {key}"));
+                        for (key, size) in evicted {
+                            reporter.note(
+                                Source::Vmic,
+                                format_args!("build cache: evicted {key} ({} MiB)", size >> 20),
+                            );
+                        }
+                    }
+                    Err(error) => reporter.warn(
+                        Source::Vmic,
+                        format_args!("build cache: not stored: {error:#}"),
+                    ),
                 }
             }
             (
@@ -206,7 +240,7 @@ pub async fn build(
             )
         }
         Response::Disk(outcome) => {
-            progress.step(
+            reporter.step(
                 "Converting",
                 &format!("customized disk to {}", settings.output_format.name()),
             );
@@ -224,7 +258,7 @@ pub async fn build(
         }
         other => bail!("unexpected answer to the build request: {other:?}"),
     };
-    progress.step("Recording", "sha256, SBOM and provenance beside the output");
+    reporter.step("Recording", "sha256, SBOM and provenance beside the output");
     let sidecars = write_sidecars(
         settings,
         &input,
@@ -401,37 +435,6 @@ async fn mount_scratch(session: &crate::session::Session) -> anyhow::Result<()> 
     }
 }
 
-/// Copy the plan's files into the builder VM.
-async fn upload(
-    session: &crate::session::Session,
-    uploads: &[crate::plan::Upload],
-) -> anyhow::Result<()> {
-    let mut directories: Vec<String> = uploads
-        .iter()
-        .filter_map(|upload| Path::new(&upload.guest).parent())
-        .map(|parent| parent.to_string_lossy().into_owned())
-        .collect();
-    directories.sort();
-    directories.dedup();
-    directories.insert(0, crate::plan::GUEST_CONFIG_DIR.to_string());
-    let mut mkdir = vec!["mkdir".to_string(), "-p".to_string()];
-    mkdir.extend(directories);
-    let result = session.exec(ExecRequest::new(mkdir), |_, _| {}).await?;
-    if result.code != 0 {
-        bail!(
-            "creating upload directories: {}",
-            String::from_utf8_lossy(&result.stderr)
-        );
-    }
-    for upload in uploads {
-        session
-            .put_file(&upload.local, &upload.guest, upload.mode)
-            .await
-            .with_context(|| format!("uploading {}", upload.local.display()))?;
-    }
-    Ok(())
-}
-
 /// What the build cache does for this build.
 enum CacheUse {
     /// Not used: `--no-cache`, a disk output, or a build it cannot vouch for.
@@ -449,6 +452,7 @@ fn use_cache(
     arch: Arch,
     input_sha256: &str,
     planned: &mut Planned,
+    reporter: &Reporter,
 ) -> anyhow::Result<CacheUse> {
     use crate::cache::{BuildCache, KeyInputs, KeyParts, Lookup};
     let (Some(cache_settings), Request::BuildIso(request)) =
@@ -471,16 +475,19 @@ fn use_cache(
     let parts = match KeyParts::of(request, &inputs)? {
         Ok(parts) => parts,
         Err(why) => {
-            tracing::info!("build cache: not used: {why}");
+            reporter.note(Source::Vmic, format_args!("build cache: not used: {why}"));
             return Ok(CacheUse::Off);
         }
     };
     let cache = BuildCache::new(cache_settings.clone());
     match cache.lookup(&parts) {
         Lookup::Hit(iso) => {
-            tracing::info!(
-                key = %parts.key(),
-                "build cache: hit: the cached ISO is re-mastered with this build's iso settings (no customization, dracut or mksquashfs)"
+            reporter.note(
+                Source::Vmic,
+                format_args!(
+                    "build cache: hit {}: the cached ISO is re-mastered with this build's iso settings (no customization, dracut or mksquashfs)",
+                    parts.key()
+                ),
             );
             request.input_is_iso = true;
             request.remaster_only = true;
@@ -488,7 +495,10 @@ fn use_cache(
             Ok(CacheUse::Hit(iso))
         }
         Lookup::Miss(why) => {
-            tracing::info!(key = %parts.key(), "build cache: miss ({why})");
+            reporter.note(
+                Source::Vmic,
+                format_args!("build cache: miss {} ({why})", parts.key()),
+            );
             Ok(CacheUse::Store(cache, Box::new(parts)))
         }
     }
@@ -496,7 +506,7 @@ fn use_cache(
 
 /// The request for the agent and the files it needs, from the settings.
 struct Planned {
-    uploads: Vec<crate::plan::Upload>,
+    uploads: Vec<crate::upload::Upload>,
     request: Request,
 }
 
@@ -531,36 +541,44 @@ fn plan(
     build_dir: &Path,
     input: &Path,
     cpus: u32,
+    reporter: &Reporter,
 ) -> anyhow::Result<Planned> {
+    let config_dir = fs_err::canonicalize(&settings.config.dir)?;
+    let files = crate::gather::gather(
+        &settings.config.config,
+        crate::gather::Where {
+            config_dir: &config_dir,
+            exclude: &never_uploaded(build_dir, input, &settings.output),
+            package_sources: &settings.package_sources,
+        },
+    )?;
     let facts = crate::plan::HostFacts {
-        config_dir: &fs_err::canonicalize(&settings.config.dir)?,
+        config_dir: &config_dir,
         input_is_iso: settings.input_format == ImageFormat::Iso,
         input_serial: INPUT_SERIAL,
         output_serial: OUTPUT_SERIAL,
         cpus,
-        exclude: never_uploaded(build_dir, input, &settings.output),
-        package_sources: &settings.package_sources,
         disable_base_repos: settings.disable_base_image_repos,
         squashfs_compression: settings.squashfs_compression,
         source_date_epoch: settings.source_date_epoch,
     };
-    let (uploads, skipped, request) = if settings.output_format == OutputFormat::Iso {
-        let plan = crate::plan::iso_plan(&settings.config.config, &facts)?;
-        (
-            plan.uploads,
-            plan.skipped,
-            Request::BuildIso(Box::new(plan.request)),
-        )
+    let (uploads, skipped, warnings, request) = if settings.output_format == OutputFormat::Iso {
+        let plan = crate::plan::iso_plan(&settings.config.config, &facts, &files)?;
+        let request = Request::BuildIso(Box::new(plan.request));
+        (plan.uploads, plan.skipped, plan.warnings, request)
     } else {
-        let plan = crate::plan::disk_plan(&settings.config.config, &facts)?;
-        (
-            plan.uploads,
-            plan.skipped,
-            Request::CustomizeDisk(Box::new(plan.request)),
-        )
+        let plan = crate::plan::disk_plan(&settings.config.config, &facts, &files)?;
+        let request = Request::CustomizeDisk(Box::new(plan.request));
+        (plan.uploads, plan.skipped, plan.warnings, request)
     };
+    for warning in warnings {
+        reporter.warn(Source::Vmic, warning);
+    }
     for (path, why) in &skipped {
-        tracing::warn!("not copied to /_imageconfigs: {} ({why})", path.display());
+        reporter.warn(
+            Source::Vmic,
+            format_args!("not copied to /_imageconfigs: {} ({why})", path.display()),
+        );
     }
     Ok(Planned { uploads, request })
 }
@@ -568,22 +586,22 @@ fn plan(
 async fn drive_build(
     vm: &RunningVm,
     planned: Planned,
-    progress: &mut Progress,
+    reporter: &Reporter,
 ) -> anyhow::Result<Response> {
     let session = &vm.session;
-    progress.step("Uploading", "config directory");
+    reporter.step("Uploading", "config directory");
     mount_scratch(session).await?;
     let Planned { uploads, request } = planned;
-    upload(session, &uploads).await?;
+    crate::upload::send(session, crate::plan::GUEST_CONFIG_DIR, &uploads).await?;
 
     let mut handle = session.start(request).await?;
     let response = handle
         .finish(|event| match event {
             Event::Progress { step, done, total } => {
                 if done == 0 && total == 0 {
-                    progress.step(step.title(), step.detail());
+                    reporter.step(step.title(), step.detail());
                 } else {
-                    progress.update(done, total);
+                    reporter.update(done, total);
                 }
             }
             Event::Output { stream, data } => {
@@ -591,12 +609,12 @@ async fn drive_build(
                 for line in text.lines() {
                     let line = crate::inert::inert_line(line);
                     match stream {
-                        Stream::Stdout => tracing::info!(target: "vmic::guest", "{line}"),
-                        Stream::Stderr => tracing::warn!(target: "vmic::guest", "{line}"),
+                        Stream::Stdout => reporter.note(Source::Guest, line),
+                        Stream::Stderr => reporter.warn(Source::Guest, line),
                     }
                 }
             }
-            Event::Log { message, .. } => tracing::info!(target: "vmic::guest", "{message}"),
+            Event::Log { message, .. } => reporter.note(Source::Guest, message),
             Event::Invalid => {}
         })
         .await?;

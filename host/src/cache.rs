@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vmic_protocol::IsoBuild;
 
-use crate::plan::Upload;
+use crate::upload::Upload;
 
 /// Bumped when an entry's meaning changes: older entries then never match.
 pub const CACHE_FORMAT: u32 = 1;
@@ -224,6 +224,15 @@ pub enum Lookup {
     Miss(String),
 }
 
+/// What [`BuildCache::store`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored; these entries (key, bytes) were evicted to make room.
+    Entry { evicted: Vec<(String, u64)> },
+    /// Not stored: the ISO alone is larger than the cache.
+    TooLarge { size: u64, max_bytes: u64 },
+}
+
 impl BuildCache {
     pub fn new(settings: CacheSettings) -> Self {
         BuildCache { settings }
@@ -303,17 +312,15 @@ impl BuildCache {
 
     /// Store `iso` (a finished output) as the entry for `parts`, then evict down to the cap.
     /// The copy goes under a temporary name first: a reader never sees half an entry.
-    pub fn store(&self, parts: &KeyParts, iso: &Path) -> anyhow::Result<()> {
+    pub fn store(&self, parts: &KeyParts, iso: &Path) -> anyhow::Result<Stored> {
         fs_err::create_dir_all(&self.settings.dir)?;
         let key = parts.key();
         let size = fs_err::metadata(iso)?.len();
         if size > self.settings.max_bytes {
-            tracing::info!(
-                "build cache: the ISO ({} MiB) is larger than the cache ({} MiB); not stored",
-                size >> 20,
-                self.settings.max_bytes >> 20
-            );
-            return Ok(());
+            return Ok(Stored::TooLarge {
+                size,
+                max_bytes: self.settings.max_bytes,
+            });
         }
         let temp = tempfile::Builder::new()
             .prefix(".incoming-")
@@ -330,11 +337,15 @@ impl BuildCache {
         // The ISO first: a record is only ever beside a complete ISO.
         temp.persist(self.iso_path(&key))?;
         record_temp.persist(self.record_path(&key))?;
-        self.evict()
+        Ok(Stored::Entry {
+            evicted: self.evict()?,
+        })
     }
 
-    /// Remove the least recently used entries until the total fits the cap.
-    pub fn evict(&self) -> anyhow::Result<()> {
+    /// Remove the least recently used entries until the total fits the cap; returns their
+    /// keys and sizes.
+    pub fn evict(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut evicted = Vec::new();
         let mut entries = self.entries();
         let mut total: u64 = entries
             .iter()
@@ -349,10 +360,10 @@ impl BuildCache {
             // The record first: without it the ISO is no entry, whatever happens next.
             fs_err::remove_file(self.record_path(&key))?;
             fs_err::remove_file(self.iso_path(&key))?;
-            tracing::info!("build cache: evicted {key} ({} MiB)", size >> 20);
             total = total.saturating_sub(size);
+            evicted.push((key, size));
         }
-        Ok(())
+        Ok(evicted)
     }
 }
 
@@ -391,13 +402,14 @@ mod tests {
         let config = dir.join("project/config.yaml");
         let loaded = load_and_validate(&config, &ValidationContext::default())
             .unwrap_or_else(|errors| panic!("{errors}"));
-        let sources = [dir.join("debs")];
+        let config_dir = fs_err::canonicalize(&loaded.dir).unwrap();
         let plan = iso_plan(
             &loaded.config,
             &HostFacts {
                 disable_base_repos: true,
-                ..HostFacts::for_tests(&fs_err::canonicalize(&loaded.dir).unwrap(), &sources)
+                ..HostFacts::for_tests(&config_dir)
             },
+            &crate::plan::tests::gathered(&loaded.config, &config_dir, &[dir.join("debs")]),
         )
         .expect("plan");
         let config_files = [fs_err::canonicalize(&config).unwrap()];
@@ -537,9 +549,13 @@ mod tests {
     #[test]
     fn network_package_installs_and_iso_inputs_are_not_cached() {
         let dir = tempfile::tempdir().unwrap();
-        let mut request = iso_plan(&Default::default(), &HostFacts::for_tests(dir.path(), &[]))
-            .map(|plan| plan.request)
-            .unwrap_or_else(|error| panic!("{error:#}"));
+        let mut request = iso_plan(
+            &Default::default(),
+            &HostFacts::for_tests(dir.path()),
+            &Default::default(),
+        )
+        .map(|plan| plan.request)
+        .unwrap_or_else(|error| panic!("{error:#}"));
         let inputs = KeyInputs {
             builder_manifest: b"{}",
             arch: "x86_64",
@@ -607,7 +623,12 @@ mod tests {
         age(&first, 1_000);
         age(&second, 2_000);
         let third = entry_parts("in-3", "os-a");
-        cache.store(&third, &iso).unwrap();
+        assert_eq!(
+            cache.store(&third, &iso).unwrap(),
+            Stored::Entry {
+                evicted: vec![(first.key(), 1000)]
+            }
+        );
         assert!(matches!(cache.lookup(&first), Lookup::Miss(_)), "evicted");
         assert!(matches!(cache.lookup(&second), Lookup::Hit(_)));
         assert!(matches!(cache.lookup(&third), Lookup::Hit(_)));

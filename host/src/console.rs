@@ -170,7 +170,11 @@ impl CappedLog {
 pub struct ConsoleRecorder(tokio::task::JoinHandle<()>);
 
 impl ConsoleRecorder {
-    pub fn spawn(mut stream: UnixStream, mut log: CappedLog) -> ConsoleRecorder {
+    pub fn spawn(
+        mut stream: UnixStream,
+        mut log: CappedLog,
+        reporter: crate::report::Reporter,
+    ) -> ConsoleRecorder {
         ConsoleRecorder(tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 << 10];
             let mut failed = false;
@@ -178,7 +182,10 @@ impl ConsoleRecorder {
             while let Ok(count @ 1..) = stream.read(&mut buffer).await {
                 if let Err(error) = log.write(&buffer[..count]) {
                     if !failed {
-                        tracing::warn!("writing the console log {}: {error}", log.path.display());
+                        reporter.warn(
+                            crate::report::Source::Vmic,
+                            format_args!("writing the console log {}: {error}", log.path.display()),
+                        );
                         failed = true;
                     }
                 }

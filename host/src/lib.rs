@@ -15,6 +15,7 @@ pub mod config;
 pub mod console;
 pub mod doctor;
 pub mod format;
+pub mod gather;
 pub mod guest_image;
 pub mod image;
 pub mod inert;

@@ -23,25 +23,18 @@ impl Drop for Watchdog {
     }
 }
 
-/// Start a watchdog for `child_pid` where the OS has no parent-death signal, or `None` where
-/// none is needed (Linux) or it could not start (logged: the build goes on without it).
-pub fn watch(child_pid: Option<u32>) -> Option<Watchdog> {
-    if cfg!(target_os = "linux") {
-        return None;
-    }
-    let mut command = Command::new(std::env::current_exe().ok()?);
+/// Start a watchdog for `child_pid` where the OS has no parent-death signal; `Ok(None)` where
+/// none is needed (Linux). An error is reported by the caller: the build goes on without it.
+pub fn watch(child_pid: Option<u32>) -> std::io::Result<Option<Watchdog>> {
+    let Some(child_pid) = child_pid.filter(|_| !cfg!(target_os = "linux")) else {
+        return Ok(None);
+    };
+    let mut command = Command::new(std::env::current_exe()?);
     command
-        .env(
-            WATCHDOG_ENV,
-            format!("{}:{}", child_pid?, std::process::id()),
-        )
+        .env(WATCHDOG_ENV, format!("{child_pid}:{}", std::process::id()))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    command
-        .spawn()
-        .inspect_err(|error| tracing::warn!(%error, "no orphan watchdog for QEMU"))
-        .ok()
-        .map(Watchdog)
+    command.spawn().map(|child| Some(Watchdog(child)))
 }
 
 /// In `main`, before anything else: when started as a watchdog, watch and return the exit

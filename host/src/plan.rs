@@ -1,9 +1,8 @@
-//! The build plan: what to upload into the builder VM and the `IsoBuild` request, derived
-//! purely from resolved settings (no I/O beyond listing the config directory).
+//! The build plan: what to upload into the builder VM and the `IsoBuild` request, decided from
+//! the config, the host's facts and what [`crate::gather`] found on the host's disk: no I/O.
 
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::Context;
 use vmic_protocol::{
     Compression, Customization, DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild,
     IsoSettings, ModuleLoadMode, ModuleSpec, OsCustomization, PackageChanges, PackageSource,
@@ -13,6 +12,8 @@ use vmic_protocol::{
 use crate::config::model::{
     self, AdditionalFiles, Config, KernelCommandLine, PasswordType, Script as ScriptConfig,
 };
+use crate::gather::{HostFiles, Listed, SourceFiles};
+use crate::upload::Upload;
 
 /// Guest directory of the scratch disk.
 pub const WORK_DIR: &str = "/work";
@@ -33,20 +34,14 @@ pub const DEFAULT_ISO_LABEL: &str = "CDROM";
 pub const UNREFERENCED_FILE_LIMIT: u64 = 16 << 20;
 pub const UNREFERENCED_TOTAL_LIMIT: u64 = 256 << 20;
 
-/// One file to copy into the builder VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upload {
-    pub local: PathBuf,
-    pub guest: String,
-    pub mode: u32,
-}
-
 /// What the host does before sending the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan<R> {
     pub uploads: Vec<Upload>,
     /// Config-directory files left out of `/_imageconfigs`, with why.
     pub skipped: Vec<(PathBuf, String)>,
+    /// What the user should hear about the config (plain-text passwords).
+    pub warnings: Vec<String>,
     pub request: R,
 }
 
@@ -61,10 +56,6 @@ pub struct HostFacts<'a> {
     pub input_serial: &'a str,
     pub output_serial: &'a str,
     pub cpus: u32,
-    /// Paths never uploaded even when inside the config directory (input, output, build dir).
-    pub exclude: Vec<PathBuf>,
-    /// `--package-source` paths.
-    pub package_sources: &'a [PathBuf],
     pub disable_base_repos: bool,
     /// `--squashfs-compression`; `Auto` lets the agent choose what the image's kernel reads.
     pub squashfs_compression: Compression,
@@ -75,15 +66,13 @@ pub struct HostFacts<'a> {
 #[cfg(test)]
 impl<'a> HostFacts<'a> {
     /// A disk input on 2 CPUs, nothing excluded, automatic compression, no epoch.
-    pub fn for_tests(config_dir: &'a Path, package_sources: &'a [PathBuf]) -> Self {
+    pub fn for_tests(config_dir: &'a Path) -> Self {
         HostFacts {
             config_dir,
             input_is_iso: false,
             input_serial: "vmic-input",
             output_serial: "vmic-output",
             cpus: 2,
-            exclude: Vec::new(),
-            package_sources,
             disable_base_repos: false,
             squashfs_compression: Compression::Auto,
             source_date_epoch: None,
@@ -196,53 +185,6 @@ fn scripts(list: Option<&Vec<ScriptConfig>>, phase: &str) -> Vec<Script> {
     .unwrap_or_default()
 }
 
-/// The files the config names explicitly: those inside the config directory (relative to it)
-/// and those outside it (absolute host paths).
-#[derive(Debug, Default)]
-struct Referenced {
-    inside: Vec<PathBuf>,
-    outside: Vec<PathBuf>,
-}
-
-fn referenced_files(config: &Config, config_dir: &Path) -> Referenced {
-    let clean = clean_dir(config_dir);
-    let mut referenced = Referenced::default();
-    let mut add = |value: &str| {
-        let local = crate::config::resolve_source(config_dir, value);
-        match local.strip_prefix(&clean) {
-            Ok(relative) => referenced.inside.push(relative.to_path_buf()),
-            Err(_) if !referenced.outside.contains(&local) => referenced.outside.push(local),
-            Err(_) => {}
-        }
-    };
-    for list in [
-        config
-            .os
-            .as_ref()
-            .and_then(|os| os.additional_files.as_ref()),
-        config
-            .iso
-            .as_ref()
-            .and_then(|iso| iso.additional_files.as_ref()),
-    ] {
-        for file in list.map(|list| list.0.as_slice()).unwrap_or_default() {
-            if let Some(source) = &file.source {
-                add(source);
-            }
-        }
-    }
-    if let Some(scripts) = &config.scripts {
-        for list in [&scripts.post_customization, &scripts.finalize_customization] {
-            for script in list.iter().flatten() {
-                if let Some(path) = &script.path {
-                    add(path);
-                }
-            }
-        }
-    }
-    referenced
-}
-
 /// Whether the config changes the root file system (else an ISO input is only re-mastered).
 pub fn changes_rootfs(config: &Config) -> bool {
     let os_changes = config.os.as_ref().is_some_and(|os| {
@@ -274,9 +216,13 @@ pub fn changes_rootfs(config: &Config) -> bool {
 }
 
 /// Build the plan for a disk/ISO → ISO conversion.
-pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPlan> {
+pub fn iso_plan(
+    config: &Config,
+    facts: &HostFacts<'_>,
+    files: &HostFiles,
+) -> anyhow::Result<IsoPlan> {
     let iso = config.iso.as_ref();
-    let common = common_plan(config, facts)?;
+    let common = common_plan(config, facts, files)?;
     let request = IsoBuild {
         input_serial: facts.input_serial.to_string(),
         input_is_iso: facts.input_is_iso,
@@ -303,16 +249,22 @@ pub fn iso_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<IsoPla
     Ok(Plan {
         uploads: common.uploads,
         skipped: common.skipped,
+        warnings: common.warnings,
         request,
     })
 }
 
 /// Build the plan for customizing a disk image in place.
-pub fn disk_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<DiskPlan> {
-    let common = common_plan(config, facts)?;
+pub fn disk_plan(
+    config: &Config,
+    facts: &HostFacts<'_>,
+    files: &HostFiles,
+) -> anyhow::Result<DiskPlan> {
+    let common = common_plan(config, facts, files)?;
     Ok(Plan {
         uploads: common.uploads,
         skipped: common.skipped,
+        warnings: common.warnings,
         request: DiskBuild {
             input_serial: facts.input_serial.to_string(),
             work_dir: WORK_DIR.to_string(),
@@ -326,20 +278,25 @@ struct CommonPlan {
     customization: Customization,
     uploads: Vec<Upload>,
     skipped: Vec<(PathBuf, String)>,
+    warnings: Vec<String>,
 }
 
-fn common_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<CommonPlan> {
+fn common_plan(
+    config: &Config,
+    facts: &HostFacts<'_>,
+    files: &HostFiles,
+) -> anyhow::Result<CommonPlan> {
     let os = config.os.as_ref();
     let script_config = config.scripts.as_ref();
     let mut uploads = Vec::new();
-    let mut skipped = Vec::new();
-    config_dir_uploads(config, facts, &mut uploads, &mut skipped)?;
-    let additional_dirs = additional_dirs(os, facts.config_dir, &mut uploads)?;
-    let packages = packages(os, facts, &mut uploads)?;
+    let skipped = config_dir_uploads(files, &mut uploads);
+    let additional_dirs = additional_dirs(os, files, &mut uploads);
+    let packages = packages(os, facts, files, &mut uploads)?;
     let mut budget = crate::upload::UploadBudget::default();
     for upload in &uploads {
-        budget.take(&upload.local, fs_err::metadata(&upload.local)?.len())?;
+        budget.take(&upload.local, upload.size)?;
     }
+    let mut warnings = Vec::new();
     let os_customization = OsCustomization {
         hostname: os.and_then(|os| os.hostname.clone()),
         additional_files: file_copies(
@@ -360,7 +317,7 @@ fn common_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<CommonP
                 })
             })
             .collect(),
-        users: users(os, facts.config_dir)?,
+        users: users(os, facts.config_dir, files, &mut warnings)?,
         services: os
             .and_then(|os| os.services.as_ref())
             .map(|services| ServiceChanges {
@@ -415,15 +372,30 @@ fn common_plan(config: &Config, facts: &HostFacts<'_>) -> anyhow::Result<CommonP
         },
         uploads,
         skipped,
+        warnings,
     })
 }
 
-fn read_config_file(config_dir: &Path, relative: &str) -> anyhow::Result<String> {
-    let path = config_dir.join(relative);
-    fs_err::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+/// The text of a file the config reads, as gathered.
+fn text<'f>(files: &'f HostFiles, config_dir: &Path, relative: &str) -> anyhow::Result<&'f str> {
+    files
+        .texts
+        .get(relative)
+        .map(String::as_str)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} was not read before planning (a vmic bug: gather and plan disagree)",
+                config_dir.join(relative).display()
+            )
+        })
 }
 
-fn users(os: Option<&model::Os>, config_dir: &Path) -> anyhow::Result<Vec<UserSpec>> {
+fn users(
+    os: Option<&model::Os>,
+    config_dir: &Path,
+    files: &HostFiles,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<Vec<UserSpec>> {
     let mut out = Vec::new();
     for user in os.and_then(|os| os.users.as_ref()).into_iter().flatten() {
         let Some(name) = user.name.clone() else {
@@ -431,7 +403,7 @@ fn users(os: Option<&model::Os>, config_dir: &Path) -> anyhow::Result<Vec<UserSp
         };
         let mut ssh_public_keys = user.ssh_public_keys.clone().unwrap_or_default();
         for path in user.ssh_public_key_paths.iter().flatten() {
-            let text = read_config_file(config_dir, path)?;
+            let text = text(files, config_dir, path)?;
             ssh_public_keys.extend(
                 text.lines()
                     .map(str::trim)
@@ -444,7 +416,7 @@ fn users(os: Option<&model::Os>, config_dir: &Path) -> anyhow::Result<Vec<UserSp
             Some(password) => {
                 let value = password.value.clone().unwrap_or_default();
                 let from_file = |value: &str| -> anyhow::Result<String> {
-                    Ok(read_config_file(config_dir, value)?.trim_end().to_string())
+                    Ok(text(files, config_dir, value)?.trim_end().to_string())
                 };
                 match password.password_type {
                     Some(PasswordType::Locked) | None => Some(PasswordSpec::Locked),
@@ -453,18 +425,18 @@ fn users(os: Option<&model::Os>, config_dir: &Path) -> anyhow::Result<Vec<UserSp
                         Some(PasswordSpec::Hashed(from_file(&value)?))
                     }
                     Some(PasswordType::PlainText) => {
-                        tracing::warn!(
+                        warnings.push(format!(
                             "os.users: the password of {name} is plain text in the config; \
                              anyone who reads the config or the build logs can log in as \
                              {name} (use type: hashed with a crypt(3) hash instead)"
-                        );
+                        ));
                         Some(PasswordSpec::PlainText(value))
                     }
                     Some(PasswordType::PlainTextFile) => {
-                        tracing::warn!(
+                        warnings.push(format!(
                             "os.users: the password of {name} is a plain-text file; prefer \
                              type: hashed-file"
-                        );
+                        ));
                         Some(PasswordSpec::PlainText(from_file(&value)?))
                     }
                 }
@@ -492,9 +464,9 @@ fn octal(value: Option<&String>) -> Option<u32> {
 /// `os.additionalDirs`: each source tree is uploaded whole to its own guest directory.
 fn additional_dirs(
     os: Option<&model::Os>,
-    config_dir: &Path,
+    files: &HostFiles,
     uploads: &mut Vec<Upload>,
-) -> anyhow::Result<Vec<DirCopy>> {
+) -> Vec<DirCopy> {
     let mut out = Vec::new();
     for (index, dir) in os
         .and_then(|os| os.additional_dirs.as_ref())
@@ -502,11 +474,19 @@ fn additional_dirs(
         .flatten()
         .enumerate()
     {
-        let (Some(source), Some(destination)) = (&dir.source, &dir.destination) else {
+        let (Some(_), Some(destination)) = (&dir.source, &dir.destination) else {
             continue;
         };
         let guest = format!("{GUEST_DIRS_DIR}/{index}");
-        upload_tree(&config_dir.join(source), &guest, uploads)?;
+        upload_tree(
+            files
+                .additional_dirs
+                .get(index)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+            &guest,
+            uploads,
+        );
         out.push(DirCopy {
             source: guest,
             destination: destination.clone(),
@@ -515,42 +495,28 @@ fn additional_dirs(
             child_file_permissions: octal(dir.child_file_permissions.as_ref()),
         });
     }
-    Ok(out)
+    out
 }
 
-/// Upload every file below `local` to the same relative path below `guest`.
-fn upload_tree(local: &Path, guest: &str, uploads: &mut Vec<Upload>) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for relative in crate::upload::list_files(local, &[], &[])? {
-        let path = local.join(&relative);
-        let mode = fs_err::metadata(&path)?.permissions().mode() & 0o7777;
+/// Upload every listed file to the same relative path below `guest`.
+fn upload_tree(listed: &[Listed], guest: &str, uploads: &mut Vec<Upload>) {
+    for file in listed {
         let mut target = guest.to_string();
-        for component in relative.components() {
+        for component in file.relative.components() {
             target.push('/');
             target.push_str(&component.as_os_str().to_string_lossy());
         }
-        uploads.push(Upload {
-            local: path,
-            guest: target,
-            mode,
-        });
+        uploads.push(upload(file, target));
     }
-    Ok(())
 }
 
-/// Whether `os.packages` asks for anything at all.
-fn packages_changed(packages: &model::Packages) -> bool {
-    packages.update_existing_packages == Some(true)
-        || [
-            &packages.install,
-            &packages.remove,
-            &packages.update,
-            &packages.install_lists,
-            &packages.remove_lists,
-            &packages.update_lists,
-        ]
-        .iter()
-        .any(|list| list.as_ref().is_some_and(|list| !list.is_empty()))
+fn upload(file: &Listed, guest: String) -> Upload {
+    Upload {
+        local: file.local.clone(),
+        guest,
+        mode: file.mode,
+        size: file.size,
+    }
 }
 
 /// The builder VM gets a (user-mode) network only to reach the image's own repositories.
@@ -558,11 +524,14 @@ fn needs_network(packages_changed: bool, disable_base_repos: bool) -> bool {
     packages_changed && !disable_base_repos
 }
 
-fn package_lists(config_dir: &Path, lists: Option<&Vec<String>>) -> anyhow::Result<Vec<String>> {
+fn package_lists(
+    config_dir: &Path,
+    files: &HostFiles,
+    lists: Option<&Vec<String>>,
+) -> anyhow::Result<Vec<String>> {
     let mut names = Vec::new();
     for list in lists.into_iter().flatten() {
-        let text = read_config_file(config_dir, list)?;
-        let parsed = model::parse_package_list(&text)
+        let parsed = model::parse_package_list(text(files, config_dir, list)?)
             .map_err(|error| anyhow::anyhow!("{}: {error}", config_dir.join(list).display()))?;
         names.extend(parsed);
     }
@@ -572,6 +541,7 @@ fn package_lists(config_dir: &Path, lists: Option<&Vec<String>>) -> anyhow::Resu
 fn packages(
     os: Option<&model::Os>,
     facts: &HostFacts<'_>,
+    files: &HostFiles,
     uploads: &mut Vec<Upload>,
 ) -> anyhow::Result<PackageChanges> {
     let Some(packages) = os.and_then(|os| os.packages.as_ref()) else {
@@ -579,7 +549,7 @@ fn packages(
     };
     // AzL-IC order: the lists' packages first, then the inline ones.
     let merged = |lists: Option<&Vec<String>>, inline: Option<&Vec<String>>| {
-        let mut names = package_lists(facts.config_dir, lists)?;
+        let mut names = package_lists(facts.config_dir, files, lists)?;
         names.extend(inline.cloned().unwrap_or_default());
         anyhow::Ok(names)
     };
@@ -590,63 +560,48 @@ fn packages(
         update: merged(packages.update_lists.as_ref(), packages.update.as_ref())?,
         sources: Vec::new(),
         disable_base_repos: facts.disable_base_repos,
-        network: needs_network(packages_changed(packages), facts.disable_base_repos),
+        network: needs_network(packages.asks_for_anything(), facts.disable_base_repos),
     };
     if changes.is_empty() {
         return Ok(changes);
     }
-    for (index, source) in facts.package_sources.iter().enumerate() {
-        let metadata = fs_err::metadata(source)
-            .with_context(|| format!("--package-source {}", source.display()))?;
-        if metadata.is_dir() {
-            let guest = format!("{GUEST_PACKAGES_DIR}/{index}");
-            upload_tree(source, &guest, uploads)?;
-            changes.sources.push(PackageSource::Directory(guest));
-        } else {
-            let name = source
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "source".to_string());
-            let guest = format!("{GUEST_PACKAGES_DIR}/{index}-{name}");
-            uploads.push(Upload {
-                local: source.clone(),
-                guest: guest.clone(),
-                mode: 0o644,
-            });
-            changes.sources.push(PackageSource::RepoFile(guest));
+    for (index, source) in files.package_sources.iter().enumerate() {
+        match source {
+            SourceFiles::Directory(listed) => {
+                let guest = format!("{GUEST_PACKAGES_DIR}/{index}");
+                upload_tree(listed, &guest, uploads);
+                changes.sources.push(PackageSource::Directory(guest));
+            }
+            SourceFiles::File(file) => {
+                let guest = format!(
+                    "{GUEST_PACKAGES_DIR}/{index}-{}",
+                    file.relative.to_string_lossy()
+                );
+                uploads.push(Upload {
+                    mode: 0o644,
+                    ..upload(file, guest.clone())
+                });
+                changes.sources.push(PackageSource::RepoFile(guest));
+            }
         }
     }
     Ok(changes)
 }
 
-/// The config directory's files, uploaded so that scripts find them under `/_imageconfigs`.
-fn config_dir_uploads(
-    config: &Config,
-    facts: &HostFacts<'_>,
-    uploads: &mut Vec<Upload>,
-    skipped: &mut Vec<(PathBuf, String)>,
-) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let Referenced { inside, outside } = referenced_files(config, facts.config_dir);
+/// The config directory's files, uploaded so that scripts find them under `/_imageconfigs`,
+/// and the files the config names outside it. Returns the files left out, with why.
+fn config_dir_uploads(files: &HostFiles, uploads: &mut Vec<Upload>) -> Vec<(PathBuf, String)> {
+    let mut skipped = Vec::new();
     // Files named outside the config directory: the user's choice, uploaded one by one.
-    for local in outside {
-        let metadata = fs_err::metadata(&local)?;
-        uploads.push(Upload {
-            guest: outside_guest_path(&local),
-            local,
-            mode: metadata.permissions().mode() & 0o7777,
-        });
+    for file in &files.outside {
+        uploads.push(upload(file, outside_guest_path(&file.local)));
     }
-    let referenced = inside;
     let mut unreferenced_total = 0u64;
-    for relative in crate::upload::list_files(facts.config_dir, &facts.exclude, &referenced)? {
-        let local = facts.config_dir.join(&relative);
-        let metadata = fs_err::metadata(&local)?;
-        let is_referenced = referenced.contains(&relative);
-        if !is_referenced {
-            if metadata.len() > UNREFERENCED_FILE_LIMIT {
+    for file in &files.config_dir {
+        if !files.referenced.contains(&file.relative) {
+            if file.size > UNREFERENCED_FILE_LIMIT {
                 skipped.push((
-                    local,
+                    file.local.clone(),
                     format!(
                         "larger than {} MiB and not named by the config",
                         UNREFERENCED_FILE_LIMIT >> 20
@@ -654,9 +609,9 @@ fn config_dir_uploads(
                 ));
                 continue;
             }
-            if unreferenced_total + metadata.len() > UNREFERENCED_TOTAL_LIMIT {
+            if unreferenced_total + file.size > UNREFERENCED_TOTAL_LIMIT {
                 skipped.push((
-                    local,
+                    file.local.clone(),
                     format!(
                         "the config directory's unnamed files exceed {} MiB",
                         UNREFERENCED_TOTAL_LIMIT >> 20
@@ -664,21 +619,31 @@ fn config_dir_uploads(
                 ));
                 continue;
             }
-            unreferenced_total += metadata.len();
+            unreferenced_total += file.size;
         }
-        uploads.push(Upload {
-            guest: guest_path(&relative),
-            local,
-            mode: metadata.permissions().mode() & 0o7777,
-        });
+        uploads.push(upload(file, guest_path(&file.relative)));
     }
-    Ok(())
+    skipped
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{load_and_validate, ValidationContext};
+    use crate::gather::{gather, Where};
+
+    /// What `gather` finds for `config` in `dir`, with these package sources.
+    pub(crate) fn gathered(config: &Config, dir: &Path, sources: &[PathBuf]) -> HostFiles {
+        gather(
+            config,
+            Where {
+                config_dir: dir,
+                exclude: &[],
+                package_sources: sources,
+            },
+        )
+        .expect("gather")
+    }
 
     fn plan_for(fixture: &str, input_is_iso: bool) -> IsoPlan {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -690,8 +655,9 @@ mod tests {
             &loaded.config,
             &HostFacts {
                 input_is_iso,
-                ..HostFacts::for_tests(&loaded.dir, &[])
+                ..HostFacts::for_tests(&loaded.dir)
             },
+            &gathered(&loaded.config, &loaded.dir, &[]),
         )
         .expect("plan")
     }
@@ -769,14 +735,15 @@ mod tests {
         );
         let loaded = load_and_validate(&dir.join("cfg.yaml"), &ValidationContext::default())
             .unwrap_or_else(|errors| panic!("{errors}"));
-        let sources = [dir.join("debs")];
+        let files = gathered(&loaded.config, &loaded.dir, &[dir.join("debs")]);
         let plan = |disable_base_repos| {
             disk_plan(
                 &loaded.config,
                 &HostFacts {
                     disable_base_repos,
-                    ..HostFacts::for_tests(&loaded.dir, &sources)
+                    ..HostFacts::for_tests(&loaded.dir)
                 },
+                &files,
             )
             .expect("plan")
         };
@@ -831,18 +798,8 @@ mod tests {
             .unwrap_or_else(|errors| panic!("{errors}"));
         let plan = disk_plan(
             &loaded.config,
-            &HostFacts {
-                config_dir: &loaded.dir,
-                input_is_iso: false,
-                input_serial: "vmic-input",
-                output_serial: "vmic-output",
-                cpus: 2,
-                exclude: Vec::new(),
-                package_sources: &[],
-                disable_base_repos: false,
-                squashfs_compression: Compression::Auto,
-                source_date_epoch: None,
-            },
+            &HostFacts::for_tests(&loaded.dir),
+            &gathered(&loaded.config, &loaded.dir, &[]),
         )
         .expect("plan");
         let copies = &plan.request.customization.os.additional_files;
@@ -861,5 +818,70 @@ mod tests {
         };
         assert_eq!(upload(&outside_guest).as_deref(), Some("outside"));
         assert_eq!(upload("/work/config/motd").as_deref(), Some("decoy"));
+    }
+
+    /// The plan decides from what was gathered and touches no file: here every path it is
+    /// given is one that does not exist.
+    #[test]
+    fn the_plan_reads_nothing_and_enforces_the_limits_on_gathered_sizes() {
+        let nowhere = Path::new("/nonexistent/vmic-plan-test");
+        let config: Config = serde_saphyr::from_str(
+            "os:\n  users:\n  - name: alice\n    sshPublicKeyPaths: [a.pub]\n  \
+             - name: bob\n    password:\n      type: plain-text\n      value: hunter2\n  \
+             packages:\n    installLists: [l.yaml]\n",
+        )
+        .expect("config");
+        let file = |relative: &str, size: u64| Listed {
+            relative: PathBuf::from(relative),
+            local: nowhere.join(relative),
+            size,
+            mode: 0o600,
+        };
+        let mut files = HostFiles {
+            config_dir: vec![
+                file("a.pub", 10),
+                file("huge.img", UNREFERENCED_FILE_LIMIT + 1),
+            ],
+            package_sources: vec![SourceFiles::File(file("extra.repo", 5))],
+            ..HostFiles::default()
+        };
+        files
+            .texts
+            .insert("a.pub".into(), "ssh-ed25519 AAAA a@x\n".into());
+        files
+            .texts
+            .insert("l.yaml".into(), "packages: [jq]\n".into());
+        let plan = disk_plan(&config, &HostFacts::for_tests(nowhere), &files).expect("plan");
+        let os = &plan.request.customization.os;
+        assert_eq!(os.users[0].ssh_public_keys, ["ssh-ed25519 AAAA a@x"]);
+        assert_eq!(os.packages.install, ["jq"]);
+        assert_eq!(
+            os.packages.sources,
+            [PackageSource::RepoFile(
+                "/work/packages/0-extra.repo".into()
+            )]
+        );
+        let guests: Vec<_> = plan.uploads.iter().map(|u| u.guest.as_str()).collect();
+        assert_eq!(
+            guests,
+            ["/work/config/a.pub", "/work/packages/0-extra.repo"]
+        );
+        assert_eq!(plan.uploads[0].size, 10);
+        assert_eq!(plan.skipped[0].0, nowhere.join("huge.img"));
+        assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
+        assert!(plan.warnings[0].contains("password of bob is plain text"));
+
+        // The total is checked on the gathered sizes: a named file of 5 GiB is refused.
+        files.referenced.push(PathBuf::from("huge.img"));
+        files.config_dir[1].size = 5 << 30;
+        let error = disk_plan(&config, &HostFacts::for_tests(nowhere), &files)
+            .expect_err("over the upload limit");
+        assert!(format!("{error}").contains("huge.img"), "{error}");
+
+        // A text the plan needs but gather did not read is a bug, said as one.
+        files.texts.clear();
+        let error = disk_plan(&config, &HostFacts::for_tests(nowhere), &files)
+            .expect_err("nothing gathered");
+        assert!(format!("{error}").contains("a vmic bug"), "{error}");
     }
 }

@@ -152,7 +152,7 @@ pub enum Listener {
 }
 
 /// Serve until the task is dropped or aborted (the VM's life).
-pub async fn serve(listener: Listener, policy: Policy) {
+pub async fn serve(listener: Listener, policy: Policy, reporter: crate::report::Reporter) {
     let policy = Arc::new(policy);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -176,9 +176,9 @@ pub async fn serve(listener: Listener, policy: Policy) {
                 continue;
             }
         };
-        let policy = policy.clone();
+        let (policy, reporter) = (policy.clone(), reporter.clone());
         tokio::spawn(async move {
-            if let Err(error) = handle(client, &policy).await {
+            if let Err(error) = handle(client, &policy, &reporter).await {
                 tracing::debug!("proxy: {error}");
             }
             drop(permit);
@@ -220,6 +220,7 @@ struct Head {
 async fn handle(
     mut client: impl AsyncRead + AsyncWrite + Unpin,
     policy: &Policy,
+    reporter: &crate::report::Reporter,
 ) -> anyhow::Result<()> {
     let (head, rest) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
         Ok(Ok(read)) => read,
@@ -235,11 +236,12 @@ async fn handle(
     let (parsed, mut upstream) = match outcome {
         Ok(done) => done,
         Err(refusal) => {
-            tracing::warn!(
-                target: "vmic::proxy",
-                "the builder VM's proxy refused {}: {}",
-                refusal.target,
-                refusal.reason
+            reporter.warn(
+                crate::report::Source::Vmic,
+                format_args!(
+                    "the builder VM's proxy refused {}: {}",
+                    refusal.target, refusal.reason
+                ),
             );
             let reply = format!(
                 "HTTP/1.1 {} vmic refused\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nvmic: {}\n",
@@ -574,7 +576,11 @@ mod tests {
         let address = listener.local_addr().expect("address");
         (
             address,
-            tokio::spawn(serve(Listener::Tcp(listener), policy)),
+            tokio::spawn(serve(
+                Listener::Tcp(listener),
+                policy,
+                crate::report::Reporter::plain(),
+            )),
         )
     }
 

@@ -264,8 +264,9 @@ pub fn escape_comma(path: &Path) -> String {
 pub struct QemuProcess {
     child: tokio::process::Child,
     pub argv: Vec<OsString>,
-    /// Without PDEATHSIG (macOS), the process that kills QEMU if vmic dies.
-    _watchdog: Option<crate::orphan::Watchdog>,
+    /// Without PDEATHSIG (macOS), the process that kills QEMU if vmic dies, or why it could
+    /// not start.
+    watchdog: Result<Option<crate::orphan::Watchdog>, String>,
 }
 
 impl QemuProcess {
@@ -286,12 +287,24 @@ impl QemuProcess {
         let child = command.spawn().map_err(|error| {
             anyhow::Error::new(error).context(format!("starting {}", binary.display()))
         })?;
-        let _watchdog = crate::orphan::watch(child.id());
+        let watchdog = crate::orphan::watch(child.id()).map_err(|error| error.to_string());
         Ok(QemuProcess {
             child,
             argv,
-            _watchdog,
+            watchdog,
         })
+    }
+
+    /// Say so when QEMU runs without the watchdog that kills it should vmic die.
+    pub fn warn_if_unwatched(&self, reporter: &crate::report::Reporter) {
+        if let Err(error) = &self.watchdog {
+            reporter.warn(
+                crate::report::Source::Vmic,
+                format_args!(
+                    "no orphan watchdog for QEMU ({error}): if vmic is killed, QEMU may outlive it"
+                ),
+            );
+        }
     }
 
     pub fn id(&self) -> Option<u32> {

@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -146,17 +147,41 @@ pub struct StepTime {
     pub seconds: f64,
 }
 
-/// Step progress for long work: an indicatif spinner per step on a TTY, structured log lines
-/// otherwise. Also records each step's wall time for `--timestamp-file`.
-pub struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    current: Option<(String, std::time::Instant)>,
-    pub steps: Vec<StepTime>,
-    started: std::time::Instant,
+/// Where the pipeline reports to people: step progress (an indicatif spinner per step on a TTY,
+/// structured log lines otherwise), events (notes and warnings, through `tracing` so that JSON
+/// logs and `--log-file` carry them, drawn above the spinner instead of through it), and each
+/// step's wall time for `--timestamp-file`. Library code reports here and never prints. Clones
+/// share one display, so background tasks (the guest's log, the proxy) report through it too.
+#[derive(Clone)]
+pub struct Reporter {
+    state: Arc<Mutex<State>>,
 }
 
-impl Progress {
-    pub fn new(interactive: bool) -> Progress {
+struct State {
+    bar: Option<indicatif::ProgressBar>,
+    current: Option<(String, Instant)>,
+    steps: Vec<StepTime>,
+    started: Instant,
+}
+
+/// Whose words a line is: vmic's own, or the guest's (logged under `vmic::guest`, made inert
+/// by the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Vmic,
+    Guest,
+}
+
+impl fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reporter")
+            .field("interactive", &self.state().bar.is_some())
+            .finish()
+    }
+}
+
+impl Reporter {
+    pub fn new(interactive: bool) -> Reporter {
         let bar = interactive.then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
             bar.set_style(
@@ -168,34 +193,80 @@ impl Progress {
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
             bar
         });
-        Progress {
-            bar,
-            current: None,
-            steps: Vec::new(),
-            started: std::time::Instant::now(),
+        Reporter {
+            state: Arc::new(Mutex::new(State {
+                bar,
+                current: None,
+                steps: Vec::new(),
+                started: Instant::now(),
+            })),
         }
     }
 
+    /// Log lines only, no spinner: for callers with no terminal of their own (tests, tools).
+    pub fn plain() -> Reporter {
+        Reporter::new(false)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while reporting leaves nothing half-written that matters: carry on.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Run `emit` with the spinner out of the way.
+    fn above_bar(&self, emit: impl FnOnce()) {
+        let bar = self.state().bar.clone();
+        match bar {
+            Some(bar) => bar.suspend(emit),
+            None => emit(),
+        }
+    }
+
+    /// Something the user should know (a cache hit, the VM's accelerator).
+    pub fn note(&self, source: Source, message: impl fmt::Display) {
+        self.above_bar(|| match source {
+            Source::Vmic => tracing::info!("{message}"),
+            Source::Guest => tracing::info!(target: "vmic::guest", "{message}"),
+        });
+    }
+
+    /// Something the user should act on or may regret (a plain-text password, a refused
+    /// connection, a cache that could not store).
+    pub fn warn(&self, source: Source, message: impl fmt::Display) {
+        self.above_bar(|| match source {
+            Source::Vmic => tracing::warn!("{message}"),
+            Source::Guest => tracing::warn!(target: "vmic::guest", "{message}"),
+        });
+    }
+
+    /// An error the guest reported (its own words, already made inert).
+    pub fn guest_error(&self, message: impl fmt::Display) {
+        self.above_bar(|| tracing::error!(target: "vmic::guest", "{message}"));
+    }
+
     /// Start `step` (ends the previous one).
-    pub fn step(&mut self, step: &str, message: &str) {
+    pub fn step(&self, step: &str, message: &str) {
         self.finish_step();
-        tracing::info!(step, "{message}");
-        if let Some(bar) = &self.bar {
+        self.above_bar(|| tracing::info!(step, "{message}"));
+        let mut state = self.state();
+        if let Some(bar) = &state.bar {
             bar.set_prefix(step.to_string());
             bar.set_message(message.to_string());
             bar.reset_elapsed();
         }
-        self.current = Some((step.to_string(), std::time::Instant::now()));
+        state.current = Some((step.to_string(), Instant::now()));
     }
 
     /// The step running now, if any (named in a timeout's error).
-    pub fn current_step(&self) -> Option<&str> {
-        self.current.as_ref().map(|(step, _)| step.as_str())
+    pub fn current_step(&self) -> Option<String> {
+        self.state().current.as_ref().map(|(step, _)| step.clone())
     }
 
     /// Progress within the current step.
-    pub fn update(&mut self, done: u64, total: u64) {
-        if let Some(bar) = &self.bar {
+    pub fn update(&self, done: u64, total: u64) {
+        if let Some(bar) = &self.state().bar {
             if total > 0 {
                 bar.set_message(format!("{done}/{total}"));
             }
@@ -203,42 +274,90 @@ impl Progress {
     }
 
     /// Record a step timed elsewhere (the guest's).
-    pub fn record(&mut self, step: vmic_protocol::StepTime) {
-        self.steps.push(StepTime {
+    pub fn record(&self, step: vmic_protocol::StepTime) {
+        self.state().steps.push(StepTime {
             step: step.step.title().to_string(),
             seconds: step.seconds,
         });
     }
 
-    pub fn finish_step(&mut self) {
-        if let Some((step, started)) = self.current.take() {
+    pub fn finish_step(&self) {
+        let mut state = self.state();
+        if let Some((step, started)) = state.current.take() {
             let seconds = started.elapsed().as_secs_f64();
-            if let Some(bar) = &self.bar {
+            if let Some(bar) = &state.bar {
                 bar.println(format!("{step:>14} done in {seconds:.1} s"));
             }
             tracing::debug!(step, seconds, "step finished");
-            self.steps.push(StepTime { step, seconds });
+            state.steps.push(StepTime { step, seconds });
         }
     }
 
     /// End the display; returns the total wall time.
-    pub fn finish(&mut self) -> f64 {
+    pub fn finish(&self) -> f64 {
         self.finish_step();
-        if let Some(bar) = self.bar.take() {
+        let mut state = self.state();
+        if let Some(bar) = state.bar.take() {
             bar.finish_and_clear();
         }
-        self.started.elapsed().as_secs_f64()
+        state.started.elapsed().as_secs_f64()
+    }
+
+    /// The steps timed so far, in order.
+    pub fn steps(&self) -> Vec<StepTime> {
+        self.state().steps.clone()
     }
 
     /// Write the per-step wall times as JSON.
     pub fn write_timestamps(&self, path: &std::path::Path, total: f64) -> anyhow::Result<()> {
         let steps: Vec<serde_json::Value> = self
-            .steps
+            .steps()
             .iter()
             .map(|step| serde_json::json!({ "step": step.step, "seconds": step.seconds }))
             .collect();
         let document = serde_json::json!({ "steps": steps, "totalSeconds": total });
         fs_err::write(path, serde_json::to_vec_pretty(&document)?)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_report_to_one_display_and_steps_are_timed_in_order() {
+        let reporter = Reporter::plain();
+        let background = reporter.clone();
+        reporter.step("Preparing", "disks");
+        assert_eq!(background.current_step().as_deref(), Some("Preparing"));
+        background.step("Booting", "builder VM");
+        reporter.record(vmic_protocol::StepTime {
+            step: vmic_protocol::Step::MakeInitrdAndSquashfs,
+            seconds: 2.5,
+        });
+        background.note(Source::Guest, "a guest line");
+        let total = reporter.finish();
+        assert_eq!(reporter.current_step(), None, "finish ends the step");
+        let steps: Vec<String> = background.steps().into_iter().map(|s| s.step).collect();
+        assert_eq!(
+            steps,
+            [
+                "Preparing".to_string(),
+                vmic_protocol::Step::MakeInitrdAndSquashfs
+                    .title()
+                    .to_string(),
+                "Booting".to_string()
+            ]
+        );
+        assert!(background.steps()[0].seconds <= total);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("times.json");
+        reporter.write_timestamps(&path, total).expect("write");
+        let written: serde_json::Value =
+            serde_json::from_slice(&fs_err::read(&path).expect("read")).expect("json");
+        assert_eq!(written["steps"][2]["step"], "Booting");
+        assert_eq!(written["steps"][1]["seconds"], 2.5);
     }
 }

@@ -88,6 +88,8 @@ fn symlink_error(error: std::io::Error, path: &Path, action: &'static str) -> Ru
 pub struct BuildDir {
     root: PathBuf,
     run: PathBuf,
+    /// What ended runs had left here, removed when it was acquired.
+    leftovers: Vec<PathBuf>,
     _lock: File,
 }
 
@@ -118,7 +120,7 @@ impl BuildDir {
         lock.rewind().map_err(io("write", &lock_path))?;
         write!(lock, "{}", std::process::id()).map_err(io("write", &lock_path))?;
         // We hold the lock, so whatever a run left here belongs to a run that is gone.
-        remove_leftovers(&root)?;
+        let leftovers = remove_leftovers(&root)?;
         let run = root.join(format!("{RUN_PREFIX}{}", std::process::id()));
         // mkdir never follows a planted symlink: an existing name fails instead.
         std::fs::DirBuilder::new()
@@ -128,8 +130,14 @@ impl BuildDir {
         Ok(Self {
             root,
             run,
+            leftovers,
             _lock: lock,
         })
+    }
+
+    /// What ended runs had left in the directory (removed by [`BuildDir::acquire`]).
+    pub fn leftovers(&self) -> &[PathBuf] {
+        &self.leftovers
     }
 
     /// The build directory itself (absolute).
@@ -149,7 +157,9 @@ impl Drop for BuildDir {
     }
 }
 
-fn remove_leftovers(root: &Path) -> Result<(), RunDirError> {
+/// Remove what ended runs left in `root`; returns the runs' paths removed.
+fn remove_leftovers(root: &Path) -> Result<Vec<PathBuf>, RunDirError> {
+    let mut leftovers = Vec::new();
     for entry in fs_err::read_dir(root).map_err(io("read", root))? {
         let entry = entry.map_err(io("read", root))?;
         let name = entry.file_name();
@@ -158,18 +168,18 @@ fn remove_leftovers(root: &Path) -> Result<(), RunDirError> {
         // file_type() does not follow symlinks: a planted link is removed, not its target.
         let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
         if name.starts_with(RUN_PREFIX) {
-            tracing::info!("removing {} left by a vmic run that ended", path.display());
             let removed = if is_dir {
                 std::fs::remove_dir_all(&path)
             } else {
                 std::fs::remove_file(&path)
             };
             removed.map_err(io("remove", &path))?;
+            leftovers.push(path);
         } else if LEGACY_FILES.contains(&name.as_ref()) && !is_dir {
             std::fs::remove_file(&path).map_err(io("remove", &path))?;
         }
     }
-    Ok(())
+    Ok(leftovers)
 }
 
 /// The directory a file is written into: its parent, or `.` for a bare name.
@@ -196,6 +206,8 @@ pub fn partial_path(output: &Path) -> PathBuf {
 pub struct PartialOutput {
     path: PathBuf,
     file: Option<File>,
+    /// A run that ended had left this temp name; it was replaced.
+    replaced_stale: bool,
 }
 
 impl PartialOutput {
@@ -203,6 +215,7 @@ impl PartialOutput {
     /// is replaced; one that a live vmic is writing is [`RunDirError::OutputBusy`].
     pub fn create(output: &Path) -> Result<Self, RunDirError> {
         let path = partial_path(output);
+        let mut replaced_stale = false;
         for _ in 0..3 {
             match open_no_follow(&path, true) {
                 Ok(file) => {
@@ -212,6 +225,7 @@ impl PartialOutput {
                     return Ok(Self {
                         path,
                         file: Some(file),
+                        replaced_stale,
                     });
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -220,8 +234,8 @@ impl PartialOutput {
                     if !try_lock(&existing).map_err(io("lock", &path))? {
                         return Err(RunDirError::OutputBusy { path });
                     }
-                    tracing::info!("removing {} left by a vmic run that ended", path.display());
                     std::fs::remove_file(&path).map_err(io("remove", &path))?;
+                    replaced_stale = true;
                 }
                 Err(error) => return Err(symlink_error(error, &path, "create")),
             }
@@ -231,6 +245,11 @@ impl PartialOutput {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether a temp file that an ended run left under this name was replaced.
+    pub fn replaced_stale(&self) -> bool {
+        self.replaced_stale
     }
 
     /// Renames the finished file to `output`.
@@ -281,6 +300,8 @@ mod tests {
         fs_err::write(&keep, b"mine").unwrap();
         let build = BuildDir::acquire(dir.path()).unwrap();
         assert!(!dead.exists());
+        let root = fs_err::canonicalize(dir.path()).unwrap();
+        assert_eq!(build.leftovers(), [root.join("run-999999")], "reported");
         assert!(!dir.path().join("scratch.raw").exists());
         assert!(keep.exists(), "files that are not vmic's stay");
         let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -321,6 +342,7 @@ mod tests {
         fs_err::write(partial_path(&output), b"stale").unwrap();
         let partial = PartialOutput::create(&output).unwrap();
         assert_eq!(fs_err::read(partial.path()).unwrap(), b"");
+        assert!(partial.replaced_stale(), "reported");
         let error = PartialOutput::create(&output).unwrap_err();
         assert!(matches!(error, RunDirError::OutputBusy { .. }), "{error:?}");
         fs_err::write(partial.path(), b"iso").unwrap();
@@ -334,6 +356,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let output = dir.path().join("out.qcow2");
         let partial = PartialOutput::create(&output).unwrap();
+        assert!(!partial.replaced_stale(), "nothing was there");
         let path = partial.path().to_path_buf();
         assert!(path.exists());
         drop(partial);

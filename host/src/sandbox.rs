@@ -33,14 +33,21 @@ pub fn supported(binary: &Path) -> bool {
         return answer;
     }
     let answer = probe(binary);
-    if !answer {
-        tracing::warn!(
-            "{} does not support -sandbox (built without seccomp): QEMU runs without its syscall filter",
-            binary.display()
-        );
-    }
     cache.insert(binary.to_path_buf(), answer);
     answer
+}
+
+/// Say so when `binary` runs without the sandbox (the answer is cached: cheap to ask twice).
+pub fn warn_if_unsupported(binary: &Path, reporter: &crate::report::Reporter) {
+    if !supported(binary) {
+        reporter.warn(
+            crate::report::Source::Vmic,
+            format_args!(
+                "{} does not support -sandbox (built without seccomp): QEMU runs without its syscall filter",
+                binary.display()
+            ),
+        );
+    }
 }
 
 /// Start an empty machine with the sandbox on and quit it over QMP on stdin: the filter is

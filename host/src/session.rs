@@ -134,8 +134,13 @@ async fn read_frame<M: protocol::Message>(
 
 impl Session {
     /// Wait for the agent's hello, check the protocol version, answer with ours and the
-    /// build's token (the agent refuses a Hello without it).
-    pub async fn handshake(connection: Connection, token: &str) -> anyhow::Result<Session> {
+    /// build's token (the agent refuses a Hello without it). What the guest says outside any
+    /// request goes to `reporter`.
+    pub async fn handshake(
+        connection: Connection,
+        token: &str,
+        reporter: crate::report::Reporter,
+    ) -> anyhow::Result<Session> {
         let Connection {
             mut reader,
             mut writer,
@@ -173,7 +178,12 @@ impl Session {
 
         let pending: Pending = Arc::default();
         let lost: Arc<Mutex<Option<String>>> = Arc::default();
-        let reader_task = tokio::spawn(route_messages(reader, pending.clone(), lost.clone()));
+        let reader_task = tokio::spawn(route_messages(
+            reader,
+            pending.clone(),
+            lost.clone(),
+            reporter,
+        ));
         Ok(Session {
             hello,
             writer: Arc::new(tokio::sync::Mutex::new(writer)),
@@ -267,12 +277,24 @@ impl Session {
 
     /// Copy a host file into the guest; the agent verifies size and sha256.
     pub async fn put_file(&self, local: &Path, remote: &str, mode: u32) -> anyhow::Result<()> {
+        self.put_file_within(local, remote, mode, u64::MAX).await
+    }
+
+    /// [`Session::put_file`], sending at most `limit` bytes: a file that grew after the plan
+    /// counted it sends what was counted.
+    pub async fn put_file_within(
+        &self,
+        local: &Path,
+        remote: &str,
+        mode: u32,
+        limit: u64,
+    ) -> anyhow::Result<()> {
         let file = tokio::fs::File::open(local)
             .await
             .with_context(|| format!("opening {}", local.display()))?;
-        let size = file.metadata().await?.len();
+        let size = file.metadata().await?.len().min(limit);
         // A file that grows while it is sent sends what it held when opened: the size the
-        // plan bounded and the agent was told.
+        // agent was told.
         let mut file = file.take(size);
         let mut handle = self
             .start(Request::PutFile {
@@ -384,6 +406,7 @@ async fn route_messages(
     mut reader: Pin<Box<dyn AsyncRead + Send>>,
     pending: Pending,
     lost: Arc<Mutex<Option<String>>>,
+    reporter: crate::report::Reporter,
 ) {
     let reason = loop {
         let message = match read_frame::<GuestMessage>(&mut reader).await {
@@ -401,7 +424,7 @@ async fn route_messages(
                 event,
             } => (id, Incoming::Event(event)),
             GuestMessage::Event { id: None, event } => {
-                log_guest_event(&event);
+                log_guest_event(&event, &reporter);
                 continue;
             }
             GuestMessage::Fatal(error) => {
@@ -502,12 +525,13 @@ fn inert_message(message: GuestMessage) -> GuestMessage {
     }
 }
 
-fn log_guest_event(event: &Event) {
+fn log_guest_event(event: &Event, reporter: &crate::report::Reporter) {
+    use crate::report::Source::Guest;
     match event {
         Event::Log { level, message } => match level {
-            protocol::Level::Error => tracing::error!(target: "vmic::guest", "{message}"),
-            protocol::Level::Warn => tracing::warn!(target: "vmic::guest", "{message}"),
-            protocol::Level::Info => tracing::info!(target: "vmic::guest", "{message}"),
+            protocol::Level::Error => reporter.guest_error(message),
+            protocol::Level::Warn => reporter.warn(Guest, message),
+            protocol::Level::Info => reporter.note(Guest, message),
             protocol::Level::Debug => tracing::debug!(target: "vmic::guest", "{message}"),
             protocol::Level::Trace => tracing::trace!(target: "vmic::guest", "{message}"),
         },

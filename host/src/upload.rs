@@ -6,6 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context};
+use vmic_protocol::ExecRequest;
+
 /// All uploads of one build together: they land on the scratch disk and cross the transport.
 pub const UPLOAD_TOTAL_LIMIT: u64 = 4 << 30;
 /// Directory entries one walk visits at most: links to sibling directories can multiply a
@@ -32,6 +35,49 @@ pub enum UploadError {
     TooMany { root: PathBuf },
     #[error("the files uploaded into the builder VM exceed {} GiB (at {}): leave large files out of the config directory and the directories it names", UPLOAD_TOTAL_LIMIT >> 30, path.display())]
     TooLarge { path: PathBuf },
+}
+
+/// One file to copy into the builder VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub local: PathBuf,
+    pub guest: String,
+    pub mode: u32,
+    /// The size when gathered: what the plan's limits counted, and the most that is sent.
+    pub size: u64,
+}
+
+/// The upload stage: copy the plan's files into the builder VM, below `root` (created even
+/// when nothing is uploaded: scripts find the config directory there).
+pub async fn send(
+    session: &crate::session::Session,
+    root: &str,
+    uploads: &[Upload],
+) -> anyhow::Result<()> {
+    let mut directories: Vec<String> = uploads
+        .iter()
+        .filter_map(|upload| Path::new(&upload.guest).parent())
+        .map(|parent| parent.to_string_lossy().into_owned())
+        .collect();
+    directories.sort();
+    directories.dedup();
+    directories.insert(0, root.to_string());
+    let mut mkdir = vec!["mkdir".to_string(), "-p".to_string()];
+    mkdir.extend(directories);
+    let result = session.exec(ExecRequest::new(mkdir), |_, _| {}).await?;
+    if result.code != 0 {
+        bail!(
+            "creating upload directories: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+    for upload in uploads {
+        session
+            .put_file_within(&upload.local, &upload.guest, upload.mode, upload.size)
+            .await
+            .with_context(|| format!("uploading {}", upload.local.display()))?;
+    }
+    Ok(())
 }
 
 /// Running total of the bytes uploaded, checked against [`UPLOAD_TOTAL_LIMIT`].

@@ -10,6 +10,7 @@ use crate::accel::Accel;
 use crate::cli::{AccelChoice, Arch, TransportChoice};
 use crate::guest_image::GuestImage;
 use crate::qemu::{BuilderVm, Disk, QemuProcess};
+use crate::report::Source;
 use crate::session::Session;
 use crate::transport::{Transport, TransportKind};
 
@@ -30,6 +31,8 @@ pub struct VmOptions {
     pub network: bool,
     /// The proxy may connect to private networks (`--allow-private-network`).
     pub allow_private_network: bool,
+    /// Where the VM's life, its proxy and the guest's own messages are reported.
+    pub reporter: crate::report::Reporter,
 }
 
 impl VmOptions {
@@ -45,6 +48,7 @@ impl VmOptions {
             ready_timeout: Duration::from_secs(120),
             network: false,
             allow_private_network: false,
+            reporter: crate::report::Reporter::plain(),
         }
     }
 }
@@ -100,6 +104,7 @@ pub struct RunningVm {
     /// The network proxy's task, stopped with the VM.
     _proxy: Option<ProxyTask>,
     _temp: Option<tempfile::TempDir>,
+    reporter: crate::report::Reporter,
 }
 
 /// The proxy's serving task; aborted when dropped.
@@ -112,7 +117,11 @@ impl Drop for ProxyTask {
 }
 
 /// Listen where the guest's vsock connections to the proxy port arrive, and serve them.
-fn start_proxy(channel: &Transport, allow_private_network: bool) -> anyhow::Result<ProxyTask> {
+fn start_proxy(
+    channel: &Transport,
+    allow_private_network: bool,
+    reporter: crate::report::Reporter,
+) -> anyhow::Result<ProxyTask> {
     let Some(path) = channel.guest_to_host_socket(vmic_protocol::PROXY_VSOCK_PORT) else {
         return Err(crate::report::hinted(
             format!(
@@ -135,6 +144,7 @@ fn start_proxy(channel: &Transport, allow_private_network: bool) -> anyhow::Resu
     Ok(ProxyTask(tokio::spawn(crate::proxy::serve(
         crate::proxy::Listener::Unix(listener),
         policy,
+        reporter,
     ))))
 }
 
@@ -144,12 +154,17 @@ impl RunningVm {
         let image = crate::guest_image::find(options.arch)?;
         let qemu_binary = crate::qemu::find_system_binary(options.arch)?;
         let accel = crate::accel::resolve(options.accel, options.arch, Some(&image.kernel));
+        let reporter = &options.reporter;
         if accel.is_emulated() {
-            tracing::info!(
-                "no hardware acceleration for {}: the builder VM runs under TCG emulation (slow)",
-                options.arch
+            reporter.note(
+                Source::Vmic,
+                format_args!(
+                    "no hardware acceleration for {}: the builder VM runs under TCG emulation (slow)",
+                    options.arch
+                ),
             );
         }
+        crate::sandbox::warn_if_unsupported(&qemu_binary, reporter);
         let mut kind = crate::transport::select(options.transport)?;
         // The proxy is reached over vsock from the guest to a per-VM unix socket of the
         // vhost-user daemon; a kernel vsock listener would be host-wide.
@@ -159,10 +174,13 @@ impl RunningVm {
         {
             kind = TransportKind::VhostUserVsock;
         }
-        tracing::info!(
-            transport = kind.name(),
-            accel = accel.name(),
-            "starting builder VM"
+        reporter.note(
+            Source::Vmic,
+            format_args!(
+                "starting builder VM (transport {}, accelerator {})",
+                kind.name(),
+                accel.name()
+            ),
         );
 
         // Unix socket paths are limited to ~107 bytes: keep them in a short temp dir.
@@ -185,7 +203,11 @@ impl RunningVm {
             fs_err::create_dir_all(&socket_dir)?;
             let channel = Transport::prepare(kind, &socket_dir).await?;
             let proxy = match options.network {
-                true => Some(start_proxy(&channel, options.allow_private_network)?),
+                true => Some(start_proxy(
+                    &channel,
+                    options.allow_private_network,
+                    reporter.clone(),
+                )?),
                 false => None,
             };
             let vm = BuilderVm {
@@ -213,6 +235,7 @@ impl RunningVm {
             };
             let argv = crate::qemu::builder_argv(&vm);
             let mut qemu = QemuProcess::spawn(&qemu_binary, argv)?;
+            qemu.warn_if_unwatched(reporter);
             let console = match crate::console::connect(&mut qemu, &vm.console_socket).await? {
                 Some(stream) => stream,
                 None => {
@@ -233,7 +256,12 @@ impl RunningVm {
                 qemu,
                 channel,
                 console_log: console_log.clone(),
-                recorder: Some(crate::console::ConsoleRecorder::spawn(console, log)),
+                recorder: Some(crate::console::ConsoleRecorder::spawn(
+                    console,
+                    log,
+                    reporter.clone(),
+                )),
+                reporter: reporter.clone(),
             };
             let deadline = Instant::now() + options.ready_timeout;
             match running.wait_ready(deadline).await {
@@ -244,7 +272,10 @@ impl RunningVm {
                             .downcast_ref::<NotReady>()
                             .is_some_and(|not_ready| not_ready.timed_out) =>
                 {
-                    tracing::warn!("{error:#}\nstarting the builder VM once more");
+                    reporter.warn(
+                        Source::Vmic,
+                        format_args!("{error:#}\nstarting the builder VM once more"),
+                    );
                     attempt += 1;
                 }
                 Err(error) => return Err(error),
@@ -252,12 +283,15 @@ impl RunningVm {
         };
         let ready_after = started.elapsed();
         let hello = session.hello();
-        tracing::info!(
-            agent = hello.agent_version,
-            kernel = hello.kernel,
-            arch = hello.arch,
-            seconds = ready_after.as_secs_f64(),
-            "builder VM ready"
+        reporter.note(
+            Source::Vmic,
+            format_args!(
+                "builder VM ready after {:.1} s (agent {}, kernel {}, {})",
+                ready_after.as_secs_f64(),
+                hello.agent_version,
+                hello.kernel,
+                hello.arch
+            ),
         );
         Ok(RunningVm {
             session,
@@ -271,6 +305,7 @@ impl RunningVm {
             channel,
             _proxy: proxy,
             _temp: Some(temp),
+            reporter: reporter.clone(),
         })
     }
 
@@ -299,7 +334,10 @@ impl RunningVm {
         let _ = self.session.shutdown().await;
         let waited = tokio::time::timeout(Duration::from_secs(20), self.qemu.wait()).await;
         if waited.is_err() {
-            tracing::warn!("builder VM did not power off within 20 s; killing it");
+            self.reporter.warn(
+                Source::Vmic,
+                "builder VM did not power off within 20 s; killing it",
+            );
             self.qemu.kill().await;
         }
         self.channel.shutdown().await;
@@ -332,6 +370,7 @@ struct RunningVmStart {
     channel: Transport,
     console_log: PathBuf,
     recorder: Option<crate::console::ConsoleRecorder>,
+    reporter: crate::report::Reporter,
 }
 
 impl RunningVmStart {
@@ -341,7 +380,7 @@ impl RunningVmStart {
             let remaining = deadline.saturating_duration_since(Instant::now());
             tokio::time::timeout(
                 remaining,
-                Session::handshake(connection, self.token.as_str()),
+                Session::handshake(connection, self.token.as_str(), self.reporter.clone()),
             )
             .await
             .context("timed out waiting for the agent's hello")?

@@ -29,7 +29,7 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         Failure::Usage(crate::report::hinted(error.to_string(), hint))
     })?;
     let runtime = tokio::runtime::Runtime::new().map_err(|error| Failure::Build(error.into()))?;
-    let mut progress = crate::report::Progress::new(crate::report::interactive(global));
+    let reporter = crate::report::Reporter::new(crate::report::interactive(global));
     let timeout = args.timeout;
     // On Ctrl-C, SIGTERM or the timeout the build future is dropped: QEMU is killed and the
     // scratch files and the partial output are removed by their guards.
@@ -41,7 +41,7 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
     ];
     let result = runtime.block_on(async {
         tokio::select! {
-            result = crate::build::build(&settings, arch, &build_dir, &mut progress) => result,
+            result = crate::build::build(&settings, arch, &build_dir, &reporter) => result,
             error = crate::space::watch(watched, crate::space::RESERVE) => Err(error),
             () = crate::boot::interrupted() => Err(anyhow!("interrupted; the build was stopped and its files removed")),
             () = tokio::time::sleep(timeout) => {
@@ -55,7 +55,7 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
             format!(
                 "the build timed out after {} during step {:?}; it was stopped and its files removed",
                 humanize(timeout),
-                progress.current_step().unwrap_or("starting")
+                reporter.current_step().as_deref().unwrap_or("starting")
             ),
             "find out why that step hangs (the log shows its last output) or pass a longer --timeout",
         ))
@@ -63,10 +63,13 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         result
     };
     drop(build_dir);
-    let total = progress.finish();
+    let total = reporter.finish();
     if let Some(path) = &global.timestamp_file {
-        if let Err(error) = progress.write_timestamps(path, total) {
-            tracing::warn!("cannot write {}: {error:#}", path.display());
+        if let Err(error) = reporter.write_timestamps(path, total) {
+            reporter.warn(
+                crate::report::Source::Vmic,
+                format_args!("cannot write {}: {error:#}", path.display()),
+            );
         }
     }
     let summary = result.map_err(Failure::Build)?;

@@ -649,6 +649,24 @@ pub struct Packages {
     pub remove_package_manager: Option<bool>,
 }
 
+impl Packages {
+    /// Whether the section asks for any package work at all (a list file may still turn out
+    /// empty).
+    pub fn asks_for_anything(&self) -> bool {
+        self.update_existing_packages == Some(true)
+            || [
+                &self.install,
+                &self.remove,
+                &self.update,
+                &self.install_lists,
+                &self.remove_lists,
+                &self.update_lists,
+            ]
+            .iter()
+            .any(|list| list.as_ref().is_some_and(|list| !list.is_empty()))
+    }
+}
+
 /// A `*Lists` file: YAML with a `packages:` list.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
