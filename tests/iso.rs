@@ -656,6 +656,50 @@ fn the_shared_iso_checks_itself_and_lists_its_packages() {
     assert_eq!(provenance["packages"]["manager"], "dpkg");
 }
 
+/// `vmic inspect` reads the shared ISO as a vmic ISO: its record (label, kernel, the user's
+/// args, epoch, rootfs.img's digest) as the provenance and the ISO itself hold them, the OS and
+/// packages from its rootfs.img, and a yes for re-customizing it.
+#[test]
+fn the_shared_iso_inspects_as_a_vmic_iso() {
+    let (iso, _, _) = shared_live_iso();
+    let output = {
+        let _vm = common::lock(&common::VM_LOCK);
+        common::vmic()
+            .args(["inspect", "--json", "--image-file"])
+            .arg(iso)
+            .output()
+            .expect("running vmic inspect")
+    };
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let image = test_image("x86_64", "minimal", false);
+    let provenance = read_json(&sidecar(iso, ".provenance.json"));
+    assert_eq!(report["format"], "iso");
+    assert_eq!(report["wholeDisk"]["kind"], "iso9660");
+    assert_eq!(report["wholeDisk"]["label"], "CDROM");
+    let record = &report["vmicIso"];
+    assert_eq!(record["label"], "CDROM", "{report}");
+    assert_eq!(
+        record["kernelVersions"],
+        serde_json::json!([manifest(&image)["kernel_version"]])
+    );
+    assert_eq!(record["userKernelArgs"], serde_json::json!(LIVE_ISO_ARGS));
+    assert_eq!(
+        record["createdUnixSeconds"],
+        provenance["source_date_epoch"]
+    );
+    assert_eq!(record["rootfsSha256"], rootfs_sha256(iso));
+    assert_eq!(report["os"]["id"], "debian");
+    assert_eq!(report["architecture"], "x86_64");
+    assert_eq!(report["packages"]["manager"], "dpkg");
+    assert_eq!(report["packages"]["count"], provenance["packages"]["count"]);
+    assert_eq!(report["liveOs"]["possible"], true, "{report}");
+}
+
 #[test]
 fn aarch64_qcow2_to_iso_boots_under_aavmf() {
     let image = test_image("aarch64", "minimal", false);

@@ -23,6 +23,27 @@ pub(crate) fn mount_image(
     disk: &Path,
 ) -> anyhow::Result<PathBuf> {
     let partitions = probe_partitions(build, disk)?;
+    mount_partitions(build, mounts, &partitions).map(|mounted| mounted.root)
+}
+
+/// The image mounted per its fstab: the root, and which partition went where.
+pub(crate) struct MountedImage {
+    pub root: PathBuf,
+    /// (partition device, mount point) per mounted fstab entry.
+    pub mount_points: Vec<(String, String)>,
+}
+
+/// [`mount_image`] over partitions already probed.
+pub(crate) fn mount_partitions(
+    build: &Build<'_>,
+    mounts: &mut Mounts,
+    partitions: &[Partition],
+) -> anyhow::Result<MountedImage> {
+    let partitions: Vec<Partition> = partitions
+        .iter()
+        .filter(|p| p.fs_type.is_some())
+        .cloned()
+        .collect();
     if partitions.is_empty() {
         bail!(
             "the input has no partitions with a file system: it is not a disk image vmic can read (expected a GPT/MBR disk with the root file system on a partition)"
@@ -30,6 +51,7 @@ pub(crate) fn mount_image(
     }
     let root_partition = find_root_partition(build, &partitions)?;
     let root = PathBuf::from(IMAGE_ROOT);
+    let mut mount_points = Vec::new();
     let fstab_text = {
         let mut probe = Mounts::default();
         let mut argv = strings(["mount", "-o", "ro"]);
@@ -69,27 +91,56 @@ pub(crate) fn mount_image(
             argv.push("-o".into());
             argv.push(entry.options.join(","));
         }
-        argv.push(device);
+        argv.push(device.clone());
         argv.push(target.to_string_lossy().into_owned());
         mounts.mount(build, argv, &target).with_context(|| {
             format!("mounting {} (fstab line {})", entry.mountpoint, entry.line)
         })?;
+        mount_points.push((device, entry.mountpoint.clone()));
     }
-    Ok(root)
+    Ok(MountedImage { root, mount_points })
 }
 
 #[derive(Debug, Clone, Default)]
-struct Partition {
-    device: String,
-    uuid: Option<String>,
-    label: Option<String>,
-    part_uuid: Option<String>,
-    part_label: Option<String>,
-    fs_type: Option<String>,
+pub(crate) struct Partition {
+    pub device: String,
+    /// 1-based, from the device name.
+    pub number: u32,
+    pub size_bytes: u64,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+    pub part_uuid: Option<String>,
+    pub part_label: Option<String>,
+    /// GPT type GUID or MBR type (`0x83`).
+    pub part_type: Option<String>,
+    pub fs_type: Option<String>,
 }
 
-/// Partitions of `disk` with what `blkid` says about each (there is no udev to ask).
+/// What `blkid -p` says about the whole disk: its partition table type, or the file system
+/// on it when it has none (an ISO 9660 volume, say).
+pub(crate) fn probe_whole_disk(
+    build: &Build<'_>,
+    disk: &Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut argv = strings(["blkid", "-p", "-o", "export"]);
+    argv.push(disk.to_string_lossy().into_owned());
+    let result = build.run_unchecked(&argv, None, Vec::new())?;
+    Ok(String::from_utf8_lossy(&result.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect())
+}
+
+/// Partitions of `disk` that hold a file system.
 fn probe_partitions(build: &Build<'_>, disk: &Path) -> anyhow::Result<Vec<Partition>> {
+    let mut partitions = list_partitions(build, disk)?;
+    partitions.retain(|partition| partition.fs_type.is_some());
+    Ok(partitions)
+}
+
+/// Every partition of `disk` with what `blkid` says about it (there is no udev to ask).
+pub(crate) fn list_partitions(build: &Build<'_>, disk: &Path) -> anyhow::Result<Vec<Partition>> {
     let name = disk
         .file_name()
         .context("disk path has no name")?
@@ -120,8 +171,26 @@ fn probe_partitions(build: &Build<'_>, disk: &Path) -> anyhow::Result<Vec<Partit
         let mut argv = strings(["blkid", "-p", "-o", "export"]);
         argv.push(device.clone());
         let result = build.run_unchecked(&argv, None, Vec::new())?;
+        let kernel_name = device.trim_start_matches("/dev/");
+        let sectors = std::fs::read_to_string(
+            Path::new("/sys/block")
+                .join(&name)
+                .join(kernel_name)
+                .join("size"),
+        )
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+        let number = kernel_name
+            .trim_start_matches(name.as_str())
+            .trim_start_matches('p')
+            .parse()
+            .unwrap_or(0);
         let mut partition = Partition {
             device,
+            number,
+            // /sys/block sizes are in 512-byte sectors whatever the device's block size.
+            size_bytes: sectors * 512,
             ..Partition::default()
         };
         for line in String::from_utf8_lossy(&result.stdout).lines() {
@@ -134,13 +203,12 @@ fn probe_partitions(build: &Build<'_>, disk: &Path) -> anyhow::Result<Vec<Partit
                 "LABEL" => partition.label = value,
                 "PART_ENTRY_UUID" | "PARTUUID" => partition.part_uuid = value,
                 "PART_ENTRY_NAME" | "PARTLABEL" => partition.part_label = value,
+                "PART_ENTRY_TYPE" => partition.part_type = value,
                 "TYPE" => partition.fs_type = value,
                 _ => {}
             }
         }
-        if partition.fs_type.is_some() {
-            partitions.push(partition);
-        }
+        partitions.push(partition);
     }
     Ok(partitions)
 }
@@ -208,34 +276,38 @@ fn resolve_device(partitions: &[Partition], spec: &fstab::DeviceSpec) -> Option<
 
 /// The image's binaries must match the builder VM, which runs them in the chroot.
 pub(crate) fn check_arch(root: &Path, arch: Arch) -> anyhow::Result<()> {
+    let Some(machine) = image_machine(root) else {
+        return Ok(());
+    };
+    let image_arch = match machine {
+        0x3e => Arch::X86_64,
+        0xb7 => Arch::Aarch64,
+        other => bail!("the image's binaries are for an unsupported machine type {other:#x}"),
+    };
+    if image_arch != arch {
+        bail!(
+            "the image is {} but the builder VM is {}: pass --arch {}",
+            image_arch.name(),
+            arch.name(),
+            image_arch.name()
+        );
+    }
+    Ok(())
+}
+
+/// The ELF machine number of the image's shell (read inside the image, never followed out).
+pub(crate) fn image_machine(root: &Path) -> Option<u16> {
     for candidate in ["/usr/bin/env", "/bin/sh", "/usr/bin/sh"] {
-        let Ok(path) = scoped_join(root, candidate) else {
-            continue;
-        };
-        let Ok(mut file) = std::fs::File::open(&path) else {
+        let Ok(Some(mut file)) = crate::rootfs::open_image_file(root, candidate) else {
             continue;
         };
         let mut header = [0u8; 20];
         if file.read_exact(&mut header).is_err() || &header[..4] != b"\x7fELF" {
             continue;
         }
-        let machine = u16::from_le_bytes([header[18], header[19]]);
-        let image_arch = match machine {
-            0x3e => Arch::X86_64,
-            0xb7 => Arch::Aarch64,
-            other => bail!("the image's binaries are for an unsupported machine type {other:#x}"),
-        };
-        if image_arch != arch {
-            bail!(
-                "the image is {} but the builder VM is {}: pass --arch {}",
-                image_arch.name(),
-                arch.name(),
-                image_arch.name()
-            );
-        }
-        return Ok(());
+        return Some(u16::from_le_bytes([header[18], header[19]]));
     }
-    Ok(())
+    None
 }
 
 #[cfg(test)]

@@ -522,13 +522,13 @@ fn unpack_iso(
     Ok(root)
 }
 
-fn read_grub_cfg(root: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_grub_cfg(root: &Path) -> anyhow::Result<String> {
     read_image_text(root, pipeline::IMAGE_GRUB_CFG, MAX_IMAGE_TEXT)?
         .ok_or_else(|| anyhow!(pipeline::IsoTreeError::GrubCfg))
 }
 
 /// Every regular file under the image's `/boot` (ESP included), with its size.
-fn collect_boot_files(root: &Path) -> anyhow::Result<Vec<BootFile>> {
+pub(crate) fn collect_boot_files(root: &Path) -> anyhow::Result<Vec<BootFile>> {
     let mut files = Vec::new();
     let mut pending = vec![root.join("boot")];
     while let Some(dir) = pending.pop() {
@@ -555,7 +555,7 @@ fn collect_boot_files(root: &Path) -> anyhow::Result<Vec<BootFile>> {
 }
 
 /// The image can make a LiveOS initrd: it has dracut and dracut's dmsquash-live module.
-fn check_dracut(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_dracut(root: &Path) -> anyhow::Result<()> {
     let has_dracut = [
         "/usr/bin/dracut",
         "/usr/sbin/dracut",

@@ -18,6 +18,7 @@ mod files;
 mod fuzz_targets;
 mod image;
 mod init;
+mod inspect;
 mod inventory;
 mod iso;
 mod modules;

@@ -326,6 +326,8 @@ fn dispatch(request: Request, context: &RequestContext) -> anyhow::Result<Respon
         Request::CustomizeDisk(build) => {
             crate::disk::customize(*build, context).map(Response::Disk)
         }
+        Request::Inspect { input_serial } => crate::inspect::inspect(&input_serial, context)
+            .map(|inspection| Response::Inspection(Box::new(inspection))),
     }
 }
 
@@ -387,6 +389,7 @@ fn describe(request: &Request) -> String {
         Request::MountScratch { serial, path } => format!("mount scratch disk {serial} at {path}"),
         Request::BuildIso(build) => format!("build ISO from {}", build.input_serial),
         Request::CustomizeDisk(build) => format!("customize disk {}", build.input_serial),
+        Request::Inspect { input_serial } => format!("inspect disk {input_serial}"),
     }
 }
 

@@ -56,8 +56,11 @@ pub enum Command {
     Customize(CustomizeArgs),
     /// Check a config file and every file it references, without starting anything.
     ValidateConfig(ValidateConfigArgs),
-    /// Print the JSON Schema of the config file.
-    Schema,
+    /// Print a JSON Schema: of the config file (default) or of `vmic inspect --json`.
+    Schema(SchemaArgs),
+    /// Describe a disk image or vmic ISO (read inside the builder VM) and say whether it can
+    /// become a LiveOS ISO.
+    Inspect(InspectArgs),
     /// Report QEMU, accelerators, transports and guest images; with --boot, boot each builder VM.
     Doctor(DoctorArgs),
     /// Boot a disk image or ISO in QEMU and wait for a line on its serial console.
@@ -69,6 +72,41 @@ pub enum Command {
     /// Move built builder VM images between machines as one OCI-layout tarball.
     #[command(subcommand)]
     GuestImage(GuestImageCommand),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SchemaArgs {
+    /// Which document's schema.
+    #[arg(value_enum, default_value_t = SchemaKind::Config)]
+    pub kind: SchemaKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaKind {
+    /// The config file (`--config-file`).
+    Config,
+    /// The report `vmic inspect --json` prints.
+    Inspect,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct InspectArgs {
+    /// Disk image (raw, qcow2, vhd, vhdx) or ISO to describe; never written. Repeat it to
+    /// inspect several images of one architecture in one builder VM.
+    #[arg(long, required = true)]
+    pub image_file: Vec<PathBuf>,
+
+    /// Print the report as JSON (its schema: `vmic schema inspect`): one object, or an array
+    /// of them for several images.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop the builder VM after this long (e.g. 90s, 10m).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+
+    #[command(flatten)]
+    pub vm: VmArgs,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -19,6 +19,7 @@ pub mod gather;
 pub mod guest_image;
 pub mod image;
 pub mod inert;
+pub mod inspect;
 pub mod machine;
 pub mod orphan;
 pub mod plan;

@@ -397,6 +397,7 @@ fn describe(request: &Request) -> String {
         Request::MountScratch { serial, .. } => format!("scratch disk {serial} setup"),
         Request::BuildIso(_) => "the ISO build".to_string(),
         Request::CustomizeDisk(_) => "the disk customization".to_string(),
+        Request::Inspect { .. } => "the inspection".to_string(),
         Request::Invalid => "invalid request".to_string(),
     }
 }

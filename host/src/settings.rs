@@ -131,7 +131,7 @@ pub fn resolve(args: &CustomizeArgs) -> Result<CustomizeSettings, Failure> {
 }
 
 /// Absolute, so that QEMU and qemu-img never read a path as a `json:` spec or a protocol URL.
-fn absolute(path: &std::path::Path) -> Result<PathBuf, Failure> {
+pub fn absolute(path: &std::path::Path) -> Result<PathBuf, Failure> {
     std::path::absolute(path).map_err(|error| {
         Failure::Usage(
             anyhow::Error::new(error).context(format!("cannot resolve {}", path.display())),

@@ -36,6 +36,8 @@
 //!   |  ──── Request { id: 6, GetFile } ─────> |
 //!   |  <─── Data { id: 6 } ... DataEnd ────── |  the host checks the sha256
 //!   |  <─── Response { id: 6, File } ──────── |
+//!   |  ──── Request { id: 7, Inspect } ─────> |  `vmic inspect`: serial of the disk
+//!   |  <─── Response { id: 7, Inspection } ── |  partitions, OS, boot files, packages, verdict
 //!   |  ──── Shutdown ───────────────────────> |  the agent syncs and powers off
 //!   |  <─── Fatal (any time) ──────────────── |  panic or fatal error, then power-off
 //! ```
@@ -45,9 +47,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 5;
+pub const MIN_PROTOCOL_VERSION: u32 = 6;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -168,6 +170,11 @@ pub enum Request {
     /// Customize a disk image in place (writes land in the host's overlay, which the host
     /// then converts to the output format).
     CustomizeDisk(Box<DiskBuild>),
+    /// Describe the disk with this serial (`vmic inspect`); writes a mount makes land in the
+    /// host's overlay.
+    Inspect {
+        input_serial: String,
+    },
 }
 
 /// Everything the agent needs to customize a disk image in place.
@@ -599,6 +606,130 @@ pub enum Response {
     Disk(DiskOutcome),
     /// A request that returns nothing else succeeded.
     Done,
+    Inspection(Box<Inspection>),
+}
+
+/// Most entries of each list in an [`Inspection`]: the agent stops there (`truncated`), the
+/// host refuses more.
+pub const MAX_INSPECTION_ITEMS: usize = 128;
+
+/// What `vmic inspect` learns inside the builder VM. Every string is the image's (or a tool's
+/// reading of it): the host makes it inert before showing it. Field names are the JSON's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct Inspection {
+    /// `gpt` or `dos`; `None` for an ISO or a bare file system.
+    pub partition_table: Option<String>,
+    pub partitions: Vec<InspectedPartition>,
+    /// The disk itself holds a file system (no partition table): an ISO 9660 volume, say.
+    pub whole_disk: Option<InspectedFileSystem>,
+    /// For an ISO that vmic made: its settings record.
+    pub vmic_iso: Option<InspectedVmicIso>,
+    /// `/etc/os-release` (or `/usr/lib/os-release`).
+    pub os: Option<InspectedOs>,
+    /// The machine the image's binaries are for (`x86_64`, `aarch64`, or the ELF number).
+    pub architecture: Option<String>,
+    /// Kernel versions: `/boot/vmlinuz-<version>` (or `/boot/vmlinuz-*` on an ISO).
+    pub kernels: Vec<String>,
+    /// Initrd paths under `/boot`.
+    pub initrds: Vec<String>,
+    pub boot_loader: InspectedBootLoader,
+    pub packages: Option<InspectedPackages>,
+    pub dracut: InspectedDracut,
+    /// Whether `vmic customize` can make a LiveOS ISO of it, with every reason it cannot.
+    pub live_os: InspectedVerdict,
+    /// Some list was cut at [`MAX_INSPECTION_ITEMS`].
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedPartition {
+    /// 1-based partition number.
+    pub number: u32,
+    pub size_bytes: u64,
+    /// GPT partition type GUID or MBR type byte (`0x83`).
+    pub type_id: Option<String>,
+    pub part_uuid: Option<String>,
+    pub part_label: Option<String>,
+    pub file_system: Option<InspectedFileSystem>,
+    /// Where the image's `/etc/fstab` mounts it.
+    pub mount_point: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedFileSystem {
+    /// `ext4`, `vfat`, `xfs`, `iso9660`, … (blkid's name).
+    pub kind: String,
+    pub label: Option<String>,
+    pub uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedOs {
+    pub id: Option<String>,
+    pub version_id: Option<String>,
+    pub pretty_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedBootLoader {
+    /// EFI binaries under `/boot` (shim, grub, fallbacks), paths inside the image.
+    pub efi_binaries: Vec<String>,
+    /// The shim and grub EFI binary a LiveOS ISO would boot with.
+    pub shim: Option<String>,
+    pub grub_efi: Option<String>,
+    /// The grub config (`/boot/grub2/grub.cfg`, else `/boot/grub/grub.cfg`).
+    pub grub_cfg: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedPackages {
+    /// `dpkg` or `rpm`.
+    pub manager: String,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedDracut {
+    pub installed: bool,
+    /// dracut's `dmsquash-live` module, which a LiveOS initrd needs.
+    pub dmsquash_live: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedVerdict {
+    pub possible: bool,
+    /// Empty when possible; else each check the build would fail, in its words.
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct InspectedVmicIso {
+    pub vmic_version: String,
+    pub label: String,
+    pub kernel_versions: Vec<String>,
+    /// Kernel arguments the user added (`iso.kernelCommandLine`).
+    pub user_kernel_args: Vec<String>,
+    /// `SOURCE_DATE_EPOCH` of the build.
+    pub created_unix_seconds: u64,
+    pub rootfs_sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -148,7 +148,7 @@ impl BootFile {
         }
     }
 
-    fn file_name(&self) -> &str {
+    pub fn file_name(&self) -> &str {
         self.path.rsplit('/').next().unwrap_or(&self.path)
     }
 

@@ -15,7 +15,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         ))),
         None => customize::run(&global, cli.customize),
         Some(Command::ValidateConfig(args)) => validate::run_validate(&global, args),
-        Some(Command::Schema) => validate::run_schema(),
+        Some(Command::Schema(args)) => match args.kind {
+            crate::cli::SchemaKind::Config => validate::run_schema(),
+            crate::cli::SchemaKind::Inspect => crate::inspect::run_schema(),
+        },
+        Some(Command::Inspect(args)) => crate::inspect::run(&global, args),
         Some(Command::Doctor(args)) => crate::doctor::run(&global, args),
         Some(Command::Boot(args)) => crate::boot::run(&global, args),
         Some(Command::Completions(args)) => crate::completions::run_completions(args),
