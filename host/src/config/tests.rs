@@ -102,6 +102,8 @@ const BAD: &[Bad] = &[
     ("hostname with an empty label", "os:\n  hostname: a..b\n", None, false, "os.hostname", 2, "empty label"),
     ("script climbs out", "scripts:\n  postCustomization:\n  - path: ../outside.sh\n", None, false, "scripts.postCustomization[0].path", 3, "outside the config directory"),
     ("script absolute path", "scripts:\n  finalizeCustomization:\n  - path: /bin/true\n", None, false, "scripts.finalizeCustomization[0].path", 3, "outside the config directory"),
+    // Outside is said before missing: the path's place is wrong whatever lies there.
+    ("script climbing out to nothing", "scripts:\n  finalizeCustomization:\n  - path: ../nonexistent-vmic.sh\n", None, false, "scripts.finalizeCustomization[0].path", 3, "outside the config directory"),
     ("script symlink out", "scripts:\n  postCustomization:\n  - path: scripts/ok.sh\n  - path: scripts/escape.sh\n", None, false, "scripts.postCustomization[1].path", 4, "outside the config directory"),
     ("script missing", "scripts:\n  postCustomization:\n  - path: scripts/missing.sh\n", None, false, "scripts.postCustomization[0].path", 3, "does not exist"),
     ("script path and content", "scripts:\n  postCustomization:\n  - path: scripts/ok.sh\n    content: echo\n", None, false, "scripts.postCustomization[0]", 3, "`path` and `content` are exclusive"),
