@@ -399,7 +399,14 @@ mod tests {
             //host/share /mnt/smb cifs credentials=/x 0 0\n\
             sshfs#me@host:/ /mnt/ssh fuse defaults 0 0\n\
             UUID=usb /media/usb ext4 noauto,user 0 0\n\
-            overlay /merged overlay lowerdir=/a 0 0\n";
+            overlay /merged overlay lowerdir=/a 0 0\n\
+            UUID=fuse /mnt/fuse fuse.sshfs defaults 0 0\n\
+            UUID=none none ext4 defaults 0 0\n\
+            UUID=swapdev swap ext4 defaults 0 0\n\
+            UUID=bound /bound ext4 bind 0 0\n\
+            UUID=net /net ext4 _netdev 0 0\n";
+        // Each of the last five lines names a device of the image and is skipped by one rule
+        // alone (a fuse type, mount point none or swap, a bind, a network device).
         let mounts: Vec<String> = plan(fstab).into_iter().map(|e| e.0).collect();
         assert_eq!(mounts, strings(&["/"]));
     }
@@ -456,6 +463,7 @@ mod tests {
     fn short_lines_auto_type_escapes_and_normalization() {
         let fstab = "LABEL=root /\n\
             UUID=x /srv/my\\040data// auto\n\
+            UUID=z /srv/back\\134slash ext4\n\
             uuid=Y /opt xfs\n";
         assert_eq!(
             plan(fstab),
@@ -478,6 +486,13 @@ mod tests {
                     "/srv/my data".into(),
                     DeviceSpec::Uuid("x".into()),
                     None,
+                    vec![],
+                    false
+                ),
+                (
+                    "/srv/back\\slash".into(),
+                    DeviceSpec::Uuid("z".into()),
+                    Some("ext4".into()),
                     vec![],
                     false
                 ),
