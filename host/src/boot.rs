@@ -34,6 +34,8 @@ pub struct BootSettings {
     pub cdrom: bool,
     pub arch: Arch,
     pub firmware: Firmware,
+    /// Secure Boot enforced (x86_64 UEFI only).
+    pub secure_boot: bool,
     pub accel: Accel,
     pub expect: Option<Regex>,
     pub timeout: Duration,
@@ -59,6 +61,12 @@ pub enum BootError {
     },
     #[error("the guest kernel panicked: {line}")]
     KernelPanic {
+        line: String,
+        #[source]
+        tail: ConsoleTail,
+    },
+    #[error("Secure Boot refused the boot chain: {line}")]
+    SecureBootRefused {
         line: String,
         #[source]
         tail: ConsoleTail,
@@ -114,6 +122,12 @@ pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
     if args.firmware == Firmware::Bios && arch != Arch::X86_64 {
         anyhow::bail!("--firmware bios is for x86_64 only; {arch} boots with UEFI");
     }
+    if args.secure_boot && (args.firmware != Firmware::Uefi || arch != Arch::X86_64) {
+        anyhow::bail!(
+            "--secure-boot needs UEFI firmware on x86_64 (OVMF with Microsoft's keys); this boot is {arch} with {} firmware",
+            args.firmware.name()
+        );
+    }
     let expect = args
         .expect
         .as_deref()
@@ -138,6 +152,7 @@ pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
         },
         arch,
         firmware: args.firmware,
+        secure_boot: args.secure_boot,
         accel,
         expect,
         timeout: Duration::from_secs(args.timeout),
@@ -159,6 +174,7 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
     let binary = crate::qemu::find_system_binary(settings.arch)?;
     let firmware_files = match settings.firmware {
         Firmware::Bios => None,
+        Firmware::Uefi if settings.secure_boot => Some(crate::qemu::find_secure_boot_firmware()?),
         Firmware::Uefi => Some(crate::qemu::find_uefi_firmware(settings.arch)?),
     };
     let dir = tempfile::Builder::new()
@@ -177,6 +193,7 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
             FirmwareImages::Uefi {
                 code: files.code,
                 vars,
+                secure_boot: settings.secure_boot,
             }
         }
     };
@@ -266,8 +283,9 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
     let interrupted = interrupted();
     tokio::pin!(interrupted);
     let mut buffer = vec![0u8; 16 << 10];
-    let mut panic_line: Option<String> = None;
-    // After a panic, keep reading briefly: the trace that follows says why.
+    // A panic or a Secure Boot refusal ends the boot; reading goes on briefly first: what
+    // follows says why.
+    let mut fatal: Option<Verdict> = None;
     let mut panic_deadline = deadline;
     // A partial line matching `--expect` counts once the console is quiet this long.
     let mut partial_deadline: Option<tokio::time::Instant> = None;
@@ -283,8 +301,8 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
             }
             _ = tokio::time::sleep_until(deadline.min(panic_deadline)) => {
                 qemu.kill().await;
-                if let Some(line) = panic_line {
-                    return Err(BootError::KernelPanic { line, tail: console.tail() }.into());
+                if let Some(verdict) = fatal {
+                    return Err(fatal_error(verdict, console.tail()));
                 }
                 let seconds = settings.timeout.as_secs();
                 return Err(match pattern {
@@ -316,12 +334,11 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
             Some(Verdict::Matched(line)) => {
                 return finish_matched(&mut qemu, started, line, reporter).await;
             }
-            Some(Verdict::Panic(line)) if panic_line.is_none() => {
-                tracing::debug!(
-                    "kernel panic after {:.1} s",
-                    started.elapsed().as_secs_f64()
-                );
-                panic_line = Some(line);
+            Some(verdict @ (Verdict::Panic(_) | Verdict::SecureBootRefused(_)))
+                if fatal.is_none() =>
+            {
+                tracing::debug!("{verdict:?} after {:.1} s", started.elapsed().as_secs_f64());
+                fatal = Some(verdict);
                 panic_deadline = tokio::time::Instant::now() + Duration::from_secs(2);
             }
             _ => {}
@@ -329,12 +346,8 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
     }
     // The console closed: QEMU has exited (the guest powered off or rebooted, -no-reboot).
     let (status, stderr) = qemu.wait().await?;
-    if let Some(line) = panic_line {
-        return Err(BootError::KernelPanic {
-            line,
-            tail: console.tail(),
-        }
-        .into());
+    if let Some(verdict) = fatal {
+        return Err(fatal_error(verdict, console.tail()));
     }
     match pattern {
         Some(pattern) => Err(BootError::StoppedWithoutMatch {
@@ -360,6 +373,15 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
             tail: console.tail(),
         }
         .into()),
+    }
+}
+
+/// The error for a boot that ended with a panic or a Secure Boot refusal.
+fn fatal_error(verdict: Verdict, tail: ConsoleTail) -> anyhow::Error {
+    match verdict {
+        Verdict::SecureBootRefused(line) => BootError::SecureBootRefused { line, tail }.into(),
+        Verdict::Panic(line) => BootError::KernelPanic { line, tail }.into(),
+        Verdict::Matched(_) => unreachable!("a match ends the boot at once, never kept"),
     }
 }
 

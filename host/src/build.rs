@@ -485,7 +485,7 @@ fn use_cache(
             reporter.note(
                 Source::Vmic,
                 format_args!(
-                    "build cache: hit {}: the cached ISO is re-mastered with this build's iso settings (no customization, dracut or mksquashfs)",
+                    "build cache: hit: the cached ISO is re-mastered with this build's iso settings (no customization, dracut or mksquashfs); key {}",
                     parts.key()
                 ),
             );
@@ -497,7 +497,7 @@ fn use_cache(
         Lookup::Miss(why) => {
             reporter.note(
                 Source::Vmic,
-                format_args!("build cache: miss {} ({why})", parts.key()),
+                format_args!("build cache: miss ({why}); key {}", parts.key()),
             );
             Ok(CacheUse::Store(cache, Box::new(parts)))
         }

@@ -360,6 +360,11 @@ pub struct BootArgs {
     #[arg(long, value_enum, default_value_t = Firmware::Uefi)]
     pub firmware: Firmware,
 
+    /// Enforce Secure Boot: OVMF with Microsoft's keys enrolled (x86_64 UEFI). A boot chain
+    /// the firmware or shim refuses ends the boot with their refusal.
+    #[arg(long)]
+    pub secure_boot: bool,
+
     /// Succeed as soon as the serial console prints a line matching this regex.
     #[arg(long)]
     pub expect: Option<String>,
@@ -412,6 +417,15 @@ pub enum AccelChoice {
 pub enum Firmware {
     Uefi,
     Bios,
+}
+
+impl Firmware {
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Uefi => "UEFI",
+            Firmware::Bios => "BIOS",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use tokio::net::UnixStream;
 pub const CONSOLE_LOG_CAP: u64 = 8 << 20;
 
 /// How many console lines an error report shows.
+/// Longest console line kept whole; longer ones are cut (see [`Console::feed`]).
+pub const MAX_LINE: usize = 64 << 10;
 pub const TAIL_LINES: usize = 40;
 
 /// What a console line means for the boot.
@@ -27,6 +29,8 @@ pub enum Verdict {
     Matched(String),
     /// The guest kernel panicked.
     Panic(String),
+    /// The firmware or shim refused to run a boot loader or kernel (Secure Boot).
+    SecureBootRefused(String),
 }
 
 /// The last [`TAIL_LINES`] non-empty console lines, shown when a boot fails.
@@ -73,7 +77,9 @@ impl Console {
         let mut lines = Vec::new();
         let mut verdict = None;
         for &byte in bytes {
-            if byte == b'\n' {
+            // A console that never ends its line (a firmware dialog, a flood) is cut into
+            // lines of at most MAX_LINE bytes: memory stays bounded whatever the guest prints.
+            if byte == b'\n' || self.partial.len() >= MAX_LINE {
                 let line = clean_line(&self.partial);
                 self.partial.clear();
                 if verdict.is_none() {
@@ -83,8 +89,17 @@ impl Console {
                     self.remember(line.clone());
                 }
                 lines.push(line);
-            } else {
-                self.partial.push(byte);
+                if byte == b'\n' {
+                    continue;
+                }
+            }
+            self.partial.push(byte);
+        }
+        // Shim's refusal is a dialog box waiting for a key: its line never ends.
+        if verdict.is_none() {
+            let partial = clean_line(&self.partial);
+            if is_secure_boot_refusal(&partial) {
+                verdict = Some(Verdict::SecureBootRefused(refusal_text(&partial)));
             }
         }
         (lines, verdict)
@@ -104,6 +119,9 @@ impl Console {
             if expect.is_match(line) {
                 return Some(Verdict::Matched(line.to_string()));
             }
+        }
+        if is_secure_boot_refusal(line) {
+            return Some(Verdict::SecureBootRefused(refusal_text(line)));
         }
         is_kernel_panic(line).then(|| Verdict::Panic(line.to_string()))
     }
@@ -241,6 +259,26 @@ pub fn log_tail(path: &Path, count: usize) -> String {
         .map(|line| format!("  | {}", crate::inert::inert_line(&clean_line(line))))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The refusal's own words out of a line drawn as a dialog box (runs of padding and frame
+/// characters around it).
+fn refusal_text(line: &str) -> String {
+    line.split("   ")
+        .map(|part| part.trim_matches(|c: char| c.is_whitespace() || !c.is_ascii()))
+        .find(|part| is_secure_boot_refusal(part))
+        .unwrap_or(line)
+        .trim()
+        .to_string()
+}
+
+/// A refusal to start an image that fails signature checks: shim's `Verification failed:
+/// (0x1A) Security Violation`, OVMF's `BdsDxe: failed to load Boot0001 … : Access Denied`, and
+/// grub's `bad shim signature` for a kernel.
+pub fn is_secure_boot_refusal(line: &str) -> bool {
+    line.contains("Security Violation")
+        || (line.contains("BdsDxe: failed to load") && line.contains("Access Denied"))
+        || line.contains("bad shim signature")
 }
 
 /// Linux's panic message (x86_64 and arm64 alike).
@@ -399,6 +437,44 @@ mod tests {
         assert_eq!(console.partial_match(), Some("vmic-test login: ".into()));
         console.feed(b"\r\n");
         assert_eq!(console.partial_match(), None);
+    }
+
+    #[test]
+    fn secure_boot_refusals_of_shim_ovmf_and_grub_are_recognised() {
+        for line in [
+            "Verification failed: (0x1A) Security Violation",
+            "BdsDxe: failed to load Boot0001 \"UEFI QEMU HARDDISK QM00001 \" from PciRoot(0x0)/Pci(0x2,0x0): Access Denied",
+            "error: bad shim signature.",
+        ] {
+            let mut console = Console::new(None);
+            let verdict = console.feed(format!("{line}\n").as_bytes()).1;
+            assert_eq!(verdict, Some(Verdict::SecureBootRefused(line.to_string())));
+        }
+        let mut console = Console::new(None);
+        let ordinary = b"BdsDxe: loading Boot0001 \"UEFI QEMU HARDDISK\"\nAccess granted\n";
+        assert_eq!(console.feed(ordinary).1, None);
+        // Shim draws its refusal as a dialog box and waits for a key: the line never ends.
+        let mut console = Console::new(None);
+        let dialog = format!(
+            "\u{1b}[0m\u{da}\u{c4}\u{c4}\u{bf}{pad}ERROR{pad}{pad}Verification failed: (0x1A) Security Violation{pad}{pad}",
+            pad = " ".repeat(30)
+        );
+        assert_eq!(
+            console.feed(dialog.as_bytes()).1,
+            Some(Verdict::SecureBootRefused(
+                "Verification failed: (0x1A) Security Violation".to_string()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_line_that_never_ends_is_cut_at_the_bound() {
+        let mut console = Console::new(None);
+        let flood = vec![b'x'; MAX_LINE * 3 + 5];
+        let (lines, _) = console.feed(&flood);
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|line| line.len() == MAX_LINE));
+        assert_eq!(console.partial.len(), 5);
     }
 
     #[test]

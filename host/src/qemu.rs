@@ -419,8 +419,45 @@ fn uefi_firmware_candidates(arch: Arch) -> &'static [(&'static str, &'static str
 /// `$VMIC_AAVMF_CODE`/`$VMIC_AAVMF_VARS` (aarch64) when set, else the first known location
 /// holding both files; otherwise an error naming the package to install.
 pub fn find_uefi_firmware(arch: Arch) -> anyhow::Result<UefiFirmware> {
-    let (code_variable, vars_variable) = uefi_firmware_variables(arch);
-    let candidates = uefi_firmware_candidates(arch);
+    find_firmware(
+        &format!("UEFI firmware for {arch}"),
+        uefi_firmware_candidates(arch),
+        uefi_firmware_variables(arch),
+        uefi_firmware_package(arch),
+    )
+}
+
+/// OVMF's Secure Boot build (SMM) with a variable store that has Microsoft's keys enrolled
+/// and Secure Boot on: `$VMIC_OVMF_SECBOOT_CODE`/`$VMIC_OVMF_SECBOOT_VARS`, else Debian's
+/// `ovmf` (`OVMF_CODE_4M.ms.fd`, `OVMF_VARS_4M.ms.fd`) or Fedora's `edk2-ovmf` files.
+pub fn find_secure_boot_firmware() -> anyhow::Result<UefiFirmware> {
+    find_firmware(
+        "Secure Boot UEFI firmware for x86_64",
+        &[
+            (
+                "/usr/share/OVMF/OVMF_CODE_4M.ms.fd",
+                "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+            ),
+            (
+                "/usr/share/OVMF/OVMF_CODE.ms.fd",
+                "/usr/share/OVMF/OVMF_VARS.ms.fd",
+            ),
+            (
+                "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd",
+                "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd",
+            ),
+        ],
+        ("VMIC_OVMF_SECBOOT_CODE", "VMIC_OVMF_SECBOOT_VARS"),
+        "ovmf",
+    )
+}
+
+fn find_firmware(
+    what: &str,
+    candidates: &[(&str, &str)],
+    (code_variable, vars_variable): (&str, &str),
+    package: &str,
+) -> anyhow::Result<UefiFirmware> {
     let code_override = std::env::var_os(code_variable).map(PathBuf::from);
     let vars_override = std::env::var_os(vars_variable).map(PathBuf::from);
     let found = if code_override.is_some() || vars_override.is_some() {
@@ -453,10 +490,10 @@ pub fn find_uefi_firmware(arch: Arch) -> anyhow::Result<UefiFirmware> {
     let install = if cfg!(target_os = "macos") {
         "brew install qemu".to_string()
     } else {
-        format!("apt-get install {}", uefi_firmware_package(arch))
+        format!("apt-get install {package}")
     };
     Err(crate::report::hinted(
-        format!("UEFI firmware for {arch} not found: {}", missing.display()),
+        format!("{what} not found: {}", missing.display()),
         format!("{install} (or point {code_variable} and {vars_variable} at the firmware files)"),
     ))
 }

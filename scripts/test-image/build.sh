@@ -55,6 +55,7 @@ PACKAGES=(
   "grub-efi-$DEB_ARCH-bin" shim-signed
 )
 [ "$VARIANT" = cloud-init ] && PACKAGES+=(cloud-init)
+[ "$VARIANT" = secureboot ] && PACKAGES+=("grub-efi-$DEB_ARCH-signed")
 
 # Written before any package is configured, so the kernel's postinst runs dracut once, with this
 # configuration: generic (not host-only), fast zstd, the drivers QEMU disks need.
@@ -204,9 +205,20 @@ GRUB_MODULES="part_gpt part_msdos fat ext2 iso9660 search search_fs_uuid search_
   all_video efi_gop font gfxterm gzio halt reboot"
 [ "$ARCH" = x86_64 ] && GRUB_MODULES="$GRUB_MODULES efi_uga"
 install -d "$ROOT/boot/efi/EFI/BOOT"
-# shellcheck disable=SC2086
-chroot "$ROOT" grub-mkimage -O "$GRUB_TARGET" -p /boot/grub2 -c /boot/grub2/early.cfg \
-  -o "/boot/efi/EFI/BOOT/grub$EFI_ARCH.efi" $GRUB_MODULES
+GRUB_PREFIX=/boot/grub2
+if [ "$VARIANT" = secureboot ]; then
+  # Debian's signed grub is monolithic with its prefix at /EFI/debian on the device it was
+  # loaded from (the ESP): the same early config, placed there, finds the main one.
+  cp "$ROOT/usr/lib/grub/$GRUB_TARGET-signed/grub$EFI_ARCH.efi.signed" \
+    "$ROOT/boot/efi/EFI/BOOT/grub$EFI_ARCH.efi"
+  install -d "$ROOT/boot/efi/EFI/debian"
+  cp "$ROOT/boot/grub2/early.cfg" "$ROOT/boot/efi/EFI/debian/grub.cfg"
+  GRUB_PREFIX=/EFI/debian
+else
+  # shellcheck disable=SC2086
+  chroot "$ROOT" grub-mkimage -O "$GRUB_TARGET" -p /boot/grub2 -c /boot/grub2/early.cfg \
+    -o "/boot/efi/EFI/BOOT/grub$EFI_ARCH.efi" $GRUB_MODULES
+fi
 cp "$ROOT/usr/lib/shim/shim$EFI_ARCH.efi.signed" "$ROOT/boot/efi/EFI/BOOT/boot$EFI_ARCH.efi"
 
 # --- split into file systems ---------------------------------------------------------------
@@ -249,6 +261,10 @@ export MTOOLS_SKIP_CHECK=1
 mlabel -i "$WORK/esp.img" -N "$ESP_VOLID" ::ESP
 mmd -i "$WORK/esp.img" ::/EFI ::/EFI/BOOT
 mcopy -m -i "$WORK/esp.img" "$ESPDIR/EFI/BOOT/"* ::/EFI/BOOT/
+if [ -d "$ESPDIR/EFI/debian" ]; then
+  mmd -i "$WORK/esp.img" ::/EFI/debian
+  mcopy -m -i "$WORK/esp.img" "$ESPDIR/EFI/debian/"* ::/EFI/debian/
+fi
 
 log "$NAME: disk"
 truncate -s "$((DISK_SECTORS * 512))" "$WORK/disk.raw"
@@ -302,7 +318,7 @@ jq -n --arg name "$NAME" --arg arch "$ARCH" --arg variant "$VARIANT" \
   --argjson boot_partition "$([ "$BOOT_PARTITION" -eq 1 ] && echo true || echo false)" \
   --arg recipe_hash "$HASH" --argjson source_date_epoch "$SOURCE_DATE_EPOCH" \
   --arg kernel "$KVER" --arg disk_guid "$DISK_GUID" --argjson disk_bytes "$((DISK_SECTORS * 512))" \
-  --argjson build_seconds "$BUILD_SECONDS" --arg grub_prefix /boot/grub2 \
+  --argjson build_seconds "$BUILD_SECONDS" --arg grub_prefix "$GRUB_PREFIX" \
   --arg shim "EFI/BOOT/boot$EFI_ARCH.efi" --arg grub "EFI/BOOT/grub$EFI_ARCH.efi" \
   --slurpfile partitions "$WORK/partitions.json" --slurpfile packages "$WORK/packages.json" \
   --slurpfile files "$WORK/files.json" \

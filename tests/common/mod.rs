@@ -330,12 +330,28 @@ fn printk_start(line: &str) -> Option<usize> {
 
 /// Boot `image` with `vmic boot` until the marker's last line; returns what it printed.
 pub fn boot(image: &Path, firmware: &str, media: &str, timeout: u64) -> Booted {
+    boot_with(image, firmware, media, false, timeout)
+}
+
+/// [`boot`], with Secure Boot enforced when `secure_boot` (`vmic boot --secure-boot`).
+pub fn boot_with(
+    image: &Path,
+    firmware: &str,
+    media: &str,
+    secure_boot: bool,
+    timeout: u64,
+) -> Booted {
     let work = work_dir();
     let log = work.path().join("console.log");
     let _vm = lock(&VM_LOCK);
     let started = Instant::now();
-    let output = vmic()
-        .args(["boot", "--expect", "^VMIC-TEST-END", "--timeout"])
+    let mut command = vmic();
+    command.arg("boot");
+    if secure_boot {
+        command.arg("--secure-boot");
+    }
+    let output = command
+        .args(["--expect", "^VMIC-TEST-END", "--timeout"])
         .arg(timeout.to_string())
         .args(["--firmware", firmware, "--media", media, "--image-file"])
         .arg(image)
@@ -371,9 +387,11 @@ pub fn boot(image: &Path, firmware: &str, media: &str, timeout: u64) -> Booted {
         "{} booted under the firmware asked for: {booted:?}",
         image.display()
     );
-    // vmic's firmware is OVMF/AAVMF without enrolled keys: nothing is signature-checked.
-    let expected_secureboot: &[&str] = match firmware {
-        "bios" => &["unsupported"],
+    // vmic's default firmware is OVMF/AAVMF without enrolled keys: nothing is signature-checked;
+    // with --secure-boot, everything is.
+    let expected_secureboot: &[&str] = match (firmware, secure_boot) {
+        ("bios", _) => &["unsupported"],
+        (_, true) => &["enabled"],
         _ => &["disabled", "unsupported"],
     };
     assert!(

@@ -15,8 +15,14 @@ pub enum FirmwareImages {
     /// port (0x3f8, little endian) SeaBIOS mirrors its screen to, so that BIOS and boot loader
     /// messages (which go to the screen, and there is none) reach the serial console.
     Bios { sercon_port: PathBuf },
-    /// UEFI: read-only code and this VM's own writable copy of the variable store.
-    Uefi { code: PathBuf, vars: PathBuf },
+    /// UEFI: read-only code and this VM's own writable copy of the variable store. With
+    /// `secure_boot`, the SMM build whose store enforces Secure Boot: the machine gets SMM and
+    /// the flash is writable from SMM only, so the guest cannot turn it off.
+    Uefi {
+        code: PathBuf,
+        vars: PathBuf,
+        secure_boot: bool,
+    },
 }
 
 /// What the VM boots from.
@@ -55,7 +61,19 @@ fn os(value: impl Into<OsString>) -> OsString {
 pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
-    push(&crate::machine::machine_argv(vm.arch, vm.accel));
+    let secure_boot = matches!(
+        vm.firmware,
+        FirmwareImages::Uefi {
+            secure_boot: true,
+            ..
+        }
+    );
+    let mut machine = crate::machine::machine_argv(vm.arch, vm.accel).map(str::to_string);
+    if secure_boot {
+        // OVMF's Secure Boot build keeps its variables behind SMM.
+        machine[1] = format!("{},smm=on", machine[1]);
+    }
+    push(&machine.each_ref().map(String::as_str));
     push(&[
         "-smp",
         &vm.cpus.to_string(),
@@ -70,15 +88,24 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
         "-no-reboot",
     ]);
     match &vm.firmware {
-        FirmwareImages::Uefi { code, vars } => push(&[
-            "-drive",
-            &format!(
-                "if=pflash,unit=0,format=raw,readonly=on,file={}",
-                escape_comma(code)
-            ),
-            "-drive",
-            &format!("if=pflash,unit=1,format=raw,file={}", escape_comma(vars)),
-        ]),
+        FirmwareImages::Uefi {
+            code,
+            vars,
+            secure_boot,
+        } => {
+            if *secure_boot {
+                push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            }
+            push(&[
+                "-drive",
+                &format!(
+                    "if=pflash,unit=0,format=raw,readonly=on,file={}",
+                    escape_comma(code)
+                ),
+                "-drive",
+                &format!("if=pflash,unit=1,format=raw,file={}", escape_comma(vars)),
+            ])
+        }
         FirmwareImages::Bios { sercon_port } => push(&[
             "-fw_cfg",
             &format!("name=etc/sercon-port,file={}", escape_comma(sercon_port)),
@@ -163,10 +190,12 @@ mod tests {
             Arch::X86_64 => FirmwareImages::Uefi {
                 code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.fd"),
                 vars: PathBuf::from("/tmp/boot/vars.fd"),
+                secure_boot: false,
             },
             Arch::Aarch64 => FirmwareImages::Uefi {
                 code: PathBuf::from("/usr/share/AAVMF/AAVMF_CODE.fd"),
                 vars: PathBuf::from("/tmp/boot/vars.fd"),
+                secure_boot: false,
             },
         }
     }
@@ -231,5 +260,39 @@ mod tests {
         let mut vm = vm(Arch::Aarch64, uefi(Arch::Aarch64), disk());
         vm.accel = Accel::Kvm;
         insta::assert_snapshot!(render(&boot_argv(&vm)));
+    }
+
+    /// OVMF's Secure Boot build runs only on a machine with SMM, with its flash writable from
+    /// SMM alone (else the guest could rewrite the keys); without Secure Boot neither is set.
+    #[test]
+    fn secure_boot_adds_smm_and_locks_the_flash() {
+        let secure = FirmwareImages::Uefi {
+            code: PathBuf::from("/usr/share/OVMF/OVMF_CODE_4M.ms.fd"),
+            vars: PathBuf::from("/tmp/boot/vars.fd"),
+            secure_boot: true,
+        };
+        let argv: Vec<String> = boot_argv(&vm(Arch::X86_64, secure, disk()))
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            argv.iter()
+                .position(|arg| arg == flag)
+                .map(|at| argv[at + 1].as_str())
+        };
+        assert_eq!(after("-machine"), Some("q35,smm=on"));
+        assert_eq!(
+            after("-global"),
+            Some("driver=cfi.pflash01,property=secure,value=on")
+        );
+        assert!(argv.iter().any(|arg| arg.contains("OVMF_CODE_4M.ms.fd")));
+
+        let plain: Vec<String> = boot_argv(&vm(Arch::X86_64, uefi(Arch::X86_64), disk()))
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        assert!(plain
+            .iter()
+            .all(|arg| !arg.contains("smm") && arg != "-global"));
     }
 }
