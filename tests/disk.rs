@@ -184,6 +184,24 @@ fn x86_64_disk_outputs_carry_every_os_customization_and_boot() {
     let booted = boot(&first, "uefi", "disk", 300);
     assert_full_customization(&booted);
     assert_eq!(evidence(&booted, "hello"), "Hello, world!");
+    let history = image_history(&first, "qcow2");
+    assert_eq!(history.len(), 1, "one customization, one entry");
+    let entry = &history[0];
+    assert_eq!(entry["toolVersion"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(entry["config"]["os"]["hostname"], "vmic-disk-test");
+    assert_eq!(
+        entry["config"]["os"]["users"][0]["password"]["value"],
+        "[redacted]"
+    );
+    let text = entry.to_string();
+    assert!(
+        !text.contains(ALICE_PASSWORD_HASH),
+        "no password in the history: {text}"
+    );
+    assert!(
+        !text.contains("ssh-ed25519 "),
+        "no key in the history: {text}"
+    );
 
     // A second pass over the first output removes a package it installed.
     let second = work.path().join("removed.vhdx");
@@ -201,6 +219,29 @@ fn x86_64_disk_outputs_carry_every_os_customization_and_boot() {
         evidence(&booted, "hello")
     );
     assert_eq!(evidence(&booted, "jq"), "7", "the rest stays");
+    let history = image_history(&second, "vhdx");
+    assert_eq!(history.len(), 2, "the second customization appends");
+    assert_eq!(
+        history[0],
+        image_history(&first, "qcow2")[0],
+        "the first entry kept"
+    );
+    assert_eq!(
+        history[1]["config"]["os"]["packages"]["remove"],
+        serde_json::json!(["hello"])
+    );
+    assert_ne!(history[0]["imageUuid"], history[1]["imageUuid"]);
+}
+
+/// `/usr/share/image-customizer/history.json` of `disk`'s root file system: the Image
+/// Customizer's history, one entry per customization.
+fn image_history(disk: &Path, qemu_format: &str) -> Vec<serde_json::Value> {
+    let text = root_file(
+        disk,
+        qemu_format,
+        "/usr/share/image-customizer/history.json",
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("history.json: {e}: {text}"))
 }
 
 #[test]

@@ -223,16 +223,7 @@ fn an_image_on_the_wrong_builder_says_why_it_cannot_become_an_iso() {
 fn a_file_that_is_no_image_is_refused_clearly() {
     let work = work_dir();
     let input = work.path().join("random.img");
-    run(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={}", input.display()),
-            "bs=1M",
-            "count=4",
-            "status=none",
-        ],
-    );
+    common::random_file(&input, 4);
     let before = sha256_of(&input);
     let output = {
         let _vm = lock(&VM_LOCK);

@@ -845,6 +845,85 @@ fn minimal_qcow2() -> PathBuf {
     test_image("x86_64", "minimal", false).join("disk.qcow2")
 }
 
+/// An image with a separate /boot partition: its grub's embedded config searches that
+/// partition's UUID and keeps its prefix relative to it (`/grub2`), which on the CD (or the
+/// El Torito FAT image) once ended at a `grub>` prompt. The ISO boots under UEFI and BIOS.
+#[test]
+fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_uefi_and_bios() {
+    let image = test_image("x86_64", "minimal", true).join("disk.qcow2");
+    let work = work_dir();
+    let iso = work.path().join("bootpart.iso");
+    build_iso(&image, &fixture("iso/bootpart.yaml"), &iso, &[]);
+    for firmware in ["uefi", "bios"] {
+        let booted = boot(&iso, firmware, "cdrom", 600);
+        for arg in ["root=live:LABEL=CDROM", "vmic.bootpart=1"] {
+            assert!(
+                booted.cmdline.iter().any(|a| a == arg),
+                "{firmware}: {arg} in {booted:?}"
+            );
+        }
+    }
+}
+
+/// Secure Boot kept end to end: from an image whose boot chain is signed (shim by Microsoft,
+/// grub and kernel by Debian), the ISO boots with Secure Boot enforced (the marker reads the
+/// firmware's SecureBoot variable) as a LiveOS, with the ISO's own argument.
+#[test]
+fn a_signed_boot_chain_boots_as_an_iso_with_secure_boot_enforced() {
+    let image = test_image("x86_64", "secureboot", false).join("disk.qcow2");
+    let work = work_dir();
+    let iso = work.path().join("secureboot.iso");
+    build_iso(&image, &fixture("iso/secureboot.yaml"), &iso, &[]);
+    let booted = common::boot_with(&iso, "uefi", "cdrom", true, 600);
+    assert_eq!(booted.secureboot, "enabled", "{booted:?}");
+    assert!(
+        booted
+            .cmdline
+            .iter()
+            .any(|arg| arg == "root=live:LABEL=CDROM"),
+        "{booted:?}"
+    );
+    assert!(
+        booted.cmdline.iter().any(|arg| arg == "vmic.secureboot=1"),
+        "{booted:?}"
+    );
+}
+
+/// The minimal image's grub is vmic's own grub-mkimage build, signed by nobody: under
+/// `--secure-boot` shim refuses it, and `vmic boot` ends at once with shim's words (shim shows
+/// them in a dialog that waits for a key, so no line of it ever ends).
+#[test]
+fn an_unsigned_grub_under_secure_boot_is_refused_with_shims_words() {
+    let output = {
+        let _vm = common::lock(&common::VM_LOCK);
+        common::vmic()
+            .args([
+                "boot",
+                "--secure-boot",
+                "--expect",
+                "^VMIC-TEST-END",
+                "--timeout",
+                "600",
+            ])
+            .arg("--image-file")
+            .arg(minimal_qcow2())
+            .output()
+            .expect("running vmic boot")
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "Secure Boot refused the boot chain: Verification failed: (0x1A) Security Violation"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("within 600 s"),
+        "ended by the refusal: {stderr}"
+    );
+}
+
 #[test]
 fn missing_grub_cfg_is_named() {
     let stderr = fail_iso(&minimal_qcow2(), &fixture("iso/no-grub-cfg.yaml"), 1, &[]);
@@ -916,16 +995,7 @@ fn a_failing_script_shows_its_stderr() {
 fn an_input_that_is_not_a_disk_image_is_refused() {
     let work = work_dir();
     let input = work.path().join("random.img");
-    run(
-        "dd",
-        &[
-            "if=/dev/urandom",
-            &format!("of={}", input.display()),
-            "bs=1M",
-            "count=16",
-            "status=none",
-        ],
-    );
+    common::random_file(&input, 16);
     let stderr = fail_iso(&input, &fixture("iso/plain.yaml"), 1, &[]);
     assert!(stderr.contains("not a disk image"), "{stderr}");
 }
@@ -1026,11 +1096,24 @@ fn the_test_images_are_the_ones_these_tests_expect() {
         ("x86_64", "minimal", false),
         ("x86_64", "minimal", true),
         ("x86_64", "cloud-init", false),
+        ("x86_64", "secureboot", false),
         ("aarch64", "minimal", false),
     ] {
         let manifest = manifest(&test_image(arch, variant, boot_partition));
         assert_eq!(manifest["arch"], arch);
         assert_eq!(manifest["variant"], variant);
         assert_eq!(manifest["boot_partition"], boot_partition);
+        // Debian's signed grub reads its config from /EFI/debian; vmic's own from /boot/grub2.
+        let prefix = match variant {
+            "secureboot" => "/EFI/debian",
+            _ => "/boot/grub2",
+        };
+        assert_eq!(manifest["boot"]["grub_prefix"], prefix, "{arch}-{variant}");
+        let packages = manifest["packages"].as_object().expect("packages");
+        assert_eq!(
+            packages.contains_key("grub-efi-amd64-signed"),
+            variant == "secureboot",
+            "{arch}-{variant}"
+        );
     }
 }

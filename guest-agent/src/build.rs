@@ -138,6 +138,19 @@ impl Mounts {
         Ok(())
     }
 
+    /// Mount the ISO 9660 file system on `device` read-only at `target`.
+    pub(crate) fn mount_iso(
+        &mut self,
+        build: &Build<'_>,
+        device: &Path,
+        target: &Path,
+    ) -> anyhow::Result<()> {
+        let mut argv = strings(["mount", "-t", "iso9660", "-o", "ro"]);
+        argv.push(device.to_string_lossy().into_owned());
+        argv.push(target.to_string_lossy().into_owned());
+        self.mount(build, argv, target)
+    }
+
     /// Unmount everything mounted at or below `prefix`, innermost first.
     pub(crate) fn unmount_below(&mut self, prefix: &Path) {
         let mut keep = Vec::new();

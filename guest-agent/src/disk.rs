@@ -22,7 +22,8 @@ pub fn customize(request: DiskBuild, context: &RequestContext) -> anyhow::Result
     check_arch(&root, vm_arch())?;
 
     build.step(Step::Customize)?;
-    let chroot_mounts = customize_image(&build, &root, &request.customization)?;
+    let epoch = crate::inventory::epoch_from_image(&build, &root);
+    let chroot_mounts = customize_image(&build, &root, &request.customization, epoch)?;
     drop(chroot_mounts);
     remove_config_mountpoint(&root);
     let packages = crate::inventory::read_packages(&build, &root)?;

@@ -120,12 +120,8 @@ fn inspect_iso(
     report: &mut Inspection,
 ) -> anyhow::Result<()> {
     let iso = Path::new(ISO_MOUNT);
-    fs_create_dir_all(iso)?;
-    let mut argv = strings(["mount", "-t", "iso9660", "-o", "ro"]);
-    argv.push(disk.to_string_lossy().into_owned());
-    argv.push(ISO_MOUNT.to_string());
     mounts
-        .mount(build, argv, iso)
+        .mount_iso(build, disk, iso)
         .context("the disk says ISO 9660 but does not mount as one")?;
     let record = read_image_text(iso, iso_record::ISO_SETTINGS_PATH, MAX_IMAGE_TEXT)
         .context("the ISO's settings record")?

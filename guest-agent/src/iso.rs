@@ -177,7 +177,7 @@ fn rebuild_rootfs(
         .unwrap_or_else(|| crate::inventory::epoch_from_image(build, &root));
 
     build.step(Step::Customize)?;
-    let chroot_mounts = customize_image(build, &root, &request.customization)?;
+    let chroot_mounts = customize_image(build, &root, &request.customization, epoch)?;
     let grub = read_grub_cfg(&root)?;
     let rewritten = grub_cfg::rewrite_for_iso(
         &grub,
@@ -335,11 +335,8 @@ fn mount_input_iso(
     device: &Path,
 ) -> anyhow::Result<iso_record::IsoSettingsRecord> {
     let target = Path::new(INPUT_ISO);
-    let mut argv = strings(["mount", "-t", "iso9660", "-o", "ro"]);
-    argv.push(device.to_string_lossy().into_owned());
-    argv.push(INPUT_ISO.to_string());
     mounts
-        .mount(build, argv, target)
+        .mount_iso(build, device, target)
         .context("the input is not a readable ISO 9660 image")?;
     let text = read_image_text(target, iso_record::ISO_SETTINGS_PATH, MAX_IMAGE_TEXT)
         .context("the input ISO's settings record")?
@@ -728,6 +725,9 @@ fn populate_tree(
             }
             IsoSource::Generated(Generated::GrubCfg) => {
                 write_file(tree, dest, grub_cfg_text.as_bytes(), 0o644)?;
+            }
+            IsoSource::Generated(Generated::GrubRedirectCfg) => {
+                write_file(tree, dest, argv::grub_redirect_cfg(label).as_bytes(), 0o644)?;
             }
             IsoSource::Generated(Generated::Initrd { kernel_version }) => {
                 let kernel = plan

@@ -90,16 +90,7 @@ pub async fn build(
         path: input.clone(),
         format: settings.input_format.qemu_name().into(),
     };
-    let mut options = VmOptions::new(arch);
-    options.accel = settings.vm.accel;
-    options.transport = settings.vm.transport;
-    options.memory_mib = settings
-        .vm
-        .vm_memory
-        .unwrap_or_else(crate::vm::default_build_memory_mib);
-    if let Some(cpus) = settings.vm.vm_cpus {
-        options.cpus = cpus;
-    }
+    let mut options = VmOptions::from_args(arch, &settings.vm);
     options.run_dir = Some(run_dir.clone());
     // Planned before the VM starts: files the config names are read (and fail) now, and the
     // plan says whether the VM needs a network.

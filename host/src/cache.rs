@@ -129,7 +129,7 @@ impl KeyParts {
             builder: sha256_hex(inputs.builder_manifest),
             arch: inputs.arch.to_string(),
             input: inputs.input_sha256.to_string(),
-            os: json_digest(&request.customization.os)?,
+            os: json_digest(&without_history_text(&request.customization.os))?,
             scripts: json_digest(&(
                 &request.customization.post_customization,
                 &request.customization.finalize_customization,
@@ -365,6 +365,17 @@ impl BuildCache {
         }
         Ok(evicted)
     }
+}
+
+/// The os settings as the key sees them: the image history entry is made from the `os` and
+/// `scripts` sections and the files they name, which the key holds already (and whose changes
+/// it names better); only whether history is written counts.
+fn without_history_text(os: &vmic_protocol::OsCustomization) -> vmic_protocol::OsCustomization {
+    let mut os = os.clone();
+    if let Some(entry) = &mut os.image_history {
+        entry.config_json.clear();
+    }
+    os
 }
 
 #[cfg(test)]

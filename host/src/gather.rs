@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::config::model::{Config, PasswordType};
+use crate::config::model::{Config, ImageHistory, PasswordType};
 
 /// One file on the host, as the plan sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,9 @@ pub struct HostFiles {
     /// Text of the files whose content goes into the request (SSH key files, password files,
     /// package lists), by the path as the config writes it.
     pub texts: BTreeMap<String, String>,
+    /// sha256 (hex) of the files the config names and of its `additionalDirs` files, by local
+    /// path, for the image history entry; empty with `os.imageHistory: none`.
+    pub sha256: BTreeMap<PathBuf, String>,
 }
 
 /// What [`gather`] needs besides the config.
@@ -118,6 +121,26 @@ pub fn gather(config: &Config, at: Where<'_>) -> anyhow::Result<HostFiles> {
                 files.package_sources.push(source_files(source)?);
             }
         }
+    }
+    if os.and_then(|os| os.image_history) != Some(ImageHistory::None) {
+        let named = files
+            .outside
+            .iter()
+            .chain(
+                files
+                    .config_dir
+                    .iter()
+                    .filter(|file| files.referenced.contains(&file.relative)),
+            )
+            .chain(files.additional_dirs.iter().flatten());
+        let mut sha256 = BTreeMap::new();
+        for file in named {
+            let reader = fs_err::File::open(&file.local)?;
+            let digest = vmic_protocol::sha256_reader(reader)
+                .with_context(|| format!("hashing {}", file.local.display()))?;
+            sha256.insert(file.local.clone(), hex::encode(digest));
+        }
+        files.sha256 = sha256;
     }
     Ok(files)
 }

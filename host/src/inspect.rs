@@ -151,16 +151,7 @@ async fn inspect(
             }
         });
     }
-    let mut options = crate::vm::VmOptions::new(arch);
-    options.accel = args.vm.accel;
-    options.transport = args.vm.transport;
-    options.memory_mib = args
-        .vm
-        .vm_memory
-        .unwrap_or_else(crate::vm::default_build_memory_mib);
-    if let Some(cpus) = args.vm.vm_cpus {
-        options.cpus = cpus;
-    }
+    let mut options = crate::vm::VmOptions::from_args(arch, &args.vm);
     options.run_dir = Some(temp.path().to_path_buf());
     options.disks = disks;
     options.reporter = reporter.clone();

@@ -3,10 +3,12 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use serde_json::Value;
 use vmic_protocol::{
-    Compression, Customization, DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec, IsoBuild,
-    IsoSettings, ModuleLoadMode, ModuleSpec, OsCustomization, PackageChanges, PackageSource,
-    PasswordSpec, Script, SelinuxMode, ServiceChanges, SquashfsSettings, UserSpec,
+    Compression, Customization, DirCopy, DiskBuild, FileCopy, FileSource, GroupSpec,
+    ImageHistoryEntry, IsoBuild, IsoSettings, ModuleLoadMode, ModuleSpec, OsCustomization,
+    PackageChanges, PackageSource, PasswordSpec, Script, SelinuxMode, ServiceChanges,
+    SquashfsSettings, UserSpec,
 };
 
 use crate::config::model::{
@@ -347,6 +349,7 @@ fn common_plan(
                 })
             })
             .collect(),
+        image_history: image_history(config, facts.config_dir, files)?,
         selinux_mode: os
             .and_then(|os| os.selinux.as_ref())
             .and_then(|selinux| selinux.mode)
@@ -374,6 +377,101 @@ fn common_plan(
         skipped,
         warnings,
     })
+}
+
+/// What `redacted` values read in the image history, as the Image Customizer writes them.
+pub const REDACTED: &str = "[redacted]";
+
+/// The image history entry (`os.imageHistory`), as the Image Customizer makes it: the config
+/// as JSON with secrets redacted (SSH keys, password values) and the sha256 of every file it
+/// names (`sha256hash` beside a source or script path, `sha256hashmap` for `additionalDirs`).
+/// Only the sections that shaped the image (`os`, `scripts`): the ISO's own settings live in
+/// the ISO record, and a rebuild with other `iso.*` settings reuses the customized image.
+/// `None` with `imageHistory: none`.
+fn image_history(
+    config: &Config,
+    config_dir: &Path,
+    files: &HostFiles,
+) -> anyhow::Result<Option<ImageHistoryEntry>> {
+    if config.os.as_ref().and_then(|os| os.image_history) == Some(model::ImageHistory::None) {
+        return Ok(None);
+    }
+    let mut value = serde_json::json!({
+        "os": serde_json::to_value(&config.os)?,
+        "scripts": serde_json::to_value(&config.scripts)?,
+    });
+    strip_nulls(&mut value);
+    let hash_of = |path: &str| {
+        files
+            .sha256
+            .get(&crate::config::resolve_source(config_dir, path))
+            .cloned()
+    };
+    let add_hash = |list: Option<&mut Value>, key: &str| {
+        for item in list
+            .and_then(Value::as_array_mut)
+            .map(|list| list.iter_mut())
+            .into_iter()
+            .flatten()
+        {
+            let hash = item.get(key).and_then(Value::as_str).and_then(hash_of);
+            if let (Some(hash), Some(item)) = (hash, item.as_object_mut()) {
+                item.insert("sha256hash".into(), hash.into());
+            }
+        }
+    };
+    add_hash(value.pointer_mut("/os/additionalFiles"), "source");
+    add_hash(value.pointer_mut("/iso/additionalFiles"), "source");
+    add_hash(value.pointer_mut("/scripts/postCustomization"), "path");
+    add_hash(value.pointer_mut("/scripts/finalizeCustomization"), "path");
+    if let Some(dirs) = value
+        .pointer_mut("/os/additionalDirs")
+        .and_then(Value::as_array_mut)
+    {
+        for (dir, listed) in dirs.iter_mut().zip(&files.additional_dirs) {
+            let map: serde_json::Map<String, Value> = listed
+                .iter()
+                .filter_map(|file| {
+                    let hash = files.sha256.get(&file.local)?;
+                    Some((
+                        file.relative.to_string_lossy().into_owned(),
+                        hash.clone().into(),
+                    ))
+                })
+                .collect();
+            if let Some(dir) = dir.as_object_mut() {
+                dir.insert("sha256hashmap".into(), Value::Object(map));
+            }
+        }
+    }
+    if let Some(users) = value.pointer_mut("/os/users").and_then(Value::as_array_mut) {
+        for user in users.iter_mut().filter_map(Value::as_object_mut) {
+            if user.contains_key("sshPublicKeys") {
+                user.insert("sshPublicKeys".into(), REDACTED.into());
+            }
+            if let Some(password) = user.get_mut("password").and_then(Value::as_object_mut) {
+                if password.contains_key("value") {
+                    password.insert("value".into(), REDACTED.into());
+                }
+            }
+        }
+    }
+    Ok(Some(ImageHistoryEntry {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        config_json: value.to_string(),
+    }))
+}
+
+/// Remove `null` members, recursively: absent settings are absent, as in the file.
+fn strip_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, member| !member.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
 }
 
 /// The text of a file the config reads, as gathered.
@@ -883,5 +981,83 @@ pub(crate) mod tests {
         let error = disk_plan(&config, &HostFacts::for_tests(nowhere), &files)
             .expect_err("nothing gathered");
         assert!(format!("{error}").contains("a vmic bug"), "{error}");
+    }
+
+    /// The history entry is the config with every named file's sha256, SSH keys and password
+    /// values redacted, absent settings absent; `imageHistory: none` sends none.
+    #[test]
+    fn the_image_history_entry_hashes_what_the_config_names_and_redacts_secrets() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let dir = fs_err::canonicalize(root.path()).expect("canonical");
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
+            fs_err::write(path, text).expect("write");
+        };
+        write("files/motd", "hello\n");
+        write("scripts/s.sh", "echo hi\n");
+        write("tree/a/b.txt", "b");
+        let yaml = |history: &str| {
+            format!(
+                "os:\n{history}  additionalFiles:\n    files/motd: /etc/motd\n  additionalDirs:\n  \
+                 - source: tree\n    destination: /opt\n  users:\n  - name: alice\n    \
+                 sshPublicKeys: [ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm a@x]\n    \
+                 password:\n      type: plain-text\n      value: hunter2\nscripts:\n  \
+                 postCustomization:\n  - path: scripts/s.sh\n"
+            )
+        };
+        let entry = |history: &str| {
+            write("cfg.yaml", &yaml(history));
+            let loaded = load_and_validate(&dir.join("cfg.yaml"), &ValidationContext::default())
+                .unwrap_or_else(|errors| panic!("{errors}"));
+            let files = gathered(&loaded.config, &loaded.dir, &[]);
+            disk_plan(&loaded.config, &HostFacts::for_tests(&loaded.dir), &files)
+                .expect("plan")
+                .request
+                .customization
+                .os
+                .image_history
+        };
+        let written = entry("").expect("history on by default");
+        assert_eq!(written.tool_version, env!("CARGO_PKG_VERSION"));
+        assert!(
+            !written.config_json.contains("hunter2"),
+            "{}",
+            written.config_json
+        );
+        assert!(
+            !written.config_json.contains("AAAAC3"),
+            "{}",
+            written.config_json
+        );
+        assert!(
+            !written.config_json.contains("null"),
+            "{}",
+            written.config_json
+        );
+        let json: Value = serde_json::from_str(&written.config_json).expect("json");
+        // sha256 of "hello\n", "echo hi\n" and "b", as sha256sum prints them.
+        assert_eq!(
+            json["os"]["additionalFiles"][0]["sha256hash"],
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
+        assert_eq!(json["os"]["additionalFiles"][0]["destination"], "/etc/motd");
+        assert_eq!(
+            json["scripts"]["postCustomization"][0]["sha256hash"],
+            sha256_text("echo hi\n")
+        );
+        assert_eq!(
+            json["os"]["additionalDirs"][0]["sha256hashmap"]["a/b.txt"],
+            sha256_text("b")
+        );
+        assert_eq!(json["os"]["users"][0]["sshPublicKeys"], REDACTED);
+        assert_eq!(json["os"]["users"][0]["password"]["value"], REDACTED);
+        assert_eq!(json["os"]["users"][0]["password"]["type"], "plain-text");
+
+        assert_eq!(entry("  imageHistory: none\n"), None);
+    }
+
+    fn sha256_text(text: &str) -> String {
+        hex::encode(vmic_protocol::sha256(text.as_bytes()))
     }
 }

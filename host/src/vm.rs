@@ -36,6 +36,19 @@ pub struct VmOptions {
 }
 
 impl VmOptions {
+    /// The options the command line's VM flags (`--accel`, `--transport`, `--vm-cpus`,
+    /// `--vm-memory`) ask for, for a build-sized VM.
+    pub fn from_args(arch: Arch, args: &crate::cli::VmArgs) -> VmOptions {
+        let mut options = VmOptions::new(arch);
+        options.accel = args.accel;
+        options.transport = args.transport;
+        options.memory_mib = args.vm_memory.unwrap_or_else(default_build_memory_mib);
+        if let Some(cpus) = args.vm_cpus {
+            options.cpus = cpus;
+        }
+        options
+    }
+
     pub fn new(arch: Arch) -> VmOptions {
         VmOptions {
             arch,

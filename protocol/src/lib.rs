@@ -242,6 +242,18 @@ pub struct OsCustomization {
     pub modules: Vec<ModuleSpec>,
     /// Disk outputs only (the ISO always boots with `selinux=0`).
     pub selinux_mode: Option<SelinuxMode>,
+    /// The entry appended to the image's `/usr/share/image-customizer/history.json`; `None`
+    /// with `os.imageHistory: none`.
+    pub image_history: Option<ImageHistoryEntry>,
+}
+
+/// What the host knows of an Image Customizer history entry; the agent adds the timestamp (the
+/// build's `SOURCE_DATE_EPOCH`) and the image UUID (derived from the entry: reproducible).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageHistoryEntry {
+    pub tool_version: String,
+    /// The config as JSON: secrets redacted, sha256 of every file it names added.
+    pub config_json: String,
 }
 
 /// `os.packages`, with the `*Lists` files already read by the host.

@@ -121,6 +121,20 @@ pub fn sha256_of(path: &Path) -> String {
         .to_string()
 }
 
+/// A file of `mib` MiB of random bytes: no image of any kind.
+pub fn random_file(path: &Path, mib: u32) {
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", path.display()),
+            "bs=1M",
+            &format!("count={mib}"),
+            "status=none",
+        ],
+    );
+}
+
 /// Work space under the target dir (ISOs and overlays are too big for a small /tmp).
 pub fn work_dir() -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm-tests");

@@ -9,6 +9,7 @@ use vmic_protocol::{Customization, FileCopy, FileSource, Script};
 use crate::build::{fs_create_dir_all, output_tail, strings, Build, Mounts};
 
 mod dirs;
+pub(crate) mod history;
 pub(crate) mod modules;
 mod packages;
 mod selinux;
@@ -64,10 +65,12 @@ pub(crate) fn copy_additional_files(root: &Path, files: &[FileCopy]) -> anyhow::
 
 /// Mount the chroot, apply `os.*` in AzL-IC's order, then run the scripts. The chroot mounts
 /// are returned still mounted: the ISO pipeline runs dracut in them next.
+/// Apply the customization; `epoch` dates the image history entry.
 pub(crate) fn customize_image(
     build: &Build<'_>,
     root: &Path,
     customization: &Customization,
+    epoch: u64,
 ) -> anyhow::Result<Mounts> {
     let os = &customization.os;
     let mut chroot_mounts = Mounts::default();
@@ -104,6 +107,13 @@ pub(crate) fn customize_image(
         None => None,
     };
     run_scripts(build, root, &customization.post_customization)?;
+    if let Some(entry) = &os.image_history {
+        history::append(root, entry, epoch).context("os.imageHistory")?;
+        build.log(format!(
+            "image history: entry appended to {}",
+            history::HISTORY_PATH
+        ));
+    }
     // Labels last, so that files the scripts wrote get them too.
     if let Some(policy_type) = relabel_with {
         selinux::relabel(build, root, &policy_type).context("os.selinux: relabeling")?;

@@ -56,6 +56,11 @@
 //! - booted from a `dd`-written USB disk, firmware loads shim + grub from the FAT partition,
 //!   so grub's root is that FAT file system: the redirect is also at `/boot/grub2/grub.cfg`
 //!   inside the FAT image and sends grub to the ISO 9660 file system by its label.
+//! - an image with a separate `/boot` partition has a grub whose embedded config looks for
+//!   `grub2/grub.cfg` at the top of that partition (it searches the partition's UUID, finds
+//!   nothing on the CD, and keeps the prefix relative to the boot file system). So the redirect
+//!   is also at [`BOOT_PARTITION_GRUB_CFGS`] (`/grub2/grub.cfg`, `/grub/grub.cfg`), on the ISO
+//!   9660 tree and in the FAT image: wherever such a grub ended up, it reaches the ISO's config.
 //! - an image whose grub cannot read ISO 9660 or lacks `search` is not supported yet (a
 //!   vmic-built, unsigned grub would be the fallback).
 
@@ -120,6 +125,9 @@ impl Arch {
 pub const IMAGE_GRUB_CFG: &str = "/boot/grub2/grub.cfg";
 /// Where the rewritten config lives on the ISO (same place as in the image).
 pub const ISO_GRUB_CFG: &str = "/boot/grub2/grub.cfg";
+/// Where the grub of an image with a separate `/boot` file system looks for its config when
+/// that file system is the ISO or the El Torito FAT image: the redirect goes there too.
+pub const BOOT_PARTITION_GRUB_CFGS: [&str; 2] = ["/grub2/grub.cfg", "/grub/grub.cfg"];
 /// The El Torito EFI boot image (FAT) on the ISO.
 pub const ISO_EFIBOOT_IMG: &str = "/boot/grub2/efiboot.img";
 /// The El Torito BIOS boot image (grub `i386-pc-eltorito` core) on the ISO.
@@ -366,6 +374,12 @@ pub fn plan_iso_tree(
         format!("{efi_dir}/grub.cfg"),
         IsoSource::Generated(Generated::GrubCfg),
     );
+    for path in BOOT_PARTITION_GRUB_CFGS {
+        entries.insert(
+            path.to_owned(),
+            IsoSource::Generated(Generated::GrubRedirectCfg),
+        );
+    }
     entries.insert(
         ISO_EFIBOOT_IMG.to_owned(),
         IsoSource::Generated(Generated::EfiBootImage),
@@ -391,12 +405,14 @@ pub fn plan_iso_tree(
     }
 
     let grub_size = grub.size;
-    let efi_boot_image = EfiBootImagePlan {
+    let mut efi_boot_image = EfiBootImagePlan {
         dirs: vec![
             "/EFI".to_owned(),
             efi_dir.to_owned(),
             "/boot".to_owned(),
             "/boot/grub2".to_owned(),
+            "/grub2".to_owned(),
+            "/grub".to_owned(),
         ],
         files: vec![
             (IsoSource::Image(shim.path.clone()), shim_dest),
@@ -412,6 +428,13 @@ pub fn plan_iso_tree(
         ],
         content_sizes: vec![shim.size, grub_size, 4096, 4096],
     };
+    for path in BOOT_PARTITION_GRUB_CFGS {
+        efi_boot_image.files.push((
+            IsoSource::Generated(Generated::GrubRedirectCfg),
+            path.to_owned(),
+        ));
+        efi_boot_image.content_sizes.push(4096);
+    }
 
     Ok(IsoTree {
         entries,
@@ -551,6 +574,29 @@ mod tests {
         insta::with_settings!({prepend_module_to_snapshot => false}, {
             insta::assert_snapshot!("iso_tree_debian_x86_64", listing.join("\n"));
         });
+        // The rule behind the snapshot: a grub whose prefix is relative to a separate /boot
+        // file system finds the redirect at the top of the ISO and of the FAT image.
+        for path in BOOT_PARTITION_GRUB_CFGS {
+            assert_eq!(
+                tree.entries.get(path),
+                Some(&IsoSource::Generated(Generated::GrubRedirectCfg)),
+                "{path} on the ISO"
+            );
+            assert!(
+                tree.efi_boot_image
+                    .files
+                    .iter()
+                    .any(|(source, dest)| dest == path
+                        && *source == IsoSource::Generated(Generated::GrubRedirectCfg)),
+                "{path} in the FAT image"
+            );
+        }
+        let fat = &tree.efi_boot_image;
+        assert_eq!(
+            fat.files.len(),
+            fat.content_sizes.len(),
+            "a size for every file"
+        );
     }
 
     #[test]

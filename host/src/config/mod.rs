@@ -335,7 +335,6 @@ pub fn unsupported_fields(loaded: &LoadedConfig) -> ConfigErrors {
         "os.bootloader",
         "os.overlays",
         "os.uki",
-        "os.imageHistory",
         "os.packages.snapshotTime",
         "os.packages.removePackageManager",
         "output.artifacts",

@@ -10,10 +10,10 @@ use std::fmt;
 
 use schemars::JsonSchema;
 use serde::de::{MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The whole config file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     /// The input image (`--image-file` overrides it).
@@ -38,7 +38,7 @@ pub struct Config {
 }
 
 /// AzL-IC's preview feature names (`previewfeaturetype.go`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PreviewFeature {
     Uki,
@@ -80,14 +80,14 @@ impl PreviewFeature {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BaseConfig {
     /// The base config file, relative to the directory of the file that names it.
     pub path: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Pxe {
     /// Files copied next to the PXE boot files.
@@ -103,13 +103,13 @@ pub struct Pxe {
     pub kdump_boot_files: Option<KdumpBootFiles>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Input {
     pub image: Option<InputImage>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InputImage {
     /// Path of the input image, relative to the config file's directory.
@@ -121,28 +121,28 @@ pub struct InputImage {
 }
 
 /// `oci: URI` or `oci: {uri, platform}`.
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OciImage {
     Uri(String),
     Full(OciImageFields),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OciImageFields {
     pub uri: Option<String>,
     pub platform: Option<OciPlatform>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OciPlatform {
     pub os: Option<String>,
     pub architecture: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AzureLinuxImage {
     /// `MAJOR.MINOR` or `MAJOR.MINOR.DATE`.
@@ -150,7 +150,7 @@ pub struct AzureLinuxImage {
     pub variant: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Output {
     pub image: Option<OutputImage>,
@@ -161,7 +161,7 @@ pub struct Output {
     pub selinux_policy_path: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputImage {
     /// Output file, relative to the config file's directory.
@@ -171,13 +171,13 @@ pub struct OutputImage {
     pub cosi: Option<CosiConfig>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CosiConfig {
     pub compression: Option<CosiCompression>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CosiCompression {
     /// zstd level.
@@ -185,7 +185,7 @@ pub struct CosiCompression {
 }
 
 /// Output image formats, spelled as on the AzL-IC command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ImageFormat {
     Iso,
@@ -223,14 +223,14 @@ impl fmt::Display for ImageFormat {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutputArtifacts {
     pub items: Option<Vec<OutputArtifactsItem>>,
     pub path: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum OutputArtifactsItem {
     Ukis,
@@ -240,7 +240,7 @@ pub enum OutputArtifactsItem {
     VerityHash,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Storage {
     pub boot_type: Option<BootType>,
@@ -252,27 +252,27 @@ pub struct Storage {
     pub reinitialize_verity: Option<ReinitializeVerity>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootType {
     Efi,
     Legacy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReinitializeVerity {
     None,
     All,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ResetPartitionsUuidsType {
     ResetAll,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Disk {
     pub partition_table_type: Option<String>,
@@ -280,7 +280,7 @@ pub struct Disk {
     pub partitions: Option<Vec<Partition>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Partition {
     pub id: Option<String>,
@@ -292,7 +292,7 @@ pub struct Partition {
     pub partition_type: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSystem {
     pub device_id: Option<String>,
@@ -304,7 +304,7 @@ pub struct FileSystem {
 }
 
 /// `mountPoint: /path` or `mountPoint: {path, options, idType}`.
-#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum MountPoint {
     Path(String),
@@ -320,7 +320,7 @@ impl MountPoint {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MountPointFields {
     pub path: Option<String>,
@@ -328,7 +328,7 @@ pub struct MountPointFields {
     pub id_type: Option<MountIdType>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MountIdType {
     Uuid,
@@ -336,13 +336,13 @@ pub enum MountIdType {
     PartLabel,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BtrfsConfig {
     pub subvolumes: Option<Vec<BtrfsSubvolume>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BtrfsSubvolume {
     /// Relative to the file system's root, e.g. `home` or `var/log`.
@@ -351,7 +351,7 @@ pub struct BtrfsSubvolume {
     pub quota: Option<BtrfsQuota>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BtrfsQuota {
     /// A disk size such as `10G`.
@@ -360,20 +360,20 @@ pub struct BtrfsQuota {
 }
 
 /// A partition named by its GPT label.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentifiedPartition {
     pub id_type: Option<IdentifiedPartitionType>,
     pub id: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum IdentifiedPartitionType {
     PartLabel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum CorruptionOption {
     IoError,
@@ -382,7 +382,7 @@ pub enum CorruptionOption {
     Restart,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Verity {
     pub id: Option<String>,
@@ -399,7 +399,7 @@ pub struct Verity {
     pub hash_signature_path: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Iso {
     /// Files copied onto the ISO file system (not into the rootfs).
@@ -410,21 +410,21 @@ pub struct Iso {
     pub kdump_boot_files: Option<KdumpBootFiles>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum InitramfsType {
     Bootstrap,
     FullOs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum KdumpBootFiles {
     None,
     Keep,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KernelCommandLine {
     /// Extra kernel arguments: a list, or one string split at whitespace outside quotes.
@@ -444,6 +444,13 @@ enum KernelArgsSyntax {
     Line(String),
     /// One argument per entry.
     List(Vec<String>),
+}
+
+/// Written back as the list form.
+impl Serialize for KernelArgs {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 impl<'de> Deserialize<'de> for KernelArgs {
@@ -494,7 +501,7 @@ pub fn split_kernel_args(line: &str) -> Vec<String> {
 #[schemars(with = "AdditionalFilesSyntax")]
 pub struct AdditionalFiles(pub Vec<AdditionalFile>);
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdditionalFile {
     /// Source file, relative to the config file's directory. Exclusive with `content`.
@@ -589,6 +596,13 @@ impl MapDestination {
     }
 }
 
+/// Written back as the list form, whichever form was read.
+impl Serialize for AdditionalFiles {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
 impl<'de> Deserialize<'de> for AdditionalFiles {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Ok(match AdditionalFilesSyntax::deserialize(deserializer)? {
@@ -609,7 +623,7 @@ impl<'de> Deserialize<'de> for AdditionalFiles {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Os {
     /// Host name: DNS labels (letters, digits, hyphens) separated by dots.
@@ -631,7 +645,7 @@ pub struct Os {
     pub image_history: Option<ImageHistory>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Packages {
     pub update_existing_packages: Option<bool>,
@@ -692,7 +706,7 @@ pub fn parse_package_list(text: &str) -> Result<Vec<String>, String> {
     Ok(list.packages)
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdditionalDir {
     pub source: Option<String>,
@@ -702,7 +716,7 @@ pub struct AdditionalDir {
     pub child_file_permissions: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct User {
     pub name: Option<String>,
@@ -717,7 +731,7 @@ pub struct User {
     pub home_directory: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Password {
     #[serde(rename = "type")]
@@ -725,7 +739,7 @@ pub struct Password {
     pub value: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PasswordType {
     Locked,
@@ -735,21 +749,21 @@ pub enum PasswordType {
     HashedFile,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Group {
     pub name: Option<String>,
     pub gid: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Services {
     pub enable: Option<Vec<String>>,
     pub disable: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Module {
     pub name: Option<String>,
@@ -757,7 +771,7 @@ pub struct Module {
     pub options: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModuleLoadMode {
     Always,
@@ -766,13 +780,13 @@ pub enum ModuleLoadMode {
     Inherit,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selinux {
     pub mode: Option<SelinuxMode>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum SelinuxMode {
     Disabled,
@@ -781,19 +795,19 @@ pub enum SelinuxMode {
     ForceEnforcing,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Bootloader {
     pub reset_type: Option<BootloaderResetType>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootloaderResetType {
     HardReset,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Overlay {
     pub lower_dirs: Option<Vec<String>>,
@@ -805,13 +819,13 @@ pub struct Overlay {
     pub mount_options: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Uki {
     pub mode: Option<UkiMode>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum UkiMode {
     Create,
@@ -820,20 +834,20 @@ pub enum UkiMode {
 }
 
 /// `none`: do not write `/usr/share/image-customizer/history.json` into the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ImageHistory {
     None,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Scripts {
     pub post_customization: Option<Vec<Script>>,
     pub finalize_customization: Option<Vec<Script>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Script {
     /// Script file inside the config file's directory. Exclusive with `content`.
