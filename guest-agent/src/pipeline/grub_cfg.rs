@@ -191,7 +191,8 @@ pub fn rewrite_for_iso(
             parts.extend(user_args.iter().map(|a| grub_quote(a)));
             Some(parts.join(" "))
         }
-        "initrd" | "initrdefi" | "initrd16" if words.len() >= 2 => {
+        // A bare `initrd` comes out as it went in: nothing to rewrite, nothing recorded.
+        "initrd" | "initrdefi" | "initrd16" => {
             let mut parts = vec![words[0].raw.to_owned()];
             for word in &words[1..] {
                 let (path, reference) = rewrite_boot_path(word);
@@ -252,17 +253,17 @@ fn edit_linux_args(
     grub_cfg: &str,
     mut edit: impl FnMut(&[Word<'_>]) -> Vec<String>,
 ) -> Result<String, GrubCfgError> {
-    let mut linux_commands = 0;
+    let mut found_linux = false;
     let text = edit_commands(grub_cfg, |first, words| match first {
         "linux" | "linuxefi" | "linux16" if words.len() >= 2 => {
-            linux_commands += 1;
+            found_linux = true;
             let mut parts = vec![words[0].raw.to_owned(), words[1].raw.to_owned()];
             parts.extend(edit(&words[2..]));
             Some(parts.join(" "))
         }
         _ => None,
     })?;
-    if linux_commands == 0 {
+    if !found_linux {
         return Err(GrubCfgError::NoLinuxCommand);
     }
     Ok(text)
@@ -321,18 +322,15 @@ fn is_replaced_arg(word: &Word<'_>, user_args: &[&str]) -> bool {
         || user_args.contains(&value)
 }
 
-/// `search ... --set=VAR ...` → VAR; `-s`/`--set` without a value set `root`.
+/// `search ... --set=VAR ...` → VAR; `-s`/`--set` without a value (or no such option) set
+/// `root`.
 fn search_variable<'a>(args: &'a [Word<'_>]) -> &'a str {
     args.iter()
         .find_map(|w| {
             let value = w.value.as_str();
-            if value == "--set" || value == "-s" {
-                Some("root")
-            } else {
-                value
-                    .strip_prefix("--set=")
-                    .or_else(|| value.strip_prefix("-s").filter(|v| !v.is_empty()))
-            }
+            value
+                .strip_prefix("--set=")
+                .or_else(|| value.strip_prefix("-s").filter(|v| !v.is_empty()))
         })
         .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or("root")
@@ -890,6 +888,10 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
                 "set prefix=($root)/boot/grub2\n",
             ),
             ("set bootprefix=\n", "set bootprefix=/boot\n"),
+            (
+                "search -sbootdev --file /boot/grub2/grub.cfg\n",
+                "search --no-floppy --label CDROM --set=bootdev\n",
+            ),
             ("# search --fs-uuid x\n", "# search --fs-uuid x\n"),
             ("echo 'search me'\n", "echo 'search me'\n"),
         ];
@@ -1047,6 +1049,35 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         let rewritten = rewrite_for_iso(&format!("linux /boot/vmlinuz-1\n{cfg}"), &settings(&[]))
             .expect("rewrite");
         assert!(rewritten.text.ends_with(cfg), "{}", rewritten.text);
+    }
+
+    /// A `linux` or `initrd` without its file is not what the rewrites edit: it stays as
+    /// written (and never makes them index past the words they have).
+    #[test]
+    fn commands_without_their_file_are_left_as_written() {
+        let bare = "linux\ninitrd\t  # no file\n";
+        let cfg = format!("linux /boot/vmlinuz-1 ro\ninitrd /boot/initrd-1\n{bare}");
+        let rewritten = rewrite_for_iso(&cfg, &settings(&[])).expect("rewrite");
+        assert!(rewritten.text.ends_with(bare), "{}", rewritten.text);
+        assert_eq!(rewritten.linux_commands, 1);
+        let appended = append_kernel_args(&cfg, &["a=1".to_string()]).expect("append");
+        assert!(appended.ends_with(bare), "{appended}");
+        assert!(
+            appended.starts_with("linux /boot/vmlinuz-1 ro a=1\n"),
+            "{appended}"
+        );
+    }
+
+    /// `#` starts a comment only at the start of a word: inside one it is text, so a quote
+    /// after it opens (here one that spans two lines, which grub reads as one word).
+    #[test]
+    fn a_hash_inside_a_word_is_part_of_it() {
+        let cfg = "linux /boot/vmlinuz-1 tag=a#b quiet\n";
+        let appended = append_kernel_args(cfg, &["x=1".to_string()]).expect("append");
+        assert_eq!(appended, "linux /boot/vmlinuz-1 tag=a#b quiet x=1\n");
+        let cfg = "linux /boot/vmlinuz-1 x=a#'b\nc'\n";
+        let appended = append_kernel_args(cfg, &["y=1".to_string()]).expect("append");
+        assert_eq!(appended, "linux /boot/vmlinuz-1 x=a#'b\nc' y=1\n");
     }
 
     #[test]
