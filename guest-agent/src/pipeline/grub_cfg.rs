@@ -1038,6 +1038,12 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             logical_lines(open_double),
             Err(GrubCfgError::UnterminatedQuote { line: 1 })
         );
+        // A `\`-newline continues the line but is still a line of the file: the error counts it.
+        let continued = "echo a\\\nb 'c\n";
+        assert_eq!(
+            logical_lines(continued),
+            Err(GrubCfgError::UnterminatedQuote { line: 2 })
+        );
     }
 
     #[test]
