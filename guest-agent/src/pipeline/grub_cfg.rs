@@ -1074,6 +1074,14 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         );
     }
 
+    /// A word that starts with an escape keeps it: `\$x` is a literal `$x` to grub.
+    #[test]
+    fn a_word_starting_with_an_escape_keeps_it() {
+        let cfg = "linux /boot/vmlinuz-1 \\$notvar\n";
+        let appended = append_kernel_args(cfg, &["y=1".to_string()]).expect("append");
+        assert_eq!(appended, "linux /boot/vmlinuz-1 \\$notvar y=1\n");
+    }
+
     /// `#` starts a comment only at the start of a word: inside one it is text, so a quote
     /// after it opens (here one that spans two lines, which grub reads as one word).
     #[test]
