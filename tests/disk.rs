@@ -501,8 +501,13 @@ fn run_debugfs(disk: &Path, qemu_format: &str, request: &str) -> String {
         .expect("a root partition");
     let offset = root["start_sector"].as_u64().expect("start_sector") * 512;
     // e2fsprogs opens "FILE?offset=N" as the file system starting N bytes into FILE.
+    // In /usr/sbin, which an unprivileged user's PATH may not hold (scripts/test-unprivileged).
+    let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
+        .into_iter()
+        .find(|path| Path::new(path).is_file())
+        .unwrap_or("debugfs");
     run(
-        "debugfs",
+        debugfs,
         &[
             "-R",
             request,
