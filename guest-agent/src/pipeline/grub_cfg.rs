@@ -1092,6 +1092,10 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         let cfg = "linux /boot/vmlinuz-1 x=a#'b\nc'\n";
         let appended = append_kernel_args(cfg, &["y=1".to_string()]).expect("append");
         assert_eq!(appended, "linux /boot/vmlinuz-1 x=a#'b\nc' y=1\n");
+        // Right after a closing quote is still inside the word.
+        let cfg = "linux /boot/vmlinuz-1 x='a'#'b\nc'\n";
+        let appended = append_kernel_args(cfg, &["y=1".to_string()]).expect("append");
+        assert_eq!(appended, "linux /boot/vmlinuz-1 x='a'#'b\nc' y=1\n");
     }
 
     #[test]
