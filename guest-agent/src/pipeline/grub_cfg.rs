@@ -1074,6 +1074,14 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         );
     }
 
+    /// A `\`-newline right after a word ends the word and joins the lines.
+    #[test]
+    fn a_continuation_right_after_a_word_joins_the_lines() {
+        let cfg = "linux /boot/vmlinuz-1 ro\\\n  quiet\n";
+        let appended = append_kernel_args(cfg, &["x=1".to_string()]).expect("append");
+        assert_eq!(appended, "linux /boot/vmlinuz-1 ro quiet x=1\n");
+    }
+
     /// A word that starts with an escape keeps it: `\$x` is a literal `$x` to grub.
     #[test]
     fn a_word_starting_with_an_escape_keeps_it() {
