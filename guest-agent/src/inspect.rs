@@ -14,8 +14,10 @@ use vmic_protocol::{
 use crate::build::{disk_by_serial, fs_create_dir_all, strings, Build, Mounts};
 use crate::context::RequestContext;
 use crate::image::{image_machine, list_partitions, mount_partitions, probe_whole_disk};
-use crate::iso::{check_dracut, collect_boot_files, read_grub_cfg, vm_arch};
-use crate::pipeline::{self, argv, grub_cfg, inventory, iso_record, BootFile, EfiGrubSource};
+use crate::iso::{
+    check_dracut, collect_boot_files, has_dmsquash_live, has_dracut, read_grub_cfg, vm_arch,
+};
+use crate::pipeline::{self, grub_cfg, inventory, iso_record, BootFile, EfiGrubSource};
 use crate::rootfs::{read_image_text, scoped_join, MAX_IMAGE_TEXT};
 
 /// Where an ISO is mounted, and its `rootfs.img` below it.
@@ -234,17 +236,8 @@ fn describe_os(
         count: packages.packages.len() as u64,
     });
     report.dracut = InspectedDracut {
-        installed: [
-            "/usr/bin/dracut",
-            "/usr/sbin/dracut",
-            "/sbin/dracut",
-            "/bin/dracut",
-        ]
-        .iter()
-        .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists())),
-        dmsquash_live: argv::DMSQUASH_LIVE_MODULE_DIRS
-            .iter()
-            .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_dir())),
+        installed: has_dracut(root),
+        dmsquash_live: has_dmsquash_live(root),
     };
     Ok(())
 }

@@ -553,24 +553,32 @@ pub(crate) fn collect_boot_files(root: &Path) -> anyhow::Result<Vec<BootFile>> {
 
 /// The image can make a LiveOS initrd: it has dracut and dracut's dmsquash-live module.
 pub(crate) fn check_dracut(root: &Path) -> anyhow::Result<()> {
-    let has_dracut = [
+    if !has_dracut(root) {
+        bail!("the image has no dracut: install the `dracut` package in the image (its initrd must be regenerated for the LiveOS boot)");
+    }
+    if !has_dmsquash_live(root) {
+        bail!(argv::DMSQUASH_LIVE_HINT);
+    }
+    Ok(())
+}
+
+/// The image at `root` has a `dracut` program.
+pub(crate) fn has_dracut(root: &Path) -> bool {
+    [
         "/usr/bin/dracut",
         "/usr/sbin/dracut",
         "/sbin/dracut",
         "/bin/dracut",
     ]
     .iter()
-    .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists()));
-    if !has_dracut {
-        bail!("the image has no dracut: install the `dracut` package in the image (its initrd must be regenerated for the LiveOS boot)");
-    }
-    let has_live = argv::DMSQUASH_LIVE_MODULE_DIRS
+    .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists()))
+}
+
+/// The image's dracut has the `dmsquash-live` module.
+pub(crate) fn has_dmsquash_live(root: &Path) -> bool {
+    argv::DMSQUASH_LIVE_MODULE_DIRS
         .iter()
-        .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_dir()));
-    if !has_live {
-        bail!(argv::DMSQUASH_LIVE_HINT);
-    }
-    Ok(())
+        .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_dir()))
 }
 
 fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree, epoch: u64) -> anyhow::Result<()> {
