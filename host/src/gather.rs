@@ -229,16 +229,13 @@ fn referenced_files(config: &Config, config_dir: &Path) -> (Vec<PathBuf>, Vec<Pa
 mod tests {
     use super::*;
     use crate::config::{load_and_validate, ValidationContext};
+    use crate::plan::tests::write_below;
 
     #[test]
     fn reads_only_what_the_config_names_and_lists_sources_only_for_package_work() {
         let root = tempfile::tempdir().expect("temp dir");
         let dir = fs_err::canonicalize(root.path()).expect("canonical");
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
-            fs_err::write(path, text).expect("write");
-        };
+        let write = |name: &str, text: &str| write_below(&dir, name, text);
         write(
             "keys/a.pub",
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm a@x\n",

@@ -730,6 +730,13 @@ pub(crate) mod tests {
     use crate::config::{load_and_validate, ValidationContext};
     use crate::gather::{gather, Where};
 
+    /// Write `text` to `dir/name`, making its parent directories.
+    pub(crate) fn write_below(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
+        fs_err::write(path, text).expect("write");
+    }
+
     /// What `gather` finds for `config` in `dir`, with these package sources.
     pub(crate) fn gathered(config: &Config, dir: &Path, sources: &[PathBuf]) -> HostFiles {
         gather(
@@ -813,11 +820,7 @@ pub(crate) mod tests {
     fn os_customization_reads_the_files_it_names_and_uploads_dirs_and_packages() {
         let root = tempfile::tempdir().expect("temp dir");
         let dir = root.path();
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
-            fs_err::write(path, text).expect("write");
-        };
+        let write = |name: &str, text: &str| write_below(dir, name, text);
         write("keys/a.pub", "# a comment\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILwKRzl8MxlJGB3tMhX1ZRAXBOImtoQE7+XSA88aHxTm a@x\n\n");
         write("hash.txt", "$6$s$h\n");
         write("lists/base.yaml", "packages: [jq, curl]\n");
@@ -989,11 +992,7 @@ pub(crate) mod tests {
     fn the_image_history_entry_hashes_what_the_config_names_and_redacts_secrets() {
         let root = tempfile::tempdir().expect("temp dir");
         let dir = fs_err::canonicalize(root.path()).expect("canonical");
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            fs_err::create_dir_all(path.parent().expect("parent")).expect("dir");
-            fs_err::write(path, text).expect("write");
-        };
+        let write = |name: &str, text: &str| write_below(&dir, name, text);
         write("files/motd", "hello\n");
         write("scripts/s.sh", "echo hi\n");
         write("tree/a/b.txt", "b");
