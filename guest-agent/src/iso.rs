@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
-use vmic_protocol::{ExecRequest, IsoBuild, IsoOutcome, Step};
+use vmic_protocol::{ExecRequest, InitramfsType, IsoBuild, IsoOutcome, PxeSettings, Step};
 
 use crate::build::{
     disk_by_serial, fs_create_dir_all, output_tail, strings, succeeded, Build, Disk, Mounts,
@@ -85,9 +85,14 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         Some(record) if request.remaster_only => remaster(&mut build, &mut job, record, &settings)?,
         _ => rebuild_rootfs(&mut build, &mut job, record.as_ref(), &settings)?,
     };
-    copy_additional_files(&job.tree, &request.iso.additional_files)
-        .context("iso.additionalFiles")?;
-    let (size, sha256) = make_iso(&build, &mut job, made.epoch)?;
+    copy_additional_files(&job.tree, &request.iso.additional_files).context(match request.pxe {
+        Some(_) => "pxe.additionalFiles",
+        None => "iso.additionalFiles",
+    })?;
+    let (size, sha256) = match &request.pxe {
+        Some(pxe) => make_pxe(&build, &mut job, pxe, made.epoch)?,
+        None => make_iso(&build, &mut job, made.epoch)?,
+    };
     build.end_step();
     Ok(IsoOutcome {
         size,
@@ -179,7 +184,12 @@ fn rebuild_rootfs(
     build.step(Step::Customize)?;
     let chroot_mounts = customize_image(build, &root, &request.customization, epoch)?;
     let grub = read_grub_cfg(&root)?;
-    let rewritten = grub_cfg::rewrite_for_iso(
+    let full_os = request.iso.initramfs == InitramfsType::FullOs;
+    let rewrite = match full_os {
+        true => grub_cfg::rewrite_for_full_os_iso,
+        false => grub_cfg::rewrite_for_iso,
+    };
+    let rewritten = rewrite(
         &grub,
         &grub_cfg::IsoBootSettings {
             label: request.iso.label.clone(),
@@ -196,9 +206,21 @@ fn rebuild_rootfs(
     )?;
 
     build.step(Step::MakeInitrdAndSquashfs)?;
-    let rootfs_sha256 = make_initrds_and_squashfs(build, &root, &job.tree, &plan, request, epoch)?;
-    drop(chroot_mounts);
-    remove_config_mountpoint(&root);
+    let (rootfs_sha256, full_os_initrd) = match full_os {
+        false => {
+            let sha256 = make_initrds_and_squashfs(build, &root, &job.tree, &plan, request, epoch)?;
+            drop(chroot_mounts);
+            remove_config_mountpoint(&root);
+            (sha256, None)
+        }
+        true => {
+            // The root is archived as it is: nothing of the build may be mounted in it.
+            drop(chroot_mounts);
+            remove_config_mountpoint(&root);
+            let initrd = make_full_os_initrd(build, &root, &job.work, request, epoch)?;
+            (hex::encode(sha256_file(&initrd)?), Some(initrd))
+        }
+    };
     let packages = crate::inventory::read_packages(build, &root)?;
 
     build.step(Step::MakeIso)?;
@@ -208,9 +230,14 @@ fn rebuild_rootfs(
         &job.tree,
         &job.work,
         &plan,
-        &media_check::add_entry(&rewritten.text, &request.iso.label),
+        &match full_os {
+            // The media check is dracut's (dmsquash-live); a full-OS initrd has no dracut.
+            true => rewritten.text.clone(),
+            false => media_check::add_entry(&rewritten.text, &request.iso.label),
+        },
         request,
         epoch,
+        full_os_initrd.as_deref(),
     )?;
     write_record(job, settings, &plan, &rootfs_sha256, epoch)?;
     if record.is_some() {
@@ -238,6 +265,10 @@ fn make_initrds_and_squashfs(
     check_dracut(root)?;
     let rootfs = tree.join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
     fs_create_dir_all(rootfs.parent().expect("rootfs has a parent"))?;
+    let network = match request.pxe {
+        Some(_) => Some(pxe_network_modules(root)?),
+        None => None,
+    };
     let (initrds, squashed) = std::thread::scope(|scope| {
         let squash = scope.spawn(|| {
             let started = std::time::Instant::now();
@@ -245,8 +276,8 @@ fn make_initrds_and_squashfs(
                 .map(|()| started.elapsed().as_secs_f64())
         });
         let started = std::time::Instant::now();
-        let initrds =
-            make_initrds(build, root, plan, epoch).map(|()| started.elapsed().as_secs_f64());
+        let initrds = make_initrds(build, root, plan, epoch, network)
+            .map(|()| started.elapsed().as_secs_f64());
         (
             initrds,
             squash.join().expect("the mksquashfs thread does not panic"),
@@ -273,11 +304,15 @@ fn write_record(
         arch: job.arch,
         label: job.request.iso.label.clone(),
         kernel_args_from_user: settings.user_args.clone(),
-        live_args: grub_cfg::LIVE_ARGS
-            .iter()
-            .chain([&grub_cfg::SELINUX_OFF])
-            .map(|arg| arg.to_string())
-            .collect(),
+        live_args: match job.request.iso.initramfs {
+            InitramfsType::FullOs => &[][..],
+            _ => &grub_cfg::LIVE_ARGS[..],
+        }
+        .iter()
+        .chain([&grub_cfg::SELINUX_OFF])
+        .map(|arg| arg.to_string())
+        .collect(),
+        full_os: job.request.iso.initramfs == InitramfsType::FullOs,
         kernel_versions: plan.kernels.iter().map(|k| k.version.clone()).collect(),
         created_unix_seconds: epoch,
         rootfs_sha256: rootfs_sha256.to_string(),
@@ -299,10 +334,205 @@ fn make_iso(
     job: &mut IsoJob<'_>,
     epoch: u64,
 ) -> anyhow::Result<(u64, [u8; 32])> {
+    let argv = argv::xorriso_argv(&xorriso_options(job, "-", epoch));
+    let written = write_to_disk(build, &argv, &job.output, epoch)?;
+    job.mounts.unmount_below(&job.work);
+    job.mounts.unmount_below(Path::new("/mnt"));
+    Ok(written)
+}
+
+/// PXE artifacts ([`pipeline::pxe::plan_pxe`]) as one tar stream on the output disk (the host
+/// checks it and writes the directory or `.tar.gz`): the bootstrap ISO first, made from the
+/// tree as it is; then every grub.cfg replaced by the PXE one.
+fn make_pxe(
+    build: &Build<'_>,
+    job: &mut IsoJob<'_>,
+    pxe: &PxeSettings,
+    epoch: u64,
+) -> anyhow::Result<(u64, [u8; 32])> {
+    let bootstrap_iso = job.work.join("bootstrap.iso");
+    let bootstrap = pxe.bootstrap_url.as_deref();
+    if bootstrap.is_some() {
+        let output = bootstrap_iso.to_string_lossy().into_owned();
+        let argv = argv::xorriso_argv(&xorriso_options(job, &output, epoch));
+        build
+            .run_unchecked(&argv, None, argv::source_date_epoch_env(epoch))
+            .and_then(|result| succeeded(&argv, result))
+            .context("making the bootstrap ISO")?;
+    }
+    let iso_cfg = read_image_text(&job.tree, pipeline::ISO_GRUB_CFG, MAX_IMAGE_TEXT)?
+        .with_context(|| format!("the ISO tree has no {}", pipeline::ISO_GRUB_CFG))?;
+    let pxe_cfg = grub_cfg::rewrite_for_pxe(&iso_cfg, bootstrap)?;
+    let mut files = Vec::new();
+    list_files(&job.tree, "", &mut files)?;
+    let plan = pipeline::pxe::plan_pxe(
+        &files,
+        job.arch,
+        bootstrap.map(|_| pxe.bootstrap_file_name.as_str()),
+    )?;
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&job.output.device)
+        .with_context(|| format!("opening the output disk {}", job.output.device.display()))?;
+    let writer = HashingWriter {
+        target,
+        hasher: Sha256::new(),
+        written: 0,
+        capacity: job.output.size_bytes,
+    };
+    let mut tar = tar::Builder::new(writer);
+    for (dest, source) in &plan {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mtime(epoch);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mode(0o644);
+        match source {
+            pipeline::pxe::PxeSource::GrubCfg => {
+                header.set_size(pxe_cfg.len() as u64);
+                tar.append_data(&mut header, dest, pxe_cfg.as_bytes())?;
+            }
+            pipeline::pxe::PxeSource::Tree(_) | pipeline::pxe::PxeSource::BootstrapIso => {
+                let from = match source {
+                    pipeline::pxe::PxeSource::Tree(path) => job.tree.join(path),
+                    _ => bootstrap_iso.clone(),
+                };
+                let file = std::fs::File::open(&from)
+                    .with_context(|| format!("opening {}", from.display()))?;
+                header.set_size(file.metadata()?.len());
+                tar.append_data(&mut header, dest, file)
+                    .with_context(|| format!("writing {dest} to the PXE artifacts"))?;
+            }
+        }
+    }
+    let mut writer = tar.into_inner()?;
+    writer.flush()?;
+    writer.target.sync_all()?;
+    build.log(format!(
+        "PXE artifacts: {} files ({}), {} bytes",
+        plan.len(),
+        match bootstrap {
+            Some(url) => format!("bootstrap ISO fetched from {url}"),
+            None => "full-OS initrd".to_string(),
+        },
+        writer.written
+    ));
+    job.mounts.unmount_below(&job.work);
+    job.mounts.unmount_below(Path::new("/mnt"));
+    Ok((writer.written, writer.hasher.finalize().into()))
+}
+
+/// Every regular file below `dir`, as paths relative to the tree (links and the rest are no
+/// PXE artifacts: the ISO tree has none).
+fn list_files(dir: &Path, relative: &str, out: &mut Vec<String>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let inside = match relative {
+            "" => name,
+            _ => format!("{relative}/{name}"),
+        };
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_files(&entry.path(), &inside, out)?;
+        } else if kind.is_file() {
+            out.push(inside);
+        }
+    }
+    Ok(())
+}
+
+/// The whole customized root as the initrd (`initramfsType: full-os`), compressed as its
+/// kernels can read: zstd when every one reads it, else gzip. Returns its path.
+fn make_full_os_initrd(
+    build: &Build<'_>,
+    root: &Path,
+    work: &Path,
+    request: &IsoBuild,
+    epoch: u64,
+) -> anyhow::Result<PathBuf> {
+    let boot_names: Vec<String> = std::fs::read_dir(root.join("boot"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let kdump = match request.iso.keep_kdump_boot_files {
+        true => crate::cpio::kdump_boot_files(&boot_names),
+        false => Vec::new(),
+    };
+    if request.iso.keep_kdump_boot_files {
+        build.log(format!(
+            "kdump boot files kept in /boot: {}",
+            kdump.join(", ")
+        ));
+    }
+    let raw = work.join("full-os.cpio");
+    let out = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?,
+    );
+    let mut writer = crate::cpio::Writer::new(out, epoch);
+    let mut names: Vec<String> = std::fs::read_dir(root)?
+        .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    let keep = |relative: &str| crate::cpio::keeps(relative, &kdump);
+    for name in &names {
+        if keep(name) && name != "init" {
+            writer.add_tree(&root.join(name), name, &keep)?;
+        }
+    }
+    let init = crate::cpio::INIT_TARGETS
+        .iter()
+        .find(|target| scoped_join(root, target).is_ok_and(|p| p.exists()))
+        .context("the image has neither /lib/systemd/systemd nor /sbin/init to run as the full-OS initrd's /init")?;
+    writer.symlink("init", init)?;
+    let (out, members) = writer.finish()?;
+    out.into_inner()
+        .map_err(|error| error.into_error())?
+        .sync_all()?;
+    let zstd = kernel_configs(root)
+        .iter()
+        .all(|config| config.lines().any(|line| line == "CONFIG_RD_ZSTD=y"))
+        && !kernel_configs(root).is_empty();
+    let initrd = work.join("full-os-initrd.img");
+    let raw_text = raw.to_string_lossy().into_owned();
+    let initrd_text = initrd.to_string_lossy().into_owned();
+    let argv = match zstd {
+        true => strings([
+            "zstd",
+            "-q",
+            "-3",
+            "-T0",
+            "-f",
+            "--rm",
+            "-o",
+            &initrd_text,
+            &raw_text,
+        ]),
+        false => strings(["busybox", "gzip", "-n", "-6", &raw_text]),
+    };
+    build.log(format!(
+        "full-OS initrd: {members} members (init -> {init}), compressed with {}",
+        argv[0..2].join(" ")
+    ));
+    build.run(&argv, None)?;
+    if !zstd {
+        std::fs::rename(work.join("full-os.cpio.gz"), &initrd)?;
+    }
+    Ok(initrd)
+}
+
+/// xorriso's options for this job's tree, written to `output` (`-` is stdout).
+fn xorriso_options(job: &IsoJob<'_>, output: &str, epoch: u64) -> argv::XorrisoOptions {
     let label = &job.request.iso.label;
-    let options = argv::XorrisoOptions {
+    argv::XorrisoOptions {
         iso_tree: job.tree.to_string_lossy().into_owned(),
-        output: "-".to_string(),
+        output: output.to_string(),
         label: label.clone(),
         efi_boot_image: pipeline::ISO_EFIBOOT_IMG
             .trim_start_matches('/')
@@ -314,11 +544,7 @@ fn make_iso(
             boot_hybrid_mbr: pipeline::BUILDER_BOOT_HYBRID_IMG.to_string(),
         }),
         modification_date: Some(inventory::xorriso_date(epoch)),
-    };
-    let written = write_to_disk(build, &argv::xorriso_argv(&options), &job.output, epoch)?;
-    job.mounts.unmount_below(&job.work);
-    job.mounts.unmount_below(Path::new("/mnt"));
-    Ok(written)
+    }
 }
 
 fn hex_to_digest(text: &str) -> anyhow::Result<[u8; 32]> {
@@ -347,6 +573,11 @@ fn mount_input_iso(
             )
         })?;
     let record = iso_record::IsoSettingsRecord::parse(&text)?;
+    if record.full_os {
+        bail!(
+            "the input ISO boots a full-OS initrd (initramfsType full-os); re-customizing one is not supported yet: build again from the disk image"
+        );
+    }
     if record.arch != vm_arch() {
         bail!(
             "the input ISO is {} but the builder VM is {}: pass --arch {}",
@@ -581,7 +812,31 @@ pub(crate) fn has_dmsquash_live(root: &Path) -> bool {
         .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_dir()))
 }
 
-fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree, epoch: u64) -> anyhow::Result<()> {
+/// A bootstrap PXE initrd's network modules; the image must have `livenet` and curl.
+fn pxe_network_modules(root: &Path) -> anyhow::Result<argv::NetworkModules> {
+    let exists = |paths: &[&str]| {
+        paths
+            .iter()
+            .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists()))
+    };
+    if !exists(&argv::LIVENET_MODULE_DIRS) || !exists(&["/usr/bin/curl", "/bin/curl"]) {
+        bail!(argv::LIVENET_HINT);
+    }
+    Ok(
+        match argv::DHCLIENT_NEEDS.iter().all(|paths| exists(paths)) {
+            true => argv::NetworkModules::Dhclient,
+            false => argv::NetworkModules::DracutsChoice,
+        },
+    )
+}
+
+fn make_initrds(
+    build: &Build<'_>,
+    root: &Path,
+    plan: &IsoTree,
+    epoch: u64,
+    network: Option<argv::NetworkModules>,
+) -> anyhow::Result<()> {
     let install_items: Vec<String> = crate::customize::modules::MODPROBE_CONFS
         .iter()
         .filter(|path| scoped_join(root, path).is_ok_and(|p| p.is_file()))
@@ -609,7 +864,7 @@ fn make_initrds(build: &Build<'_>, root: &Path, plan: &IsoTree, epoch: u64) -> a
                 )),
                 None => build.log(format!("dracut for kernel {}", kernel.version)),
             }
-            let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd, compress);
+            let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd, compress, network);
             build
                 .run_unchecked(&dracut, Some(root), argv::source_date_epoch_env(epoch))
                 .and_then(|result| succeeded(&dracut, result))
@@ -638,10 +893,7 @@ fn make_rootfs_squashfs(
     let options = argv::SquashfsOptions {
         compression,
         processors: Some(request.squashfs.threads.max(1)),
-        excludes: argv::ROOTFS_EXCLUDES
-            .iter()
-            .map(|e| e.to_string())
-            .collect(),
+        excludes: rootfs_excludes(root, request.iso.keep_kdump_boot_files),
         progress: false,
         source_date_epoch: Some(epoch),
     };
@@ -650,6 +902,27 @@ fn make_rootfs_squashfs(
         None,
     )?;
     Ok(())
+}
+
+/// mksquashfs' excludes: [`argv::ROOTFS_EXCLUDES`], except that `kdumpBootFiles: keep` keeps
+/// the kdump kernel and initramfs under `/boot` (every other entry there is excluded by name).
+fn rootfs_excludes(root: &Path, keep_kdump: bool) -> Vec<String> {
+    let all: Vec<String> = argv::ROOTFS_EXCLUDES
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    if !keep_kdump {
+        return all;
+    }
+    let names: Vec<String> = std::fs::read_dir(root.join("boot"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    argv::rootfs_excludes_keeping(&names, &crate::cpio::kdump_boot_files(&names))
 }
 
 /// The text of the image's dracut configs (bounded reads; unreadable ones are skipped).
@@ -706,6 +979,7 @@ fn populate_tree(
     grub_cfg_text: &str,
     request: &IsoBuild,
     epoch: u64,
+    full_os_initrd: Option<&Path>,
 ) -> anyhow::Result<()> {
     let label = &request.iso.label;
     let redirect = work.join("grub-redirect.cfg");
@@ -743,7 +1017,10 @@ fn populate_tree(
                     .iter()
                     .find(|k| &k.version == kernel_version)
                     .context("initrd of an unknown kernel")?;
-                let from = scoped_join(root, &kernel.initrd)?;
+                let from = match full_os_initrd {
+                    Some(initrd) => initrd.to_path_buf(),
+                    None => scoped_join(root, &kernel.initrd)?,
+                };
                 fs_create_dir_all(target.parent().expect("has a parent"))?;
                 std::fs::copy(&from, &target)
                     .with_context(|| format!("copying the new initrd {}", kernel.initrd))?;

@@ -7,6 +7,7 @@
 mod build;
 mod channel;
 mod context;
+mod cpio;
 mod customize;
 mod disk;
 mod disks;

@@ -70,14 +70,6 @@ pub fn accept_iso(
         .write(true)
         .open(path)
         .map_err(io)?;
-    let disk_len = file.metadata().map_err(io)?.len();
-    // The disk may only shrink to the ISO: growing it would hash bytes the guest never wrote.
-    if claimed_size > disk_len {
-        return Err(AcceptError::TooLarge {
-            claimed: claimed_size,
-            limit: disk_len,
-        });
-    }
     let mut magic = [0u8; 5];
     file.seek(SeekFrom::Start(ISO9660_MAGIC_OFFSET))
         .map_err(io)?;
@@ -85,6 +77,53 @@ pub fn accept_iso(
     if &magic != ISO9660_MAGIC {
         return Err(AcceptError::NoSignature {
             path: path.to_owned(),
+        });
+    }
+    cut_and_hash(file, path, claimed_size, claimed_sha256)
+}
+
+/// [`accept_iso`] for the PXE artifacts' tar stream: bounds and digest, no ISO signature (the
+/// stream's entries are checked one by one by [`crate::pxe::read_artifacts`]).
+pub fn accept_pxe_stream(
+    path: &Path,
+    limit: u64,
+    claimed_size: u64,
+    claimed_sha256: &Sha256,
+) -> Result<Sha256, AcceptError> {
+    if claimed_size > limit {
+        return Err(AcceptError::TooLarge {
+            claimed: claimed_size,
+            limit,
+        });
+    }
+    let file = fs_err::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| AcceptError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    cut_and_hash(file, path, claimed_size, claimed_sha256)
+}
+
+/// Cuts the disk to what the guest wrote and checks its digest; the disk may only shrink:
+/// growing it would hash bytes the guest never wrote.
+fn cut_and_hash(
+    mut file: fs_err::File,
+    path: &Path,
+    claimed_size: u64,
+    claimed_sha256: &Sha256,
+) -> Result<Sha256, AcceptError> {
+    let io = |source| AcceptError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let disk_len = file.metadata().map_err(io)?.len();
+    if claimed_size > disk_len {
+        return Err(AcceptError::TooLarge {
+            claimed: claimed_size,
+            limit: disk_len,
         });
     }
     file.set_len(claimed_size).map_err(io)?;

@@ -29,9 +29,9 @@ use crate::report::{Failure, Reporter, Source};
 #[derive(Debug, Clone)]
 pub struct BootSettings {
     pub image: PathBuf,
+    /// The image's format; for PXE artifacts (a directory or an archive), `Raw` (unused).
     pub format: ImageFormat,
-    /// Attach as a CD-ROM (else as a disk through a throwaway overlay).
-    pub cdrom: bool,
+    pub attach: Attach,
     pub arch: Arch,
     pub firmware: Firmware,
     /// Secure Boot enforced (x86_64 UEFI only).
@@ -41,6 +41,17 @@ pub struct BootSettings {
     pub timeout: Duration,
     pub memory_mib: u32,
     pub console_log: Option<PathBuf>,
+}
+
+/// How the image reaches the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// A disk, through a throwaway overlay.
+    Disk,
+    /// A read-only CD-ROM.
+    Cdrom,
+    /// PXE artifacts over QEMU's user network.
+    Pxe,
 }
 
 /// How a boot went wrong (exit 1).
@@ -114,11 +125,23 @@ pub fn run(_global: &GlobalArgs, args: BootArgs) -> Result<(), Failure> {
 pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
     let image = std::path::absolute(&args.image_file)
         .with_context(|| format!("cannot resolve {}", args.image_file.display()))?;
-    let format = detect_format(&image)?;
-    crate::references::check(&image, format)?;
-    let arch = crate::image::resolve_arch(args.arch, &image, format).context(
-        "cannot tell the image's architecture and the host's is unsupported: pass --arch",
-    )?;
+    let (format, arch) = if args.media == Media::Pxe {
+        if args.firmware == Firmware::Bios {
+            anyhow::bail!("PXE artifacts boot under UEFI (their boot files are EFI binaries): drop --firmware bios");
+        }
+        let arch = match args.arch {
+            Some(arch) => arch,
+            None => crate::pxe::boot_arch(&image)?,
+        };
+        (ImageFormat::Raw, arch)
+    } else {
+        let format = detect_format(&image)?;
+        crate::references::check(&image, format)?;
+        let arch = crate::image::resolve_arch(args.arch, &image, format).context(
+            "cannot tell the image's architecture and the host's is unsupported: pass --arch",
+        )?;
+        (format, arch)
+    };
     if args.firmware == Firmware::Bios && arch != Arch::X86_64 {
         anyhow::bail!("--firmware bios is for x86_64 only; {arch} boots with UEFI");
     }
@@ -145,10 +168,11 @@ pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
     Ok(BootSettings {
         image,
         format,
-        cdrom: match args.media {
-            Media::Auto => format == ImageFormat::Iso,
-            Media::Cdrom => true,
-            Media::Disk => false,
+        attach: match args.media {
+            Media::Auto if format == ImageFormat::Iso => Attach::Cdrom,
+            Media::Auto | Media::Disk => Attach::Disk,
+            Media::Cdrom => Attach::Cdrom,
+            Media::Pxe => Attach::Pxe,
         },
         arch,
         firmware: args.firmware,
@@ -168,6 +192,8 @@ struct Prepared {
     binary: PathBuf,
     argv: Vec<std::ffi::OsString>,
     serial_socket: PathBuf,
+    /// PXE: the artifacts' bootstrap ISO, served at this loopback port from this directory.
+    http: Option<(u16, PathBuf)>,
 }
 
 fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
@@ -197,7 +223,20 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
             }
         }
     };
-    let medium = if settings.cdrom {
+    let mut http = None;
+    let medium = if settings.attach == Attach::Pxe {
+        let tftp = crate::pxe::artifacts_dir(&settings.image, dir.path())?;
+        let bootfile = crate::pxe::boot_file_name(settings.arch).to_string();
+        if !tftp.join(&bootfile).is_file() {
+            anyhow::bail!(
+                "{} has no {bootfile}: not PXE artifacts for {}",
+                settings.image.display(),
+                settings.arch
+            );
+        }
+        http = crate::pxe::served_bootstrap(&tftp)?.map(|port| (port, tftp.clone()));
+        BootMedium::Pxe { tftp, bootfile }
+    } else if settings.attach == Attach::Cdrom {
         BootMedium::Cdrom {
             path: settings.image.clone(),
         }
@@ -230,6 +269,7 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
         _dir: dir,
         binary,
         serial_socket,
+        http,
     })
 }
 
@@ -246,14 +286,30 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
             settings.image.display(),
             settings.format.name(),
             settings.arch,
-            match settings.firmware {
-                Firmware::Uefi => "UEFI",
-                Firmware::Bios => "BIOS",
+            match (settings.firmware, settings.attach) {
+                (Firmware::Uefi, Attach::Pxe) => "UEFI, PXE",
+                (Firmware::Uefi, _) => "UEFI",
+                (Firmware::Bios, _) => "BIOS",
             },
             settings.accel.name()
         ),
     );
     crate::sandbox::warn_if_unsupported(&prepared.binary, reporter);
+    // Listening before QEMU starts: the guest may ask as soon as it has an address.
+    let _server = match &prepared.http {
+        Some((port, root)) => {
+            let server = crate::pxe::HttpServer::start(*port, root.clone()).await?;
+            reporter.note(
+                Source::Vmic,
+                format_args!(
+                    "serving {} at http://10.0.2.2:{port}/ (the host's 127.0.0.1:{port} in QEMU's user network)",
+                    root.display()
+                ),
+            );
+            Some(server)
+        }
+        None => None,
+    };
     let mut qemu = crate::qemu::QemuProcess::spawn(&prepared.binary, prepared.argv.clone())?;
     qemu.warn_if_unwatched(reporter);
     let mut stream = match crate::console::connect(&mut qemu, &prepared.serial_socket).await? {

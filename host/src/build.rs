@@ -76,10 +76,14 @@ pub async fn build(
     }
     let output_partial = partial_output.path().to_path_buf();
     let output_dir = crate::rundir::parent_dir(&settings.output).to_path_buf();
-    let iso_output = settings.output_format == OutputFormat::Iso;
-    // The ISO disk, and so the largest ISO the host accepts from the guest (crate::accept).
-    let output_disk_size = input_size + GIB;
-    crate::space::check_space(&input, &build_dir, &output_dir, iso_output)?;
+    let live_output = settings.output_format.is_live();
+    // The ISO disk, and so the largest ISO the host accepts from the guest (crate::accept);
+    // PXE artifacts hold the ISO and the boot files beside it.
+    let output_disk_size = match settings.output_format.is_pxe() {
+        true => input_size + 2 * GIB,
+        false => input_size + GIB,
+    };
+    crate::space::check_space(&input, &build_dir, &output_dir, live_output)?;
     let overlay = run_dir.join("input-overlay.qcow2");
     let scratch = run_dir.join("scratch.raw");
     // Removed however the build ends (the partial output by its own guard).
@@ -134,7 +138,7 @@ pub async fn build(
     // packages and ISO work files land on the scratch disk.
     sparse_file(&scratch, 2 * input_size + 2 * GIB)?;
     let mut disks = vec![input_disk];
-    if iso_output {
+    if live_output {
         sparse_file(&output_partial, output_disk_size)?;
         disks.push(Disk {
             path: output_partial.clone(),
@@ -180,7 +184,52 @@ pub async fn build(
         }
     };
 
+    // PXE outputs: the artifacts staged beside the output, moved into place at the end.
+    let mut staged_pxe: Option<StagedPxe> = None;
     let (size, digest, packages, epoch) = match outcome {
+        Response::Iso(outcome) if settings.output_format.is_pxe() => {
+            reporter.step("Finishing", "checking the PXE artifacts");
+            let mut staged = StagedPxe::new(&settings.output, settings.output_format)?;
+            let (path, target, format) = (
+                output_partial.clone(),
+                staged.path.clone(),
+                settings.output_format,
+            );
+            let name = settings
+                .output
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let claimed = (outcome.size, outcome.sha256);
+            let (digest, manifest) = off_runtime(move || {
+                crate::accept::accept_pxe_stream(&path, output_disk_size, claimed.0, &claimed.1)?;
+                let artifacts = crate::pxe::read_artifacts(fs_err::File::open(&path)?, claimed.0)?;
+                match format {
+                    OutputFormat::PxeDir => {
+                        let manifest = crate::pxe::write_dir(&path, &artifacts, &target, &name)?;
+                        Ok((vmic_protocol::sha256(manifest.as_bytes()), Some(manifest)))
+                    }
+                    _ => {
+                        crate::pxe::write_tar_gz(&path, &artifacts, &target)?;
+                        Ok((sha256_file(&target)?, None))
+                    }
+                }
+            })
+            .await?;
+            let size = match &manifest {
+                Some(_) => outcome.size,
+                None => fs_err::metadata(&staged.path)?.len(),
+            };
+            staged.manifest = manifest;
+            staged_pxe = Some(staged);
+            (
+                size,
+                digest,
+                outcome.packages,
+                Some(outcome.source_date_epoch),
+            )
+        }
         Response::Iso(outcome) => {
             reporter.step("Finishing", "verifying the ISO");
             // Reading the whole ISO three times: off the async runtime, so that Ctrl-C and
@@ -257,6 +306,9 @@ pub async fn build(
         &hex::encode(digest),
         &packages,
         epoch,
+        staged_pxe
+            .as_ref()
+            .and_then(|staged| staged.manifest.clone()),
     )?;
     partial_guard
         .0
@@ -265,7 +317,11 @@ pub async fn build(
     for (partial, target) in &sidecars {
         fs_err::rename(partial, target)?;
     }
-    partial_output.commit(&settings.output)?;
+    match staged_pxe {
+        // The output disk's stream was only the carrier: dropped, it is removed.
+        Some(staged) => staged.commit(&settings.output)?,
+        None => partial_output.commit(&settings.output)?,
+    }
     partial_guard.0.clear();
     Ok(BuildSummary {
         output: settings.output.clone(),
@@ -274,7 +330,77 @@ pub async fn build(
     })
 }
 
+/// PXE artifacts written beside the output under a temp name: a directory (`pxe-dir`) or the
+/// `.tar.gz` (`pxe-tar`). Dropped before [`StagedPxe::commit`], it is removed.
+struct StagedPxe {
+    path: PathBuf,
+    /// `pxe-dir`: the `sha256sum` lines of its files (the `.sha256` sidecar).
+    manifest: Option<String>,
+}
+
+impl StagedPxe {
+    fn new(output: &Path, format: OutputFormat) -> anyhow::Result<Self> {
+        let path = staged_name(output, "vmic-pxe");
+        // One left by a run that was killed (the output's lock is ours now).
+        remove_any(&path)?;
+        if format == OutputFormat::PxeDir && output.exists() && !output.is_dir() {
+            bail!(
+                "{} exists and is not a directory; pxe-dir writes a directory there: remove it or choose another --output-image-file",
+                output.display()
+            );
+        }
+        Ok(StagedPxe {
+            path,
+            manifest: None,
+        })
+    }
+
+    /// Moves the artifacts into place; an older directory there is replaced whole.
+    fn commit(mut self, output: &Path) -> anyhow::Result<()> {
+        let path = std::mem::take(&mut self.path);
+        if path.is_dir() && output.is_dir() {
+            let old = staged_name(output, "vmic-old");
+            remove_any(&old)?;
+            fs_err::rename(output, &old)?;
+            fs_err::rename(&path, output)?;
+            remove_any(&old)?;
+        } else {
+            fs_err::rename(&path, output)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StagedPxe {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = remove_any(&self.path);
+        }
+    }
+}
+
+/// `.NAME.SUFFIX` beside `output`.
+fn staged_name(output: &Path, suffix: &str) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".to_string());
+    output.with_file_name(format!(".{name}.{suffix}"))
+}
+
+/// Removes a file or a directory tree (never following a link); absent is fine.
+fn remove_any(path: &Path) -> anyhow::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs_err::remove_dir_all(path)?,
+        Ok(_) => fs_err::remove_file(path)?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("checking {}", path.display())),
+    }
+    Ok(())
+}
+
 /// `OUTPUT.sha256`, `OUTPUT.spdx.json` and `OUTPUT.provenance.json` under partial names.
+/// `sha256_lines`: the `.sha256` content when the output is a directory (one line per file).
 fn write_sidecars(
     settings: &CustomizeSettings,
     input: &Path,
@@ -282,6 +408,7 @@ fn write_sidecars(
     output_sha256: &str,
     packages: &vmic_protocol::PackageInventory,
     epoch: Option<u64>,
+    sha256_lines: Option<String>,
 ) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
     use crate::provenance::{self, ProvenanceInputs};
     let output = &settings.output;
@@ -290,7 +417,7 @@ fn write_sidecars(
         .iter()
         .map(|source| provenance::package_source_record(source))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let iso = settings.output_format == OutputFormat::Iso;
+    let iso = settings.output_format.is_live();
     let inputs = ProvenanceInputs {
         input,
         input_format: settings.input_format.name(),
@@ -327,7 +454,7 @@ fn write_sidecars(
         &[
             (
                 provenance::SHA256_SUFFIX,
-                provenance::sha256sum_line(output_sha256, output),
+                sha256_lines.unwrap_or_else(|| provenance::sha256sum_line(output_sha256, output)),
             ),
             (
                 provenance::SPDX_SUFFIX,
@@ -451,6 +578,18 @@ fn use_cache(
     else {
         return Ok(CacheUse::Off);
     };
+    // What the key does not hold yet: the cached ISO's rootfs and initrd are a bootstrap
+    // build's, with /boot left out.
+    if request.pxe.is_some()
+        || request.iso.initramfs != vmic_protocol::InitramfsType::Bootstrap
+        || request.iso.keep_kdump_boot_files
+    {
+        reporter.note(
+            Source::Vmic,
+            "build cache: not used: PXE outputs, full-OS initrds and kept kdump files are not cached yet",
+        );
+        return Ok(CacheUse::Off);
+    }
     let manifest = fs_err::read(crate::guest_image::find(arch)?.dir.join("manifest.json"))?;
     let config_files: Vec<PathBuf> = std::iter::once(&settings.config.path)
         .chain(settings.config.chain.iter().map(|link| &link.path))
@@ -552,8 +691,9 @@ fn plan(
         disable_base_repos: settings.disable_base_image_repos,
         squashfs_compression: settings.squashfs_compression,
         source_date_epoch: settings.source_date_epoch,
+        pxe_output: settings.output_format.is_pxe(),
     };
-    let (uploads, skipped, warnings, request) = if settings.output_format == OutputFormat::Iso {
+    let (uploads, skipped, warnings, request) = if settings.output_format.is_live() {
         let plan = crate::plan::iso_plan(&settings.config.config, &facts, &files)?;
         let request = Request::BuildIso(Box::new(plan.request));
         (plan.uploads, plan.skipped, plan.warnings, request)

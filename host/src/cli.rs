@@ -348,7 +348,8 @@ pub struct DoctorArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct BootArgs {
-    /// Disk image (raw, qcow2, vhd, vhdx) or ISO to boot; never written.
+    /// Disk image (raw, qcow2, vhd, vhdx) or ISO to boot; never written. With `--media pxe`:
+    /// a directory or `.tar.gz` of PXE artifacts.
     #[arg(long)]
     pub image_file: PathBuf,
 
@@ -386,7 +387,9 @@ pub struct BootArgs {
     pub console_log: Option<PathBuf>,
 
     /// Attach the image as a disk or a CD-ROM (auto: ISO 9660 files as CD-ROMs). A hybrid
-    /// ISO attached as a disk boots as it would from a `dd`-written USB stick.
+    /// ISO attached as a disk boots as it would from a `dd`-written USB stick. `pxe`: boot PXE
+    /// artifacts over QEMU's user network (its TFTP server; a bootstrap ISO named
+    /// `http://10.0.2.2:PORT/...` is served by vmic on the host's loopback at PORT).
     #[arg(long, value_enum, default_value_t = Media::Auto)]
     pub media: Media,
 }
@@ -396,6 +399,7 @@ pub enum Media {
     Auto,
     Disk,
     Cdrom,
+    Pxe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -47,9 +47,29 @@ pub enum OutputFormat {
     #[value(name = "vhd-fixed")]
     VhdFixed,
     Vhdx,
+    /// PXE boot artifacts in a directory (`pxe.*` settings).
+    #[value(name = "pxe-dir")]
+    #[serde(rename = "pxe-dir")]
+    PxeDir,
+    /// The same artifacts as one `.tar.gz`.
+    #[value(name = "pxe-tar")]
+    #[serde(rename = "pxe-tar")]
+    PxeTar,
 }
 
 impl OutputFormat {
+    /// A LiveOS output the builder VM masters (ISO or PXE), not a converted disk.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            OutputFormat::Iso | OutputFormat::PxeDir | OutputFormat::PxeTar
+        )
+    }
+
+    pub fn is_pxe(self) -> bool {
+        matches!(self, OutputFormat::PxeDir | OutputFormat::PxeTar)
+    }
+
     /// What `qemu-img convert -O` writes this format with, and its `-o` options; `None` for
     /// the ISO, which the builder VM masters instead.
     pub fn qemu_target(self) -> Option<(&'static str, Option<&'static str>)> {
@@ -61,7 +81,7 @@ impl OutputFormat {
             OutputFormat::Vhd => Some(("vpc", Some("subformat=dynamic,force_size=on"))),
             OutputFormat::VhdFixed => Some(("vpc", Some("subformat=fixed,force_size=on"))),
             OutputFormat::Vhdx => Some(("vhdx", None)),
-            OutputFormat::Iso => None,
+            OutputFormat::Iso | OutputFormat::PxeDir | OutputFormat::PxeTar => None,
         }
     }
 
@@ -74,6 +94,8 @@ impl OutputFormat {
             OutputFormat::Vhd => "vhd",
             OutputFormat::VhdFixed => "vhd-fixed",
             OutputFormat::Vhdx => "vhdx",
+            OutputFormat::PxeDir => "pxe-dir",
+            OutputFormat::PxeTar => "pxe-tar",
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod plan;
 pub mod preflight;
 pub mod provenance;
 pub mod proxy;
+pub mod pxe;
 pub mod qemu;
 pub mod references;
 pub mod report;

@@ -63,6 +63,8 @@ pub struct HostFacts<'a> {
     pub squashfs_compression: Compression,
     /// `--source-date-epoch`; `None`: the agent takes the input's.
     pub source_date_epoch: Option<u64>,
+    /// PXE artifacts (`pxe-dir`/`pxe-tar`) instead of an ISO: the `pxe` section applies.
+    pub pxe_output: bool,
 }
 
 #[cfg(test)]
@@ -78,6 +80,7 @@ impl<'a> HostFacts<'a> {
             disable_base_repos: false,
             squashfs_compression: Compression::Auto,
             source_date_epoch: None,
+            pxe_output: false,
         }
     }
 }
@@ -223,8 +226,8 @@ pub fn iso_plan(
     facts: &HostFacts<'_>,
     files: &HostFiles,
 ) -> anyhow::Result<IsoPlan> {
-    let iso = config.iso.as_ref();
     let common = common_plan(config, facts, files)?;
+    let live = live_settings(config, facts.pxe_output)?;
     let request = IsoBuild {
         input_serial: facts.input_serial.to_string(),
         input_is_iso: facts.input_is_iso,
@@ -233,12 +236,11 @@ pub fn iso_plan(
         customization: common.customization,
         iso: IsoSettings {
             label: DEFAULT_ISO_LABEL.to_string(),
-            additional_files: file_copies(
-                iso.and_then(|iso| iso.additional_files.as_ref()),
-                facts.config_dir,
-            ),
-            extra_args: kernel_args(iso.and_then(|iso| iso.kernel_command_line.as_ref())),
+            additional_files: file_copies(live.additional_files, facts.config_dir),
+            extra_args: kernel_args(live.kernel_command_line),
             vmic_version: env!("CARGO_PKG_VERSION").to_string(),
+            initramfs: live.initramfs,
+            keep_kdump_boot_files: live.kdump == Some(crate::config::model::KdumpBootFiles::Keep),
         },
         squashfs: SquashfsSettings {
             compression: facts.squashfs_compression,
@@ -247,6 +249,7 @@ pub fn iso_plan(
         remaster_only: facts.input_is_iso && !changes_rootfs(config),
         replace_iso_settings: false,
         source_date_epoch: facts.source_date_epoch,
+        pxe: live.pxe,
     };
     Ok(Plan {
         uploads: common.uploads,
@@ -254,6 +257,104 @@ pub fn iso_plan(
         warnings: common.warnings,
         request,
     })
+}
+
+/// The file name of the bootstrap ISO in PXE artifacts when the config names none (as the
+/// Image Customizer's `bootstrapBaseUrl` documents it).
+pub const DEFAULT_BOOTSTRAP_FILE_NAME: &str = "image.iso";
+
+/// The LiveOS settings of one output: `iso.*` for an ISO, `pxe.*` for PXE artifacts (whose
+/// default initramfs is the full OS, as in the Image Customizer).
+struct LiveSettings<'c> {
+    additional_files: Option<&'c crate::config::model::AdditionalFiles>,
+    kernel_command_line: Option<&'c crate::config::model::KernelCommandLine>,
+    initramfs: vmic_protocol::InitramfsType,
+    kdump: Option<crate::config::model::KdumpBootFiles>,
+    pxe: Option<vmic_protocol::PxeSettings>,
+}
+
+fn live_settings(config: &Config, pxe_output: bool) -> anyhow::Result<LiveSettings<'_>> {
+    use crate::config::model::InitramfsType;
+    let initramfs = |kind: Option<InitramfsType>, default| match kind.unwrap_or(default) {
+        InitramfsType::Bootstrap => vmic_protocol::InitramfsType::Bootstrap,
+        InitramfsType::FullOs => vmic_protocol::InitramfsType::FullOs,
+    };
+    if !pxe_output {
+        let iso = config.iso.as_ref();
+        return Ok(LiveSettings {
+            additional_files: iso.and_then(|iso| iso.additional_files.as_ref()),
+            kernel_command_line: iso.and_then(|iso| iso.kernel_command_line.as_ref()),
+            initramfs: initramfs(
+                iso.and_then(|iso| iso.initramfs_type),
+                InitramfsType::Bootstrap,
+            ),
+            kdump: iso.and_then(|iso| iso.kdump_boot_files),
+            pxe: None,
+        });
+    }
+    let pxe = config.pxe.as_ref();
+    let initramfs = initramfs(
+        pxe.and_then(|pxe| pxe.initramfs_type),
+        InitramfsType::FullOs,
+    );
+    let settings = match initramfs {
+        vmic_protocol::InitramfsType::Bootstrap => {
+            let (url, file_name) = bootstrap_location(
+                pxe.and_then(|pxe| pxe.bootstrap_base_url.as_deref()),
+                pxe.and_then(|pxe| pxe.bootstrap_file_url.as_deref()),
+            )?;
+            vmic_protocol::PxeSettings {
+                bootstrap_url: Some(url),
+                bootstrap_file_name: file_name,
+            }
+        }
+        _ => vmic_protocol::PxeSettings {
+            bootstrap_url: None,
+            bootstrap_file_name: String::new(),
+        },
+    };
+    Ok(LiveSettings {
+        additional_files: pxe.and_then(|pxe| pxe.additional_files.as_ref()),
+        kernel_command_line: pxe.and_then(|pxe| pxe.kernel_command_line.as_ref()),
+        initramfs,
+        kdump: pxe.and_then(|pxe| pxe.kdump_boot_files),
+        pxe: Some(settings),
+    })
+}
+
+/// Where the bootstrap initrd fetches the ISO from, and the ISO's file name in the artifacts:
+/// `bootstrapBaseUrl` + `/image.iso`, or `bootstrapFileUrl` and its last path segment.
+pub fn bootstrap_location(
+    base_url: Option<&str>,
+    file_url: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    match (base_url, file_url) {
+        (Some(base), None) => Ok((
+            format!(
+                "{}/{DEFAULT_BOOTSTRAP_FILE_NAME}",
+                base.trim_end_matches('/')
+            ),
+            DEFAULT_BOOTSTRAP_FILE_NAME.to_string(),
+        )),
+        (None, Some(url)) => {
+            let path = url.split(['?', '#']).next().unwrap_or(url);
+            let name = path
+                .split_once("://")
+                .map_or(path, |(_, rest)| rest)
+                .split_once('/')
+                .map(|(_, path)| path.rsplit('/').next().unwrap_or(""))
+                .unwrap_or("");
+            if name.is_empty() || name == "." || name == ".." {
+                anyhow::bail!(
+                    "pxe.bootstrapFileUrl: {url:?} names no file; end it with the ISO's file name (e.g. http://server/path/image.iso)"
+                );
+            }
+            Ok((url.to_string(), name.to_string()))
+        }
+        _ => anyhow::bail!(
+            "pxe.initramfsType: a bootstrap PXE initrd fetches the ISO over the network: set pxe.bootstrapBaseUrl or pxe.bootstrapFileUrl"
+        ),
+    }
 }
 
 /// Build the plan for customizing a disk image in place.

@@ -47,9 +47,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 6;
+pub const MIN_PROTOCOL_VERSION: u32 = 7;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -227,6 +227,29 @@ pub struct IsoBuild {
     /// `SOURCE_DATE_EPOCH`: every timestamp in the ISO is clamped to it. `None`: the agent
     /// takes it from the input (see [`IsoOutcome::source_date_epoch`]).
     pub source_date_epoch: Option<u64>,
+    /// PXE artifacts instead of an ISO: the agent writes them to the output disk as one tar
+    /// stream (see [`PxeSettings`]); `iso` then carries the `pxe.*` settings.
+    pub pxe: Option<PxeSettings>,
+}
+
+/// How the LiveOS boots its root (`iso.initramfsType` / `pxe.initramfsType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InitramfsType {
+    /// Never sent: keeps variant 0 invalid.
+    Invalid,
+    /// A dracut initrd that finds `rootfs.img` (squashfs) and switches to it.
+    Bootstrap,
+    /// The whole OS is the initrd; no squashfs, no `root=`.
+    FullOs,
+}
+
+/// What a PXE output adds to the LiveOS build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PxeSettings {
+    /// Bootstrap only: where the booted initrd fetches the ISO (`root=live:<url>`).
+    pub bootstrap_url: Option<String>,
+    /// Bootstrap only: the ISO's file name at the artifacts' root.
+    pub bootstrap_file_name: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,6 +398,9 @@ pub struct IsoSettings {
     pub extra_args: Vec<String>,
     /// The host's vmic version, recorded on the ISO.
     pub vmic_version: String,
+    pub initramfs: InitramfsType,
+    /// `kdumpBootFiles: keep`: the kdump kernel and initramfs stay under the full OS's `/boot`.
+    pub keep_kdump_boot_files: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

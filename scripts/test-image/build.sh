@@ -52,6 +52,9 @@ PACKAGES=(
   systemd-sysv udev kmod mount e2fsprogs zstd
   "linux-image-cloud-$DEB_ARCH"
   dracut dracut-live
+  # PXE bootstrap: dracut's livenet fetches the ISO with curl once dhclient (network-legacy,
+  # which also wants pgrep) has brought the network up.
+  dracut-network curl isc-dhcp-client procps
   "grub-efi-$DEB_ARCH-bin" shim-signed
 )
 [ "$VARIANT" = cloud-init ] && PACKAGES+=(cloud-init)
@@ -64,6 +67,9 @@ hostonly="no"
 hostonly_cmdline="no"
 compress="zstd -q -3 -T0"
 add_drivers+=" virtio_blk virtio_scsi virtio_pci virtio_console sd_mod sr_mod ext4 vfat nls_cp437 nls_ascii nls_utf8 "
+# dracut-network (for PXE) asks for ifcfg, hence network, in every initrd; the image boots from
+# its disk, so its own initrds go without. vmic adds livenet and network-legacy for PXE.
+omit_dracutmodules+=" ifcfg "
 '
 log "$NAME: mmdebstrap bookworm $DEB_ARCH (${PACKAGES[*]})"
 mmdebstrap --mode=root --variant=apt --arch="$DEB_ARCH" \
@@ -202,7 +208,7 @@ configfile \$prefix/grub.cfg
 EOF
 GRUB_MODULES="part_gpt part_msdos fat ext2 iso9660 search search_fs_uuid search_fs_file search_label
   normal linux configfile echo test regexp ls cat boot chain minicmd loadenv sleep serial terminal
-  all_video efi_gop font gfxterm gzio halt reboot"
+  all_video efi_gop font gfxterm gzio halt reboot net efinet tftp"
 [ "$ARCH" = x86_64 ] && GRUB_MODULES="$GRUB_MODULES efi_uga"
 install -d "$ROOT/boot/efi/EFI/BOOT"
 GRUB_PREFIX=/boot/grub2

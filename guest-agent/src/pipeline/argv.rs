@@ -52,14 +52,27 @@ pub fn dracut_live_conf(install_items: &[String]) -> String {
 /// the image's own initrd name) for `kernel_version`. `--reproducible` (with
 /// `SOURCE_DATE_EPOCH` in the environment) clamps the cpio's mtimes and orders its entries.
 /// `compress`: see [`initrd_compressor`].
-pub fn dracut_argv(kernel_version: &str, initrd_path: &str, compress: Option<&str>) -> Vec<String> {
+/// `network` adds PXE's modules ([`NetworkModules`]).
+pub fn dracut_argv(
+    kernel_version: &str,
+    initrd_path: &str,
+    compress: Option<&str>,
+    network: Option<NetworkModules>,
+) -> Vec<String> {
+    let mut modules = String::from("dmsquash-live");
+    if let Some(network) = network {
+        modules.push_str(" livenet");
+        if network == NetworkModules::Dhclient {
+            modules.push_str(" network-legacy");
+        }
+    }
     let mut argv = strings([
         "dracut",
         "--force",
         "--no-hostonly",
         "--reproducible",
         "--add",
-        "dmsquash-live",
+        &modules,
         "--add-drivers",
         "overlay",
         "--filesystems",
@@ -71,6 +84,33 @@ pub fn dracut_argv(kernel_version: &str, initrd_path: &str, compress: Option<&st
     argv.extend(strings(["--kver", kernel_version, initrd_path]));
     argv
 }
+
+/// The modules a PXE bootstrap initrd adds: dracut's `livenet` fetches the ISO named by
+/// `root=live:<url>` once the network is up. The network handler: dracut picks one from what
+/// the image has, but dracut 059's systemd-networkd handler never runs livenet's "online"
+/// hook; an image with `dhclient` gets `network-legacy`, which does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkModules {
+    /// `livenet` and the handler dracut chooses.
+    DracutsChoice,
+    /// `livenet network-legacy`.
+    Dhclient,
+}
+
+/// What `network-legacy` needs beyond the basics, each as the paths an image keeps it at
+/// (for [`NetworkModules::Dhclient`]): dhclient, and pgrep to watch it.
+pub const DHCLIENT_NEEDS: [[&str; 2]; 2] = [
+    ["/usr/sbin/dhclient", "/sbin/dhclient"],
+    ["/usr/bin/pgrep", "/bin/pgrep"],
+];
+
+/// Where dracut's `livenet` module lives in an image.
+pub const LIVENET_MODULE_DIRS: [&str; 1] = ["/usr/lib/dracut/modules.d/90livenet"];
+
+pub const LIVENET_HINT: &str =
+    "a bootstrap PXE initrd needs dracut's livenet module and curl in the image: add the \
+     packages `dracut-network` and `curl` (and on Debian `isc-dhcp-client` and `procps` for \
+     dracut's network-legacy) to os.packages.install, or use pxe.initramfsType full-os";
 
 /// The initrd compressor vmic asks dracut for when the image's dracut config names none.
 /// dracut's own zstd default is level 15: under TCG that was 22 of the initrd's 117 s on the
@@ -193,6 +233,29 @@ pub const ROOTFS_EXCLUDES: [&str; 12] = [
     "etc/dracut.conf.d/99-vmic-liveos.conf",
     "var/tmp/dracut.*",
 ];
+
+/// [`ROOTFS_EXCLUDES`] with `/boot`'s entries excluded one by one except `kept` (names in
+/// `boot_names`): `kdumpBootFiles: keep`. Wildcard characters in names are escaped.
+pub fn rootfs_excludes_keeping(boot_names: &[String], kept: &[String]) -> Vec<String> {
+    let mut excludes: Vec<String> = ROOTFS_EXCLUDES
+        .iter()
+        .filter(|e| **e != "boot/*" && **e != "boot/.*")
+        .map(|e| e.to_string())
+        .collect();
+    let mut names: Vec<&String> = boot_names.iter().filter(|n| !kept.contains(n)).collect();
+    names.sort();
+    for name in names {
+        let mut escaped = String::from("boot/");
+        for c in name.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        excludes.push(escaped);
+    }
+    excludes
+}
 
 /// `mksquashfs SOURCE DEST -noappend -xattrs -comp ... -wildcards -e EXCLUDES...`
 /// (squashfs-tools 4.5.1 as in Debian 12; every flag used exists there). The exclude list
@@ -458,6 +521,7 @@ mod tests {
                 "6.1.0-28-cloud-amd64",
                 "/boot/initrd.img-6.1.0-28-cloud-amd64",
                 None,
+                None,
             ),
         );
         insta::with_settings!({prepend_module_to_snapshot => false}, {
@@ -473,7 +537,12 @@ mod tests {
 
     #[test]
     fn dracut_with_a_compressor() {
-        let argv = dracut_argv("6.1", "/boot/initrd.img-6.1", Some(FAST_INITRD_COMPRESSOR));
+        let argv = dracut_argv(
+            "6.1",
+            "/boot/initrd.img-6.1",
+            Some(FAST_INITRD_COMPRESSOR),
+            None,
+        );
         let at = argv
             .iter()
             .position(|a| a == "--compress")
@@ -483,6 +552,45 @@ mod tests {
         assert_eq!(
             &argv[argv.len() - 3..],
             ["--kver", "6.1", "/boot/initrd.img-6.1"]
+        );
+    }
+
+    #[test]
+    fn kept_kdump_files_are_the_only_boot_entries_the_squashfs_keeps() {
+        let names: Vec<String> = ["vmlinuz-6.1", "initramfs-6.1kdump.img", "grub2", "a*b"]
+            .map(String::from)
+            .to_vec();
+        let kept = [
+            "initramfs-6.1kdump.img".to_string(),
+            "vmlinuz-6.1".to_string(),
+        ];
+        let excludes = rootfs_excludes_keeping(&names, &kept);
+        assert!(!excludes.iter().any(|e| e == "boot/*" || e == "boot/.*"));
+        assert!(excludes.contains(&"boot/grub2".to_string()));
+        assert!(excludes.contains(&"boot/a\\*b".to_string()));
+        assert!(!excludes
+            .iter()
+            .any(|e| e.contains("kdump") || e.contains("vmlinuz")));
+        // Everything else of the usual list stays.
+        assert!(excludes.contains(&"etc/fstab".to_string()));
+        assert_eq!(excludes.len(), ROOTFS_EXCLUDES.len() - 2 + 2);
+    }
+
+    #[test]
+    fn a_pxe_bootstrap_initrd_adds_livenet_and_the_dhclient_handler_when_asked() {
+        let modules = |network| {
+            let argv = dracut_argv("6.1", "/boot/initrd.img-6.1", None, network);
+            let at = argv.iter().position(|a| a == "--add").expect("--add");
+            argv[at + 1].clone()
+        };
+        assert_eq!(modules(None), "dmsquash-live");
+        assert_eq!(
+            modules(Some(NetworkModules::DracutsChoice)),
+            "dmsquash-live livenet"
+        );
+        assert_eq!(
+            modules(Some(NetworkModules::Dhclient)),
+            "dmsquash-live livenet network-legacy"
         );
     }
 

@@ -107,6 +107,8 @@ pub enum GrubCfgError {
          this file (close the quote in the image's grub.cfg)"
     )]
     UnterminatedQuote { line: usize },
+    #[error("the PXE bootstrap URL {url:?} cannot be a kernel argument (empty, or spaces or control characters in it)")]
+    BadBootstrapUrl { url: String },
 }
 
 /// Checks a volume label for use in `-V`, `root=live:LABEL=` and `search --label`.
@@ -156,6 +158,62 @@ pub fn rewrite_for_iso(
     grub_cfg: &str,
     settings: &IsoBootSettings,
 ) -> Result<RewrittenGrubCfg, GrubCfgError> {
+    rewrite(grub_cfg, settings, false)
+}
+
+/// [`rewrite_for_iso`] for a full-OS initrd (`initramfsType: full-os`): the initrd is the
+/// root, so no `root=` at all (the kernel keeps the unpacked initramfs as `/`) and no LiveOS
+/// args; grub still finds the kernel on the ISO by its label.
+pub fn rewrite_for_full_os_iso(
+    grub_cfg: &str,
+    settings: &IsoBootSettings,
+) -> Result<RewrittenGrubCfg, GrubCfgError> {
+    rewrite(grub_cfg, settings, true)
+}
+
+/// The kernel arg that brings the network up in a PXE-booted initrd (dracut's `ip=`).
+pub const PXE_NETWORK_ARG: &str = "ip=dhcp";
+
+/// The PXE grub.cfg made from the ISO's: grub was loaded over TFTP and `$root` is the TFTP
+/// server, so every `search` goes (it would look for the ISO's label on disks); the media
+/// check entry goes (there is no medium). With a bootstrap initrd, `root=live:<url>` replaces
+/// the ISO's `root=live:LABEL=...` and [`PXE_NETWORK_ARG`] is added, so that dracut's
+/// `livenet` fetches the ISO; a full-OS initrd needs neither.
+pub fn rewrite_for_pxe(
+    iso_grub_cfg: &str,
+    bootstrap_url: Option<&str>,
+) -> Result<String, GrubCfgError> {
+    if let Some(url) = bootstrap_url {
+        if url.is_empty() || url.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(GrubCfgError::BadBootstrapUrl {
+                url: url.to_owned(),
+            });
+        }
+    }
+    let stripped = super::media_check::strip_entry(iso_grub_cfg);
+    let text = edit_commands(&stripped, |first, _| match first {
+        "search" | "search.fs_uuid" | "search.fs_label" | "search.file" => Some(String::new()),
+        _ => None,
+    })?;
+    let Some(url) = bootstrap_url else {
+        return Ok(text);
+    };
+    let root = format!("root=live:{url}");
+    edit_linux_args(&text, |present| {
+        present
+            .iter()
+            .filter(|w| arg_key(&w.value) != "root" && w.value != PXE_NETWORK_ARG)
+            .map(|w| w.raw.to_owned())
+            .chain([grub_quote(&root), PXE_NETWORK_ARG.to_owned()])
+            .collect()
+    })
+}
+
+fn rewrite(
+    grub_cfg: &str,
+    settings: &IsoBootSettings,
+    full_os: bool,
+) -> Result<RewrittenGrubCfg, GrubCfgError> {
     validate_label(&settings.label)?;
     validate_user_args(&settings.user_args)?;
     let grub_cfg = &super::media_check::strip_entry(grub_cfg);
@@ -185,8 +243,10 @@ pub fn rewrite_for_iso(
                     .filter(|w| !settings.dropped_args.contains(&w.value))
                     .map(|w| w.raw.to_owned()),
             );
-            parts.push(format!("root=live:LABEL={}", settings.label));
-            parts.extend(LIVE_ARGS.iter().map(|a| (*a).to_owned()));
+            if !full_os {
+                parts.push(format!("root=live:LABEL={}", settings.label));
+                parts.extend(LIVE_ARGS.iter().map(|a| (*a).to_owned()));
+            }
             parts.push(SELINUX_OFF.to_owned());
             parts.extend(user_args.iter().map(|a| grub_quote(a)));
             Some(parts.join(" "))
@@ -669,6 +729,68 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
             user_args: user_args.iter().map(|a| (*a).to_owned()).collect(),
             dropped_args: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_full_os_iso_boots_the_initrd_as_root_without_root_or_live_args() {
+        let rewritten =
+            rewrite_for_full_os_iso(AZURE_LINUX_CFG, &settings(&["console=ttyS0"])).unwrap();
+        for line in linux_lines(&rewritten.text) {
+            assert!(!line.contains("root="), "{line}");
+            assert!(!LIVE_ARGS.iter().any(|arg| line.contains(arg)), "{line}");
+            assert!(line.ends_with("selinux=0 console=ttyS0"), "{line}");
+        }
+        // grub still finds the kernel on the ISO by its label.
+        assert!(rewritten
+            .text
+            .contains(&search_command(DEFAULT_LABEL, "root")));
+        // The bootstrap rewrite of the same file has both.
+        let bootstrap = rewrite_for_iso(AZURE_LINUX_CFG, &settings(&[])).unwrap();
+        assert!(linux_lines(&bootstrap.text)
+            .iter()
+            .all(|line| line.contains("root=live:LABEL=CDROM") && line.contains("rd.live.image")));
+    }
+
+    #[test]
+    fn the_pxe_grub_cfg_fetches_the_iso_from_the_url_and_searches_nothing() {
+        let iso = rewrite_for_iso(AZURE_LINUX_CFG, &settings(&["rd.info"]))
+            .unwrap()
+            .text;
+        let iso = super::super::media_check::add_entry(&iso, DEFAULT_LABEL);
+        let url = "http://10.0.2.2:8080/image.iso";
+        let pxe = rewrite_for_pxe(&iso, Some(url)).unwrap();
+        assert!(!pxe.contains("search"), "{pxe}");
+        assert!(!pxe.contains(super::super::media_check::MEDIA_CHECK_ARG));
+        let lines = linux_lines(&pxe);
+        assert!(!lines.is_empty());
+        for line in &lines {
+            assert!(!line.contains("LABEL=CDROM"), "{line}");
+            assert_eq!(line.matches("root=").count(), 1, "{line}");
+            assert!(
+                line.ends_with(&format!("root=live:{url} {PXE_NETWORK_ARG}")),
+                "{line}"
+            );
+            // The LiveOS args and the user's stay.
+            assert!(
+                line.contains("rd.live.image") && line.contains("rd.info"),
+                "{line}"
+            );
+        }
+        // Idempotent: the PXE file rewritten again is the same.
+        assert_eq!(rewrite_for_pxe(&pxe, Some(url)).unwrap(), pxe);
+        // A full-OS PXE grub.cfg only loses the searches.
+        let full = rewrite_for_full_os_iso(AZURE_LINUX_CFG, &settings(&[]))
+            .unwrap()
+            .text;
+        let full_pxe = rewrite_for_pxe(&full, None).unwrap();
+        assert!(!full_pxe.contains("search") && !full_pxe.contains("root="));
+        assert_eq!(linux_lines(&full_pxe), linux_lines(&full));
+        assert_eq!(
+            rewrite_for_pxe(&iso, Some("http://a b/x.iso")),
+            Err(GrubCfgError::BadBootstrapUrl {
+                url: "http://a b/x.iso".into()
+            })
+        );
     }
 
     fn linux_lines(text: &str) -> Vec<String> {

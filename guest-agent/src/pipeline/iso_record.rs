@@ -45,6 +45,10 @@ pub struct IsoSettingsRecord {
     /// Absent in records written before it existed.
     #[serde(default)]
     pub iso_additional_files: Vec<String>,
+    /// The initrd is the whole OS (`initramfsType: full-os`): no `rootfs.img`. Written only
+    /// when true, so that every other record reads as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_os: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +151,25 @@ mod tests {
             rootfs_sha256: "ab".repeat(32),
             grub_noprefix: false,
             iso_additional_files: vec!["/cloud-init-data/user-data".into()],
+            full_os: false,
         }
+    }
+
+    #[test]
+    fn the_full_os_flag_is_written_only_when_set() {
+        let text = record().render().expect("render");
+        assert!(
+            !text.contains("full_os"),
+            "a bootstrap record reads as before"
+        );
+        assert!(!IsoSettingsRecord::parse(&text).expect("parse").full_os);
+        let full = IsoSettingsRecord {
+            full_os: true,
+            ..record()
+        };
+        let text = full.render().expect("render");
+        assert!(text.contains("\"full_os\": true"));
+        assert!(IsoSettingsRecord::parse(&text).expect("parse").full_os);
     }
 
     #[test]

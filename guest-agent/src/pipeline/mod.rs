@@ -70,6 +70,7 @@ pub mod grub_cfg;
 pub mod inventory;
 pub mod iso_record;
 pub mod media_check;
+pub mod pxe;
 
 use std::collections::BTreeMap;
 

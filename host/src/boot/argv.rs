@@ -36,6 +36,9 @@ pub enum BootMedium {
     },
     /// An ISO as a read-only CD-ROM.
     Cdrom { path: PathBuf },
+    /// PXE: a NIC on QEMU's user network, whose DHCP names `bootfile` and whose TFTP server
+    /// serves `tftp`; the firmware's own network stack boots it (no option ROM).
+    Pxe { tftp: PathBuf, bootfile: String },
 }
 
 /// Everything needed to start the VM: pure data, turned into an argv by [`boot_argv`].
@@ -140,6 +143,19 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
                     .iter()
                     .map(os),
             );
+        }
+        BootMedium::Pxe { tftp, bootfile } => {
+            push(&[
+                "-netdev",
+                &format!(
+                    "user,id=net0,tftp={},bootfile={}",
+                    escape_comma(tftp),
+                    bootfile.replace(',', ",,")
+                ),
+                // romfile= (empty): OVMF/AAVMF's own virtio-net driver and PXE, not iPXE's.
+                "-device",
+                "virtio-net-pci,netdev=net0,romfile=,bootindex=1",
+            ]);
         }
         BootMedium::Cdrom { path } => {
             push(&[

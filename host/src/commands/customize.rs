@@ -79,10 +79,11 @@ pub fn run(global: &GlobalArgs, args: CustomizeArgs) -> Result<(), Failure> {
         sha256 = summary.sha256,
         seconds = total,
         "{} written",
-        if settings.output_format == OutputFormat::Iso {
-            "LiveOS ISO".to_string()
-        } else {
-            format!("{} disk image", settings.output_format.name())
+        match settings.output_format {
+            OutputFormat::Iso => "LiveOS ISO".to_string(),
+            OutputFormat::PxeDir => "PXE artifacts directory".to_string(),
+            OutputFormat::PxeTar => "PXE artifacts archive".to_string(),
+            other => format!("{} disk image", other.name()),
         }
     );
     Ok(())

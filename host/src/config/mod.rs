@@ -131,8 +131,8 @@ impl LoadedConfig {
     }
 }
 
-/// The command line's name for a config output format (`cosi`, `pxe-*` and `baremetal-image`
-/// have none: vmic cannot write them yet).
+/// The command line's name for a config output format (`cosi` and `baremetal-image` have
+/// none: vmic cannot write them yet).
 pub fn output_format_of(format: ImageFormat) -> Option<OutputFormat> {
     Some(match format {
         ImageFormat::Iso => OutputFormat::Iso,
@@ -141,10 +141,9 @@ pub fn output_format_of(format: ImageFormat) -> Option<OutputFormat> {
         ImageFormat::Vhd => OutputFormat::Vhd,
         ImageFormat::VhdFixed => OutputFormat::VhdFixed,
         ImageFormat::Vhdx => OutputFormat::Vhdx,
-        ImageFormat::Cosi
-        | ImageFormat::PxeDir
-        | ImageFormat::PxeTar
-        | ImageFormat::BaremetalImage => return None,
+        ImageFormat::PxeDir => OutputFormat::PxeDir,
+        ImageFormat::PxeTar => OutputFormat::PxeTar,
+        ImageFormat::Cosi | ImageFormat::BaremetalImage => return None,
     })
 }
 
@@ -157,6 +156,8 @@ pub fn image_format_of(format: OutputFormat) -> ImageFormat {
         OutputFormat::Vhd => ImageFormat::Vhd,
         OutputFormat::VhdFixed => ImageFormat::VhdFixed,
         OutputFormat::Vhdx => ImageFormat::Vhdx,
+        OutputFormat::PxeDir => ImageFormat::PxeDir,
+        OutputFormat::PxeTar => ImageFormat::PxeTar,
     }
 }
 
@@ -327,9 +328,6 @@ struct Parsed {
 pub fn unsupported_fields(loaded: &LoadedConfig) -> ConfigErrors {
     const UNSUPPORTED: &[&str] = &[
         "storage",
-        "pxe",
-        "iso.initramfsType",
-        "iso.kdumpBootFiles",
         "input.image.oci",
         "input.image.azureLinux",
         "os.bootloader",

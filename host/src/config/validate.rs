@@ -11,7 +11,6 @@ use super::model::{
 use super::{
     effective_image_format, effective_output_format, ConfigError, LoadedConfig, ValidationContext,
 };
-use crate::cli::OutputFormat;
 
 /// Run every rule; returns all errors found (empty when the config is valid).
 pub fn validate(loaded: &LoadedConfig, ctx: &ValidationContext) -> Vec<ConfigError> {
@@ -1011,7 +1010,22 @@ impl Rules<'_> {
             return;
         };
         let format_name = format.name();
-        if format == OutputFormat::Iso {
+        if format.is_pxe() {
+            let pxe = config.pxe.as_ref();
+            let bootstrap = pxe.and_then(|pxe| pxe.initramfs_type)
+                == Some(super::model::InitramfsType::Bootstrap);
+            let url = pxe.is_some_and(|pxe| {
+                pxe.bootstrap_base_url.is_some() || pxe.bootstrap_file_url.is_some()
+            });
+            if bootstrap && !url {
+                self.error_at_key(
+                    "pxe.initramfsType",
+                    "a bootstrap PXE initrd fetches the ISO over the network: set \
+                     pxe.bootstrapBaseUrl or pxe.bootstrapFileUrl (or use initramfsType full-os)",
+                );
+            }
+        }
+        if format.is_live() {
             let storage = config.storage.as_ref();
             if storage.is_some_and(|storage| storage.disks.is_some()) {
                 self.error_at_key(
