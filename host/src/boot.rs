@@ -284,12 +284,14 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
         format_args!(
             "booting {} ({}, {}, {}, {})",
             settings.image.display(),
-            settings.format.name(),
+            match settings.attach {
+                Attach::Pxe => "PXE artifacts",
+                _ => settings.format.name(),
+            },
             settings.arch,
-            match (settings.firmware, settings.attach) {
-                (Firmware::Uefi, Attach::Pxe) => "UEFI, PXE",
-                (Firmware::Uefi, _) => "UEFI",
-                (Firmware::Bios, _) => "BIOS",
+            match settings.firmware {
+                Firmware::Uefi => "UEFI",
+                Firmware::Bios => "BIOS",
             },
             settings.accel.name()
         ),
