@@ -320,6 +320,7 @@ mod tests {
         let (bytes, count) = writer.finish().unwrap();
         // Parse it back the way the kernel does.
         let mut members = Vec::new();
+        let mut inodes = Vec::new();
         let mut at = 0;
         loop {
             let text = std::str::from_utf8(&bytes[at..at + 110]).unwrap();
@@ -327,7 +328,7 @@ mod tests {
             let field = |index: usize| {
                 u32::from_str_radix(&text[6 + index * 8..14 + index * 8], 16).unwrap() as usize
             };
-            let (mtime, size, namesize) = (field(5), field(6), field(11));
+            let (ino, mtime, size, namesize) = (field(0), field(5), field(6), field(11));
             let name = std::str::from_utf8(&bytes[at + 110..at + 110 + namesize - 1])
                 .unwrap()
                 .to_string();
@@ -338,6 +339,7 @@ mod tests {
                 break;
             }
             assert!(mtime <= 1_000, "{name}: mtime {mtime} not clamped");
+            inodes.push(ino);
             members.push((name, String::from_utf8(data).unwrap()));
         }
         assert_eq!(at, bytes.len());
@@ -356,6 +358,8 @@ mod tests {
             ]
         );
         assert_eq!(count, names.len() as u64);
+        // Distinct inode numbers, in archive order: the kernel links members that share one.
+        assert_eq!(inodes, (1..=names.len()).collect::<Vec<_>>());
         let data = |wanted: &str| {
             members
                 .iter()
