@@ -181,16 +181,10 @@ impl<W: Write> Writer<W> {
                 .unwrap_or(u32::MAX)
                 .min(self.epoch),
             size,
-            rdev_major: if kind.is_block_device() || kind.is_char_device() {
-                libc::major(meta.rdev())
-            } else {
-                0
-            },
-            rdev_minor: if kind.is_block_device() || kind.is_char_device() {
-                libc::minor(meta.rdev())
-            } else {
-                0
-            },
+            rdev_major: device_numbers(kind.is_block_device(), kind.is_char_device(), meta.rdev())
+                .0,
+            rdev_minor: device_numbers(kind.is_block_device(), kind.is_char_device(), meta.rdev())
+                .1,
         };
         if kind.is_symlink() {
             let target = std::fs::read_link(path)?;
@@ -234,6 +228,14 @@ impl<W: Write> Writer<W> {
         self.out.write_all(&newc_header("TRAILER!!!", &trailer))?;
         self.out.flush()?;
         Ok((self.out, self.members))
+    }
+}
+
+/// A device node's major and minor numbers; (0, 0) for anything else.
+pub fn device_numbers(block: bool, char: bool, rdev: u64) -> (u32, u32) {
+    match block || char {
+        true => (libc::major(rdev), libc::minor(rdev)),
+        false => (0, 0),
     }
 }
 
@@ -328,7 +330,8 @@ mod tests {
             let field = |index: usize| {
                 u32::from_str_radix(&text[6 + index * 8..14 + index * 8], 16).unwrap() as usize
             };
-            let (ino, mtime, size, namesize) = (field(0), field(5), field(6), field(11));
+            let (ino, mode, mtime, size, namesize) =
+                (field(0), field(1), field(5), field(6), field(11));
             let name = std::str::from_utf8(&bytes[at + 110..at + 110 + namesize - 1])
                 .unwrap()
                 .to_string();
@@ -340,6 +343,13 @@ mod tests {
             }
             assert!(mtime <= 1_000, "{name}: mtime {mtime} not clamped");
             inodes.push(ino);
+            if name == "init" || name == "etc/name" {
+                assert_eq!(
+                    mode as u32 & libc::S_IFMT,
+                    libc::S_IFLNK,
+                    "{name} is a symlink"
+                );
+            }
             members.push((name, String::from_utf8(data).unwrap()));
         }
         assert_eq!(at, bytes.len());
@@ -375,6 +385,14 @@ mod tests {
             "a link is archived, not followed"
         );
         assert_eq!(data("init"), "/lib/systemd/systemd");
+    }
+
+    #[test]
+    fn device_nodes_carry_their_numbers_and_nothing_else_does() {
+        let null = libc::makedev(1, 3);
+        assert_eq!(device_numbers(false, true, null), (1, 3));
+        assert_eq!(device_numbers(true, false, libc::makedev(8, 1)), (8, 1));
+        assert_eq!(device_numbers(false, false, null), (0, 0));
     }
 
     #[test]
