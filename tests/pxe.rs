@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boot, customize_to, path_str, run, sha256_of, test_image, work_dir, Booted};
+use common::{boot, customize_to, path_str, run, run_in, sha256_of, test_image, work_dir, Booted};
 
 /// A loopback port nothing listens on now (the bootstrap URL names it; `vmic boot` serves it).
 fn free_port() -> u16 {
@@ -263,18 +263,4 @@ fn pxe_artifacts_without_their_iso_server_are_refused_by_vmic_boot_with_the_port
         "{stderr}"
     );
     drop(busy);
-}
-
-fn run_in(dir: &Path, program: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|error| panic!("running {program}: {error}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }

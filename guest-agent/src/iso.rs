@@ -452,14 +452,7 @@ fn make_full_os_initrd(
     request: &IsoBuild,
     epoch: u64,
 ) -> anyhow::Result<PathBuf> {
-    let boot_names: Vec<String> = std::fs::read_dir(root.join("boot"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+    let boot_names = boot_entry_names(root);
     let kdump = match request.iso.keep_kdump_boot_files {
         true => crate::cpio::kdump_boot_files(&boot_names),
         false => Vec::new(),
@@ -914,15 +907,20 @@ fn rootfs_excludes(root: &Path, keep_kdump: bool) -> Vec<String> {
     if !keep_kdump {
         return all;
     }
-    let names: Vec<String> = std::fs::read_dir(root.join("boot"))
+    let names = boot_entry_names(root);
+    argv::rootfs_excludes_keeping(&names, &crate::cpio::kdump_boot_files(&names))
+}
+
+/// The names of the entries of the image's `/boot` (none when it cannot be read).
+fn boot_entry_names(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("boot"))
         .map(|entries| {
             entries
                 .flatten()
                 .map(|entry| entry.file_name().to_string_lossy().into_owned())
                 .collect()
         })
-        .unwrap_or_default();
-    argv::rootfs_excludes_keeping(&names, &crate::cpio::kdump_boot_files(&names))
+        .unwrap_or_default()
 }
 
 /// The text of the image's dracut configs (bounded reads; unreadable ones are skipped).

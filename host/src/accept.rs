@@ -50,12 +50,7 @@ pub fn accept_iso(
     claimed_size: u64,
     claimed_sha256: &Sha256,
 ) -> Result<Sha256, AcceptError> {
-    if claimed_size > limit {
-        return Err(AcceptError::TooLarge {
-            claimed: claimed_size,
-            limit,
-        });
-    }
+    within(claimed_size, limit)?;
     if claimed_size < ISO9660_MAGIC_OFFSET + ISO9660_MAGIC.len() as u64 {
         return Err(AcceptError::TooSmall {
             claimed: claimed_size,
@@ -90,12 +85,7 @@ pub fn accept_pxe_stream(
     claimed_size: u64,
     claimed_sha256: &Sha256,
 ) -> Result<Sha256, AcceptError> {
-    if claimed_size > limit {
-        return Err(AcceptError::TooLarge {
-            claimed: claimed_size,
-            limit,
-        });
-    }
+    within(claimed_size, limit)?;
     let file = fs_err::OpenOptions::new()
         .read(true)
         .write(true)
@@ -105,6 +95,14 @@ pub fn accept_pxe_stream(
             source,
         })?;
     cut_and_hash(file, path, claimed_size, claimed_sha256)
+}
+
+/// The guest's claimed size fits the disk it was given.
+fn within(claimed: u64, limit: u64) -> Result<(), AcceptError> {
+    match claimed > limit {
+        true => Err(AcceptError::TooLarge { claimed, limit }),
+        false => Ok(()),
+    }
 }
 
 /// Cuts the disk to what the guest wrote and checks its digest; the disk may only shrink:

@@ -101,8 +101,14 @@ pub fn manifest(dir: &Path) -> serde_json::Value {
 
 /// Run a host program; it must succeed. Returns its stdout.
 pub fn run(program: &str, args: &[&str]) -> String {
+    run_in(Path::new("."), program, args)
+}
+
+/// [`run`] in the directory `dir`.
+pub fn run_in(dir: &Path, program: &str, args: &[&str]) -> String {
     let output = StdCommand::new(program)
         .args(args)
+        .current_dir(dir)
         .output()
         .unwrap_or_else(|error| panic!("running {program}: {error}"));
     assert!(
@@ -228,7 +234,6 @@ pub fn assert_no_partial(output: &Path) {
 }
 
 /// What the marker service printed on one boot of an ISO.
-#[derive(Debug)]
 pub struct Booted {
     pub host: String,
     pub cmdline: Vec<String>,
@@ -238,6 +243,21 @@ pub struct Booted {
     pub firmware: String,
     /// `enabled`, `disabled` or `unsupported`, from the SecureBoot EFI variable.
     pub secureboot: String,
+    /// The whole serial console of the boot ([`boot_with`] fills it in).
+    pub console: String,
+}
+
+/// Everything but the console, which assertion messages show by its tail when they need it.
+impl std::fmt::Debug for Booted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Booted")
+            .field("host", &self.host)
+            .field("cmdline", &self.cmdline)
+            .field("files", &self.files)
+            .field("firmware", &self.firmware)
+            .field("secureboot", &self.secureboot)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Booted {
@@ -288,6 +308,7 @@ pub fn parse_marker(console: &str) -> Option<Booted> {
                 files,
                 firmware,
                 secureboot,
+                console: String::new(),
             });
         }
         if let Some(entry) = line.strip_prefix("VMIC-TEST-FIRMWARE firmware=") {
@@ -387,7 +408,7 @@ pub fn boot_with(
         "boot {} ({firmware}, {media}): VMIC-TEST-END after {seconds:.1} s",
         image.display()
     );
-    let booted = parse_marker(&console).unwrap_or_else(|| {
+    let mut booted = parse_marker(&console).unwrap_or_else(|| {
         panic!(
             "the console log has the marker's lines (firmware line included):\n{}",
             tail(&console, 60)
@@ -413,6 +434,7 @@ pub fn boot_with(
         "SecureBoot state {:?} under {firmware}: {booted:?}",
         booted.secureboot
     );
+    booted.console = console;
     booted
 }
 
