@@ -847,21 +847,30 @@ fn minimal_qcow2() -> PathBuf {
 
 /// An image with a separate /boot partition: its grub's embedded config searches that
 /// partition's UUID and keeps its prefix relative to it (`/grub2`), which on the CD (or the
-/// El Torito FAT image) once ended at a `grub>` prompt. The ISO boots under UEFI and BIOS.
+/// El Torito FAT image) once ended at a `grub>` prompt. The ISO boots under UEFI and BIOS,
+/// each time through dracut's media check (`rd.live.check`, what the ISO's "Check the medium
+/// and boot" entry adds): the MD5 vmic implanted is checked against the medium and passes.
 #[test]
-fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_uefi_and_bios() {
+fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_uefi_and_bios_after_its_media_check(
+) {
     let image = test_image("x86_64", "minimal", true).join("disk.qcow2");
     let work = work_dir();
     let iso = work.path().join("bootpart.iso");
     build_iso(&image, &fixture("iso/bootpart.yaml"), &iso, &[]);
     for firmware in ["uefi", "bios"] {
         let booted = boot(&iso, firmware, "cdrom", 600);
-        for arg in ["root=live:LABEL=CDROM", "vmic.bootpart=1"] {
+        for arg in ["root=live:LABEL=CDROM", "vmic.bootpart=1", "rd.live.check"] {
             assert!(
                 booted.cmdline.iter().any(|a| a == arg),
                 "{firmware}: {arg} in {booted:?}"
             );
         }
+        // checkisomd5's verdict, printed by the initrd before the root is mounted.
+        assert!(
+            booted.console.contains("the result is: PASS"),
+            "{firmware}: the media check passed:\n{}",
+            common::tail(&booted.console, 80)
+        );
     }
 }
 

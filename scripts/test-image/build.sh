@@ -55,6 +55,8 @@ PACKAGES=(
   # PXE bootstrap: dracut's livenet fetches the ISO with curl once dhclient (network-legacy,
   # which also wants pgrep) has brought the network up.
   dracut-network curl isc-dhcp-client procps
+  # rd.live.check: dmsquash-live puts checkisomd5 in the LiveOS initrd when the image has it.
+  isomd5sum
   "grub-efi-$DEB_ARCH-bin" shim-signed
 )
 [ "$VARIANT" = cloud-init ] && PACKAGES+=(cloud-init)
