@@ -628,9 +628,103 @@ mod tests {
     }
 
     #[test]
+    fn names_are_bounded_and_plain() {
+        let long = "a".repeat(MAX_PATH_LEN);
+        assert_eq!(check_path(long.as_bytes()).unwrap(), long);
+        assert!(check_path(format!("{long}b").as_bytes()).is_err());
+        assert_eq!(check_path(b"dir/").unwrap(), "dir");
+        for bad in [&b""[..], b"/", b"a\0b", b"a//b", b"./a", b"a/..", b"\xff"] {
+            assert!(
+                check_path(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn archives_plain_or_gzipped_give_their_arch_and_unpack_with_times_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = stream(&[
+            ("bootaa64.efi", tar::EntryType::Regular, b"shim", 0o644),
+            (
+                "boot/grub2/grub.cfg",
+                tar::EntryType::Regular,
+                b"linux /v root=live:http://10.0.2.2:9/i.iso",
+                0o644,
+            ),
+        ]);
+        let plain = dir.path().join("plain.tar");
+        fs_err::write(&plain, &bytes).unwrap();
+        let gzipped = dir.path().join("pxe.tar.gz");
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&bytes).unwrap();
+        fs_err::write(&gzipped, gzip.finish().unwrap()).unwrap();
+        for (archive, scratch) in [(&plain, "one"), (&gzipped, "two")] {
+            assert_eq!(
+                boot_arch(archive).unwrap(),
+                crate::cli::Arch::Aarch64,
+                "{archive:?}"
+            );
+            let scratch = dir.path().join(scratch);
+            fs_err::create_dir(&scratch).unwrap();
+            let unpacked = artifacts_dir(archive, &scratch).unwrap();
+            assert_eq!(
+                fs_err::read(unpacked.join("bootaa64.efi")).unwrap(),
+                b"shim"
+            );
+            assert_eq!(served_bootstrap(&unpacked).unwrap(), Some(9));
+            // A directory is booted where it is, with the same answers.
+            assert_eq!(artifacts_dir(&unpacked, &scratch).unwrap(), unpacked);
+            assert_eq!(boot_arch(&unpacked).unwrap(), crate::cli::Arch::Aarch64);
+        }
+        let x86 = dir.path().join("x86");
+        fs_err::create_dir(&x86).unwrap();
+        fs_err::write(x86.join(boot_file_name(crate::cli::Arch::X86_64)), b"shim").unwrap();
+        assert_eq!(boot_file_name(crate::cli::Arch::X86_64), "bootx64.efi");
+        assert_eq!(boot_arch(&x86).unwrap(), crate::cli::Arch::X86_64);
+        assert_eq!(
+            served_bootstrap(&x86).unwrap(),
+            None,
+            "no grub.cfg, nothing to serve"
+        );
+        let neither = dir.path().join("neither");
+        fs_err::create_dir(&neither).unwrap();
+        assert!(boot_arch(&neither)
+            .unwrap_err()
+            .to_string()
+            .contains("neither bootx64.efi"));
+    }
+
+    #[test]
+    fn written_files_keep_the_entries_time() {
+        let bytes = stream(&[("a", tar::EntryType::Regular, b"x", 0o644)]);
+        let artifacts = read(&bytes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        fs_err::write(&raw, &bytes).unwrap();
+        write_dir(&raw, &artifacts, &dir.path().join("out"), "out").unwrap();
+        let modified = fs_err::metadata(dir.path().join("out/a"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(
+            modified,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+        );
+    }
+
+    #[test]
     fn an_entry_past_the_vouched_size_is_refused() {
         let bytes = stream(&[("a", tar::EntryType::Regular, b"0123456789", 0o644)]);
-        let error = read_artifacts(std::io::Cursor::new(&bytes), 515).expect_err("past the end");
+        let error = read_artifacts(std::io::Cursor::new(&bytes), 521).expect_err("past the end");
         assert!(error.to_string().contains("runs past"), "{error}");
+        // Ending exactly at the vouched size is fine.
+        assert_eq!(
+            read_artifacts(std::io::Cursor::new(&bytes), 522)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }
