@@ -362,10 +362,11 @@ async fn serve_one(mut stream: tokio::net::TcpStream, root: &Path) -> std::io::R
     let read_head = async {
         while !request.windows(4).any(|w| w == b"\r\n\r\n") {
             let read = stream.read(&mut buffer).await?;
+            request.extend_from_slice(&buffer[..read]);
+            // Checked after the read: a client that stops past the bound is not waited for.
             if read == 0 || request.len() > 8192 {
                 return Err(std::io::Error::other("no complete request head"));
             }
-            request.extend_from_slice(&buffer[..read]);
         }
         Ok(())
     };
@@ -625,6 +626,47 @@ mod tests {
         assert!(get("PUT /image.iso HTTP/1.1\r\n\r\n")
             .await
             .starts_with("HTTP/1.1 405"));
+        // A head that never ends is cut off at its bound, not read for ever: the server
+        // closes the connection while the client still holds it open.
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        stream.write_all(&[b'A'; 9000]).await.unwrap();
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "closed without an answer: {closed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_http_server_stops_listening() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let server = HttpServer::start(port, dir.path().to_path_buf())
+            .await
+            .unwrap();
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok());
+        drop(server);
+        // The aborted task (and its listener) is dropped the next time the runtime turns.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "nothing listens after the boot"
+        );
     }
 
     #[test]
