@@ -752,12 +752,22 @@ mod tests {
     }
 
     #[test]
+    fn the_epoch_reaches_the_tools_as_source_date_epoch() {
+        assert_eq!(
+            source_date_epoch_env(1_700_000_000),
+            [("SOURCE_DATE_EPOCH".to_string(), "1700000000".to_string())]
+        );
+    }
+
+    #[test]
     fn efiboot_image() {
         let cases = [
             (&[][..], 2048),
             (&[950_000, 2_600_000, 4096, 4096][..], 5120),
             (&[1, 1, 1][..], 2048),
             (&[4 << 20, 8 << 20][..], 15360),
+            // Just over 3 MiB only because of the 16 directory clusters (64 KiB).
+            (&[2_265_088][..], 4096),
         ];
         for (sizes, expected) in cases {
             assert_eq!(efiboot_image_size_kib(sizes), expected, "{sizes:?}");
