@@ -370,17 +370,7 @@ fn make_pxe(
         job.arch,
         bootstrap.map(|_| pxe.bootstrap_file_name.as_str()),
     )?;
-    let target = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&job.output.device)
-        .with_context(|| format!("opening the output disk {}", job.output.device.display()))?;
-    let writer = HashingWriter {
-        target,
-        hasher: Sha256::new(),
-        written: 0,
-        capacity: job.output.size_bytes,
-    };
-    let mut tar = tar::Builder::new(writer);
+    let mut tar = tar::Builder::new(HashingWriter::onto(&job.output)?);
     for (dest, source) in &plan {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Regular);
@@ -388,23 +378,20 @@ fn make_pxe(
         header.set_uid(0);
         header.set_gid(0);
         header.set_mode(0o644);
-        match source {
+        let from = match source {
             pipeline::pxe::PxeSource::GrubCfg => {
                 header.set_size(pxe_cfg.len() as u64);
                 tar.append_data(&mut header, dest, pxe_cfg.as_bytes())?;
+                continue;
             }
-            pipeline::pxe::PxeSource::Tree(_) | pipeline::pxe::PxeSource::BootstrapIso => {
-                let from = match source {
-                    pipeline::pxe::PxeSource::Tree(path) => job.tree.join(path),
-                    _ => bootstrap_iso.clone(),
-                };
-                let file = std::fs::File::open(&from)
-                    .with_context(|| format!("opening {}", from.display()))?;
-                header.set_size(file.metadata()?.len());
-                tar.append_data(&mut header, dest, file)
-                    .with_context(|| format!("writing {dest} to the PXE artifacts"))?;
-            }
-        }
+            pipeline::pxe::PxeSource::Tree(path) => job.tree.join(path),
+            pipeline::pxe::PxeSource::BootstrapIso => bootstrap_iso.clone(),
+        };
+        let file =
+            std::fs::File::open(&from).with_context(|| format!("opening {}", from.display()))?;
+        header.set_size(file.metadata()?.len());
+        tar.append_data(&mut header, dest, file)
+            .with_context(|| format!("writing {dest} to the PXE artifacts"))?;
     }
     let mut writer = tar.into_inner()?;
     writer.flush()?;
@@ -481,17 +468,14 @@ fn make_full_os_initrd(
     }
     let init = crate::cpio::INIT_TARGETS
         .iter()
-        .find(|target| scoped_join(root, target).is_ok_and(|p| p.exists()))
+        .find(|target| has_any(root, &[target]))
         .context("the image has neither /lib/systemd/systemd nor /sbin/init to run as the full-OS initrd's /init")?;
     writer.symlink("init", init)?;
     let (out, members) = writer.finish()?;
     out.into_inner()
         .map_err(|error| error.into_error())?
         .sync_all()?;
-    let zstd = kernel_configs(root)
-        .iter()
-        .all(|config| config.lines().any(|line| line == "CONFIG_RD_ZSTD=y"))
-        && !kernel_configs(root).is_empty();
+    let zstd = argv::kernels_read_zstd(&kernel_configs(root));
     let initrd = work.join("full-os-initrd.img");
     let raw_text = raw.to_string_lossy().into_owned();
     let initrd_text = initrd.to_string_lossy().into_owned();
@@ -788,14 +772,22 @@ pub(crate) fn check_dracut(root: &Path) -> anyhow::Result<()> {
 
 /// The image at `root` has a `dracut` program.
 pub(crate) fn has_dracut(root: &Path) -> bool {
-    [
-        "/usr/bin/dracut",
-        "/usr/sbin/dracut",
-        "/sbin/dracut",
-        "/bin/dracut",
-    ]
-    .iter()
-    .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists()))
+    has_any(
+        root,
+        &[
+            "/usr/bin/dracut",
+            "/usr/sbin/dracut",
+            "/sbin/dracut",
+            "/bin/dracut",
+        ],
+    )
+}
+
+/// The image at `root` has something at one of `paths`.
+fn has_any(root: &Path, paths: &[&str]) -> bool {
+    paths
+        .iter()
+        .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists()))
 }
 
 /// The image's dracut has the `dmsquash-live` module.
@@ -807,16 +799,15 @@ pub(crate) fn has_dmsquash_live(root: &Path) -> bool {
 
 /// A bootstrap PXE initrd's network modules; the image must have `livenet` and curl.
 fn pxe_network_modules(root: &Path) -> anyhow::Result<argv::NetworkModules> {
-    let exists = |paths: &[&str]| {
-        paths
-            .iter()
-            .any(|path| scoped_join(root, path).is_ok_and(|p| p.exists()))
-    };
-    if !exists(&argv::LIVENET_MODULE_DIRS) || !exists(&["/usr/bin/curl", "/bin/curl"]) {
+    if !has_any(root, &argv::LIVENET_MODULE_DIRS) || !has_any(root, &["/usr/bin/curl", "/bin/curl"])
+    {
         bail!(argv::LIVENET_HINT);
     }
     Ok(
-        match argv::DHCLIENT_NEEDS.iter().all(|paths| exists(paths)) {
+        match argv::DHCLIENT_NEEDS
+            .iter()
+            .all(|paths| has_any(root, paths))
+        {
             true => argv::NetworkModules::Dhclient,
             false => argv::NetworkModules::DracutsChoice,
         },
@@ -1205,6 +1196,22 @@ struct HashingWriter {
     capacity: u64,
 }
 
+impl HashingWriter {
+    /// Writing `disk` from offset 0.
+    fn onto(disk: &Disk) -> anyhow::Result<Self> {
+        let target = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&disk.device)
+            .with_context(|| format!("opening the output disk {}", disk.device.display()))?;
+        Ok(HashingWriter {
+            target,
+            hasher: Sha256::new(),
+            written: 0,
+            capacity: disk.size_bytes,
+        })
+    }
+}
+
 impl Write for HashingWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         if self.written + data.len() as u64 > self.capacity {
@@ -1232,16 +1239,7 @@ fn write_to_disk(
     disk: &Disk,
     epoch: u64,
 ) -> anyhow::Result<(u64, [u8; 32])> {
-    let target = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&disk.device)
-        .with_context(|| format!("opening the output disk {}", disk.device.display()))?;
-    let mut writer = HashingWriter {
-        target,
-        hasher: Sha256::new(),
-        written: 0,
-        capacity: disk.size_bytes,
-    };
+    let mut writer = HashingWriter::onto(disk)?;
     let mut request = ExecRequest::new(argv.iter().cloned());
     request.env = argv::source_date_epoch_env(epoch);
     let result = crate::exec::run_into(request, build.context, &mut writer)?;

@@ -133,11 +133,16 @@ pub fn initrd_compressor(
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
     });
-    let kernels_read_zstd = !kernel_configs.is_empty()
+    (!configured && has_zstd && kernels_read_zstd(kernel_configs)).then_some(FAST_INITRD_COMPRESSOR)
+}
+
+/// Every one of the image's kernels unpacks a zstd initrd (`CONFIG_RD_ZSTD=y` in each kernel
+/// config); `false` when there is no config to tell.
+pub fn kernels_read_zstd(kernel_configs: &[String]) -> bool {
+    !kernel_configs.is_empty()
         && kernel_configs
             .iter()
-            .all(|config| config.lines().any(|line| line == "CONFIG_RD_ZSTD=y"));
-    (!configured && has_zstd && kernels_read_zstd).then_some(FAST_INITRD_COMPRESSOR)
+            .all(|config| config.lines().any(|line| line == "CONFIG_RD_ZSTD=y"))
 }
 
 /// Where dracut reads its configuration inside an image: files, then `*.conf` of directories.
