@@ -340,7 +340,7 @@ struct StagedPxe {
 
 impl StagedPxe {
     fn new(output: &Path, format: OutputFormat) -> anyhow::Result<Self> {
-        let path = staged_name(output, "vmic-pxe");
+        let path = crate::rundir::hidden_sibling(output, "vmic-pxe");
         // One left by a run that was killed (the output's lock is ours now).
         remove_any(&path)?;
         if format == OutputFormat::PxeDir && output.exists() && !output.is_dir() {
@@ -359,7 +359,7 @@ impl StagedPxe {
     fn commit(mut self, output: &Path) -> anyhow::Result<()> {
         let path = std::mem::take(&mut self.path);
         if path.is_dir() && output.is_dir() {
-            let old = staged_name(output, "vmic-old");
+            let old = crate::rundir::hidden_sibling(output, "vmic-old");
             remove_any(&old)?;
             fs_err::rename(output, &old)?;
             fs_err::rename(&path, output)?;
@@ -377,15 +377,6 @@ impl Drop for StagedPxe {
             let _ = remove_any(&self.path);
         }
     }
-}
-
-/// `.NAME.SUFFIX` beside `output`.
-fn staged_name(output: &Path, suffix: &str) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".to_string());
-    output.with_file_name(format!(".{name}.{suffix}"))
 }
 
 /// Removes a file or a directory tree (never following a link); absent is fine.

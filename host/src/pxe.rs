@@ -194,17 +194,9 @@ pub fn artifacts_dir(path: &Path, scratch: &Path) -> anyhow::Result<PathBuf> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let mut file = fs_err::File::open(path)?;
-    let mut magic = [0u8; 2];
-    let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
-    file.rewind()?;
-    let reader: Box<dyn Read> = match gzip {
-        true => Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file))),
-        false => Box::new(std::io::BufReader::new(file)),
-    };
+    let mut archive = open_archive(path)?;
     let dir = scratch.join("pxe");
     fs_err::create_dir(&dir)?;
-    let mut archive = tar::Archive::new(reader);
     let mut seen: Vec<Artifact> = Vec::new();
     for entry in archive
         .entries()
@@ -243,50 +235,55 @@ pub fn boot_file_name(arch: crate::cli::Arch) -> &'static str {
 /// The artifacts' architecture, from the boot file they carry (a directory or an archive).
 pub fn boot_arch(path: &Path) -> anyhow::Result<crate::cli::Arch> {
     use crate::cli::Arch;
-    let names: Vec<String> = if path.is_dir() {
-        fs_err::read_dir(path)?
+    let arch_of = |name: &str| {
+        [Arch::X86_64, Arch::Aarch64]
+            .into_iter()
+            .find(|arch| name == boot_file_name(*arch))
+    };
+    // x86_64's boot file wins when both are there.
+    let found = if path.is_dir() {
+        let names = fs_err::read_dir(path)?
             .map(|entry| entry.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<Result<_, _>>()?
+            .collect::<Result<Vec<_>, _>>()?;
+        [Arch::X86_64, Arch::Aarch64]
+            .into_iter()
+            .find(|arch| names.iter().any(|name| name == boot_file_name(*arch)))
     } else {
-        let file = fs_err::File::open(path)?;
-        let mut reader = std::io::BufReader::new(file);
-        let gzip = reader.fill_buf_starts_with(&[0x1f, 0x8b])?;
-        let reader: Box<dyn Read> = match gzip {
-            true => Box::new(flate2::read::GzDecoder::new(reader)),
-            false => Box::new(reader),
-        };
-        let mut archive = tar::Archive::new(reader);
-        let mut names = Vec::new();
+        // Stops at x86_64's boot file: what follows it (the bootstrap ISO) is not decompressed.
+        let mut archive = open_archive(path)?;
+        let mut found = None;
         for entry in archive
             .entries()
             .with_context(|| format!("{} is not a tar archive of PXE artifacts", path.display()))?
             .take(MAX_ENTRIES)
         {
             let entry = entry.with_context(|| format!("reading {}", path.display()))?;
-            names.push(String::from_utf8_lossy(&entry.path_bytes()).into_owned());
+            match arch_of(&String::from_utf8_lossy(&entry.path_bytes())) {
+                Some(Arch::X86_64) => return Ok(Arch::X86_64),
+                Some(arch) => found = Some(arch),
+                None => {}
+            }
         }
-        names
+        found
     };
-    for arch in [Arch::X86_64, Arch::Aarch64] {
-        if names.iter().any(|name| name == boot_file_name(arch)) {
-            return Ok(arch);
-        }
-    }
-    bail!(
-        "{} has neither bootx64.efi nor bootaa64.efi at its top: not PXE artifacts (or pass --arch)",
-        path.display()
-    )
+    found.with_context(|| {
+        format!(
+            "{} has neither bootx64.efi nor bootaa64.efi at its top: not PXE artifacts (or pass --arch)",
+            path.display()
+        )
+    })
 }
 
-trait StartsWith {
-    fn fill_buf_starts_with(&mut self, prefix: &[u8]) -> std::io::Result<bool>;
-}
-
-impl<R: Read> StartsWith for std::io::BufReader<R> {
-    fn fill_buf_starts_with(&mut self, prefix: &[u8]) -> std::io::Result<bool> {
-        use std::io::BufRead;
-        Ok(self.fill_buf()?.starts_with(prefix))
-    }
+/// A tar archive, plain or gzipped (told by gzip's magic bytes, not by the file's name).
+fn open_archive(path: &Path) -> anyhow::Result<tar::Archive<Box<dyn Read>>> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(fs_err::File::open(path)?);
+    let gzip = reader.fill_buf()?.starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read> = match gzip {
+        true => Box::new(flate2::read::GzDecoder::new(reader)),
+        false => Box::new(reader),
+    };
+    Ok(tar::Archive::new(reader))
 }
 
 /// The loopback port that serves the artifacts' bootstrap ISO: their grub.cfg fetches it from

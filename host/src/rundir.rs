@@ -193,11 +193,16 @@ pub fn parent_dir(file: &Path) -> &Path {
 /// Temp name beside the output, so the final rename is atomic and a failed build leaves
 /// nothing that looks like a finished output.
 pub fn partial_path(output: &Path) -> PathBuf {
+    hidden_sibling(output, "vmic-partial")
+}
+
+/// `.NAME.SUFFIX` beside `output`: vmic's temp names for what becomes `output`.
+pub fn hidden_sibling(output: &Path, suffix: &str) -> PathBuf {
     let name = output
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".to_string());
-    output.with_file_name(format!(".{name}.vmic-partial"))
+    output.with_file_name(format!(".{name}.{suffix}"))
 }
 
 /// The output being written, under its temp name and locked for this run. Dropped without
