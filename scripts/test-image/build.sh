@@ -2,7 +2,7 @@
 # The recipe of the vmic test images, run by scripts/make-test-image (which parses the
 # arguments, prepares the host, and caches the result keyed by a hash of this directory).
 # Input (environment): ARCH DEB_ARCH EFI_ARCH GRUB_TARGET CONSOLE VARIANT BOOT_PARTITION NAME
-# HASH SOURCES WORK. Output: $WORK/{disk.raw,disk.qcow2,disk.vhd,disk.vhdx,manifest.json}.
+# HASH SOURCES WORK FORMATS. Output: $WORK/disk.<format> per FORMATS (disk.raw always), manifest.json.
 set -euo pipefail
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'make-test-image: error: %s\n' "$*" >&2; exit 1; }
@@ -293,10 +293,14 @@ place "$WORK/esp.img" "$ESP_START"
 [ "$BOOT_PARTITION" -eq 1 ] && place "$WORK/boot.img" "$BOOT_START"
 place "$WORK/root.img" "$ROOT_START"
 
-log "$NAME: qcow2, vhd, vhdx"
-qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2"
-qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on "$WORK/disk.raw" "$WORK/disk.vhd"
-qemu-img convert -f raw -O vhdx "$WORK/disk.raw" "$WORK/disk.vhdx"
+log "$NAME: ${FORMATS// /, }"
+for format in $FORMATS; do
+  case "$format" in
+    qcow2) qemu-img convert -f raw -O qcow2 "$WORK/disk.raw" "$WORK/disk.qcow2" ;;
+    vhd) qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on "$WORK/disk.raw" "$WORK/disk.vhd" ;;
+    vhdx) qemu-img convert -f raw -O vhdx "$WORK/disk.raw" "$WORK/disk.vhdx" ;;
+  esac
+done
 
 # --- manifest --------------------------------------------------------------------------------
 BUILD_SECONDS=$(( $(date +%s) - START_TIME ))
@@ -318,7 +322,9 @@ partition() { # name number start sectors type partuuid fstype fsuuid mountpoint
     partition rootfs 2 "$ROOT_START" "$ROOT_SECTORS" "$LINUX_FS" "$ROOT_PARTUUID" ext4 "$ROOT_FSUUID" /
   fi
 } | jq -s . > "$WORK/partitions.json"
-for f in disk.raw disk.qcow2 disk.vhd disk.vhdx; do
+# disk.raw is recorded even when it is not kept: the other formats hold its content.
+for f in disk.raw $(printf 'disk.%s ' $FORMATS); do
+  [ -f "$WORK/$f" ] || continue
   printf '%s\t%s\t%s\n' "$f" "$(sha256sum "$WORK/$f" | cut -d' ' -f1)" "$(stat -c %s "$WORK/$f")"
 done | jq -R -s 'split("\n") | map(select(length > 0) | split("\t") | {(.[0]): {sha256: .[1], bytes: (.[2] | tonumber)}}) | add' \
   > "$WORK/files.json"
