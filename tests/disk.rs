@@ -283,8 +283,11 @@ fn the_same_config_as_an_iso_carries_the_same_customizations() {
     assert_eq!(evidence(&booted, "hello"), "Hello, world!");
 }
 
+/// Each disk format keeps the input's size and content; the raw output, booted, also proves
+/// `os.bootloader.resetType: hard-reset` (the base image's kernel args gone, the config's
+/// applied to the new grub.cfg).
 #[test]
-fn every_disk_format_is_written_with_the_inputs_size() {
+fn every_disk_format_is_written_and_a_boot_loader_reset_boots() {
     let virtual_size = |path: &Path, format: &str| -> u64 {
         let info = run(
             "qemu-img",
@@ -296,7 +299,12 @@ fn every_disk_format_is_written_with_the_inputs_size() {
     let images = test_image("x86_64", "minimal", false);
     let work = work_dir();
     let config = work.path().join("hostname.yaml");
-    std::fs::write(&config, "os:\n  hostname: vmic-format-test\n").expect("config");
+    std::fs::write(
+        &config,
+        "os:\n  hostname: vmic-format-test\n  bootloader:\n    resetType: hard-reset\n  \
+         kernelCommandLine:\n    extraCommandLine: [vmic.reset=1, console=ttyS0]\n",
+    )
+    .expect("config");
     // Each output format from another input format: every format is read and written once
     // (the same disk in each file; `tests/iso.rs` also builds its ISO from the raw one).
     for (input, input_format, format, qemu_format) in [
@@ -332,10 +340,41 @@ fn every_disk_format_is_written_with_the_inputs_size() {
             // The one of these formats with metadata for `qemu-img check` to verify.
             run("qemu-img", &["check", "-f", qemu_format, path_str(&output)]);
         }
+        // Up to 1 GiB each, on a disk CI shares: only the raw one is kept, to boot.
+        if format != "raw" {
+            std::fs::remove_file(&output).expect("removing a checked output");
+        }
     }
     let raw = work.path().join("out.raw");
+    let grub_cfg = root_file(&raw, "raw", "/boot/grub2/grub.cfg");
+    assert!(
+        grub_cfg.starts_with("# Written by vmic for os.bootloader.resetType: hard-reset"),
+        "{grub_cfg}"
+    );
     let booted = boot(&raw, "uefi", "disk", 300);
     assert_eq!(booted.host, "vmic-format-test");
+    // The test image's grub.cfg passes `rw console=ttyS0,115200 net.ifnames=0`: all gone.
+    let cmdline = &booted.cmdline;
+    assert!(
+        cmdline.iter().any(|arg| arg == "vmic.reset=1"),
+        "{cmdline:?}"
+    );
+    assert!(cmdline.iter().any(|arg| arg == "ro"), "{cmdline:?}");
+    // (The config's `console=ttyS0` differs from the image's `console=ttyS0,115200`.)
+    assert!(
+        cmdline.iter().any(|arg| arg == "console=ttyS0"),
+        "{cmdline:?}"
+    );
+    for gone in ["rw", "net.ifnames=0", "console=ttyS0,115200"] {
+        assert!(
+            !cmdline.iter().any(|arg| arg == gone),
+            "{gone}: {cmdline:?}"
+        );
+    }
+    assert!(
+        cmdline.iter().any(|arg| arg.starts_with("root=UUID=")),
+        "{cmdline:?}"
+    );
 }
 
 #[test]

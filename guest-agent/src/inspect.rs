@@ -303,7 +303,7 @@ fn bounded(items: &[String], truncated: &mut bool) -> Vec<String> {
 }
 
 /// `KEY=value` lines, values optionally quoted (os-release(5)).
-fn parse_os_release(text: &str) -> InspectedOs {
+pub(crate) fn parse_os_release(text: &str) -> InspectedOs {
     let mut os = InspectedOs::default();
     for line in text.lines() {
         let Some((key, value)) = line.trim().split_once('=') else {

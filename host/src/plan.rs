@@ -206,6 +206,7 @@ pub fn changes_rootfs(config: &Config) -> bool {
             || os.services.is_some()
             || os.modules.as_ref().is_some_and(|m| !m.is_empty())
             || os.selinux.is_some()
+            || bootloader_reset(config).is_some()
     });
     let scripts = config.scripts.as_ref().is_some_and(|scripts| {
         scripts
@@ -220,12 +221,28 @@ pub fn changes_rootfs(config: &Config) -> bool {
     os_changes || scripts
 }
 
+/// `os.bootloader.resetType` for the agent.
+fn bootloader_reset(config: &Config) -> Option<vmic_protocol::BootloaderReset> {
+    let reset = config.os.as_ref()?.bootloader.as_ref()?.reset_type?;
+    Some(match reset {
+        model::BootloaderResetType::HardReset => vmic_protocol::BootloaderReset::HardReset,
+    })
+}
+
 /// Build the plan for a disk/ISO → ISO conversion.
 pub fn iso_plan(
     config: &Config,
     facts: &HostFacts<'_>,
     files: &HostFiles,
 ) -> anyhow::Result<IsoPlan> {
+    if facts.input_is_iso && bootloader_reset(config).is_some() {
+        // The ISO's root file system has no fstab and its grub.cfg is vmic's own.
+        anyhow::bail!(
+            "os.bootloader.resetType: the input is a LiveOS ISO, whose boot loader \
+             configuration vmic writes itself; reset the boot loader in the build from the \
+             disk image instead"
+        );
+    }
     let common = common_plan(config, facts, files)?;
     let live = live_settings(config, facts.pxe_output)?;
     let request = IsoBuild {
@@ -451,6 +468,7 @@ fn common_plan(
             })
             .collect(),
         image_history: image_history(config, facts.config_dir, files)?,
+        bootloader_reset: bootloader_reset(config),
         selinux_mode: os
             .and_then(|os| os.selinux.as_ref())
             .and_then(|selinux| selinux.mode)
@@ -915,6 +933,84 @@ pub(crate) mod tests {
         assert!(!plan_for("iso-map.yaml", true).request.remaster_only);
         let config = Config::default();
         assert!(!changes_rootfs(&config));
+    }
+
+    /// The config of `yaml`, validated, from a file in `dir`.
+    fn config_of(dir: &Path, yaml: &str) -> crate::config::LoadedConfig {
+        let path = dir.join("cfg.yaml");
+        fs_err::write(&path, yaml).expect("write");
+        load_and_validate(&path, &ValidationContext::default())
+            .unwrap_or_else(|errors| panic!("{yaml}: {errors}"))
+    }
+
+    #[test]
+    fn every_os_section_and_script_changes_the_rootfs_and_nothing_else_does() {
+        let root = tempfile::tempdir().expect("temp dir");
+        write_below(root.path(), "motd", "hi");
+        write_below(root.path(), "tree/f", "f");
+        write_below(root.path(), "s.sh", "true");
+        // One case per setting that reaches the root file system (a cached rootfs.img is
+        // reused only when none of them is set).
+        for yaml in [
+            "os:\n  hostname: h\n",
+            "os:\n  additionalFiles:\n  - source: motd\n    destination: /etc/motd\n",
+            "os:\n  kernelCommandLine:\n    extraCommandLine: [quiet]\n",
+            "os:\n  packages:\n    install: [jq]\n",
+            "os:\n  additionalDirs:\n  - source: tree\n    destination: /opt/t\n",
+            "os:\n  users:\n  - name: alice\n",
+            "os:\n  groups:\n  - name: staff\n",
+            "os:\n  services:\n    enable: [ssh]\n",
+            "os:\n  modules:\n  - name: loop\n    loadMode: always\n",
+            "os:\n  selinux:\n    mode: disabled\n",
+            "os:\n  bootloader:\n    resetType: hard-reset\n",
+            "scripts:\n  postCustomization:\n  - path: s.sh\n",
+            "scripts:\n  finalizeCustomization:\n  - path: s.sh\n",
+        ] {
+            let loaded = config_of(root.path(), yaml);
+            assert!(changes_rootfs(&loaded.config), "{yaml}");
+        }
+        for yaml in [
+            "",
+            "os:\n  additionalFiles: []\n",
+            "os:\n  kernelCommandLine:\n    extraCommandLine: []\n",
+            "os:\n  additionalDirs: []\n  users: []\n  groups: []\n  modules: []\n",
+            "os:\n  bootloader: {}\n",
+            "scripts:\n  postCustomization: []\n  finalizeCustomization: []\n",
+            "iso:\n  kernelCommandLine:\n    extraCommandLine: [quiet]\n",
+        ] {
+            let loaded = config_of(root.path(), yaml);
+            assert!(!changes_rootfs(&loaded.config), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn a_hard_reset_reaches_the_agent_and_is_refused_for_an_iso_input() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let loaded = config_of(
+            root.path(),
+            "os:\n  bootloader:\n    resetType: hard-reset\n",
+        );
+        let files = gathered(&loaded.config, &loaded.dir, &[]);
+        let facts = HostFacts::for_tests(&loaded.dir);
+        let plan = iso_plan(&loaded.config, &facts, &files).expect("disk input");
+        assert_eq!(
+            plan.request.customization.os.bootloader_reset,
+            Some(vmic_protocol::BootloaderReset::HardReset)
+        );
+        let iso_input = HostFacts {
+            input_is_iso: true,
+            ..HostFacts::for_tests(&loaded.dir)
+        };
+        let error = iso_plan(&loaded.config, &iso_input, &files).expect_err("ISO input");
+        assert!(
+            error
+                .to_string()
+                .contains("os.bootloader.resetType: the input is a LiveOS ISO"),
+            "{error}"
+        );
+        let none = config_of(root.path(), "os:\n  hostname: h\n");
+        let plan = iso_plan(&none.config, &iso_input, &files).expect("no reset");
+        assert_eq!(plan.request.customization.os.bootloader_reset, None);
     }
 
     #[test]

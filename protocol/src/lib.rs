@@ -47,9 +47,9 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of this contract. Every wire change bumps it in the same commit.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Oldest version the host still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 7;
+pub const MIN_PROTOCOL_VERSION: u32 = 8;
 /// Hard cap on a frame body: bounds memory on both ends whatever the peer sends.
 pub const MAX_FRAME_LEN: usize = 2 << 20;
 /// File data per [`HostMessage::Data`] / [`GuestMessage::Data`] frame.
@@ -268,6 +268,17 @@ pub struct OsCustomization {
     /// The entry appended to the image's `/usr/share/image-customizer/history.json`; `None`
     /// with `os.imageHistory: none`.
     pub image_history: Option<ImageHistoryEntry>,
+    /// `os.bootloader.resetType`: the image's boot loader configuration is written anew
+    /// (before `kernel_args` and `selinux_mode` are applied to it).
+    pub bootloader_reset: Option<BootloaderReset>,
+}
+
+/// How `os.bootloader.resetType` resets the boot loader configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootloaderReset {
+    /// A new grub.cfg with one entry per installed kernel and only the root argument: every
+    /// kernel argument the base image had is gone.
+    HardReset,
 }
 
 /// What the host knows of an Image Customizer history entry; the agent adds the timestamp (the

@@ -8,6 +8,7 @@ use vmic_protocol::{Customization, FileCopy, FileSource, Script};
 
 use crate::build::{fs_create_dir_all, output_tail, strings, Build, Mounts};
 
+mod bootloader;
 mod dirs;
 pub(crate) mod history;
 pub(crate) mod modules;
@@ -96,6 +97,10 @@ pub(crate) fn customize_image(
     users::apply_users(build, root, &os.users).context("os.users")?;
     services::apply(build, root, &os.services).context("os.services")?;
     modules::apply(root, &os.modules).context("os.modules")?;
+    // Before the kernel args and SELinux, which then apply to the new config.
+    if let Some(vmic_protocol::BootloaderReset::HardReset) = os.bootloader_reset {
+        bootloader::hard_reset(build, root).context("os.bootloader.resetType")?;
+    }
     if !os.kernel_args.is_empty() {
         let text = read_grub_cfg(root).context("os.kernelCommandLine")?;
         let text = pipeline::grub_cfg::append_kernel_args(&text, &os.kernel_args)

@@ -65,6 +65,7 @@
 //!   vmic-built, unsigned grub would be the fallback).
 
 pub mod argv;
+pub mod bootloader;
 pub mod fstab;
 pub mod grub_cfg;
 pub mod inventory;

@@ -330,7 +330,6 @@ pub fn unsupported_fields(loaded: &LoadedConfig) -> ConfigErrors {
         "storage",
         "input.image.oci",
         "input.image.azureLinux",
-        "os.bootloader",
         "os.overlays",
         "os.uki",
         "os.packages.snapshotTime",
