@@ -29,7 +29,7 @@ pub(crate) fn hard_reset(build: &Build<'_>, root: &Path) -> anyhow::Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let device = bootloader::mount_source(&mountinfo, &boot_mount.to_string_lossy())
         .with_context(|| format!("{} is not a mount point", boot_mount.display()))?;
-    let mut argv = strings(["blkid", "-o", "value", "-s", "UUID"]);
+    let mut argv = strings(["blkid", "-p", "-o", "value", "-s", "UUID"]);
     argv.push(device.clone());
     let uuid = String::from_utf8_lossy(&build.run(&argv, None)?.stdout).into_owned();
     let names: Vec<String> = std::fs::read_dir(&boot_dir)
