@@ -352,6 +352,11 @@ mod tests {
         );
         assert_eq!(mount_source(mountinfo, "/mnt"), None);
         assert_eq!(unescape_mountinfo("a\\01"), "a\\01", "a cut escape stays");
+        assert_eq!(
+            unescape_mountinfo("/dev/sda123"),
+            "/dev/sda123",
+            "digits without a backslash are digits"
+        );
     }
 
     fn settings(prefix: &'static str) -> ResetSettings {
