@@ -42,6 +42,8 @@ impl TransportKind {
 
 /// Name of the vhost-user vsock daemon (crates.io `vhost-device-vsock`).
 pub const VSOCK_DAEMON: &str = "vhost-device-vsock";
+/// How long one vhost-user `CONNECT` waits for its answer before a fresh one is sent.
+const CONNECT_ATTEMPT_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Whether the kernel's vhost-vsock device can be opened.
 pub fn vhost_vsock_usable() -> bool {
@@ -96,6 +98,8 @@ pub struct Transport {
     /// The host side of vhost-user vsock: `CONNECT <port>` goes here.
     uds_path: Option<PathBuf>,
     daemon: Option<QemuProcess>,
+    /// [`CONNECT_ATTEMPT_PATIENCE`]; shorter in tests.
+    connect_patience: Duration,
 }
 
 impl Transport {
@@ -111,6 +115,7 @@ impl Transport {
                 },
                 uds_path: None,
                 daemon: None,
+                connect_patience: CONNECT_ATTEMPT_PATIENCE,
             }),
             TransportKind::VhostVsock => Ok(Transport {
                 kind,
@@ -121,6 +126,7 @@ impl Transport {
                 },
                 uds_path: None,
                 daemon: None,
+                connect_patience: CONNECT_ATTEMPT_PATIENCE,
             }),
             TransportKind::VhostUserVsock => {
                 let daemon_binary = vsock_daemon().context("vhost-device-vsock not found")?;
@@ -145,6 +151,7 @@ impl Transport {
                     channel: Channel::VhostUserVsock { socket },
                     uds_path: Some(uds_path),
                     daemon: Some(daemon),
+                    connect_patience: CONNECT_ATTEMPT_PATIENCE,
                 })
             }
         }
@@ -194,10 +201,15 @@ impl Transport {
                 let mut reader = BufReader::new(read);
                 let mut line = String::new();
                 // The daemon answers `OK <port>` once the guest accepted; it closes the stream
-                // when nothing listens yet. A guest slowed down by emulation may answer late;
-                // giving up early would drop a connection the agent already accepted.
+                // when nothing listens yet. A guest slowed down by emulation may answer late,
+                // so one attempt waits long; but not until the deadline: a CONNECT that reached
+                // the daemon before the guest's vsock device was up was seen (CI, loaded
+                // machine) to get no answer ever, while the agent listened. A fresh CONNECT
+                // then gets through; the agent takes a connection abandoned before its Hello
+                // as such and waits for the next.
                 let patience = deadline
                     .saturating_duration_since(Instant::now())
+                    .min(self.connect_patience)
                     .max(Duration::from_secs(2));
                 let read = tokio::time::timeout(patience, reader.read_line(&mut line))
                     .await
@@ -278,5 +290,51 @@ impl Connection {
             reader: Box::pin(read),
             writer: Box::pin(write),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One line from a fake daemon's client.
+    async fn read_connect(stream: UnixStream) -> (BufReader<UnixStream>, String) {
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).await.expect("reading CONNECT");
+        (reader, line)
+    }
+
+    #[tokio::test]
+    async fn a_connect_left_unanswered_is_sent_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let uds = dir.path().join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&uds).expect("bind");
+        // A daemon that swallows the first CONNECT (as one sent before the guest's vsock
+        // device was up) and answers the second.
+        let daemon = tokio::spawn(async move {
+            let (first, _) = listener.accept().await.expect("first");
+            let (first, line) = read_connect(first).await;
+            assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}\n"));
+            let (second, _) = listener.accept().await.expect("second");
+            let (mut second, line) = read_connect(second).await;
+            assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}\n"));
+            second.get_mut().write_all(b"OK 1\n").await.expect("answer");
+            (first, second)
+        });
+        let transport = Transport {
+            kind: TransportKind::VhostUserVsock,
+            channel: Channel::VhostUserVsock {
+                socket: dir.path().join("qemu.sock"),
+            },
+            uds_path: Some(uds),
+            daemon: None,
+            connect_patience: Duration::from_millis(300),
+        };
+        let connected = transport
+            .connect(Instant::now() + Duration::from_secs(10))
+            .await;
+        assert!(connected.is_ok(), "{:#}", connected.err().expect("error"));
+        daemon.await.expect("the daemon saw both CONNECTs");
     }
 }
