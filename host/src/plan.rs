@@ -1014,6 +1014,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn kdump_boot_files_are_kept_only_when_asked() {
+        let root = tempfile::tempdir().expect("temp dir");
+        for (yaml, keep) in [
+            ("previewFeatures: [kdump-boot-files]\niso:\n  initramfsType: full-os\n  kdumpBootFiles: keep\n", true),
+            ("previewFeatures: [kdump-boot-files]\niso:\n  initramfsType: full-os\n  kdumpBootFiles: none\n", false),
+            ("iso:\n  initramfsType: full-os\n", false),
+        ] {
+            let loaded = config_of(root.path(), yaml);
+            let files = gathered(&loaded.config, &loaded.dir, &[]);
+            let plan = iso_plan(&loaded.config, &HostFacts::for_tests(&loaded.dir), &files)
+                .expect("plan");
+            assert_eq!(plan.request.iso.keep_kdump_boot_files, keep, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn a_package_file_is_uploaded_readable_whatever_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("temp dir");
+        let deb = root.path().join("private.deb");
+        fs_err::write(&deb, "deb").expect("write");
+        fs_err::set_permissions(&deb, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let loaded = config_of(root.path(), "os:\n  packages:\n    install: [private]\n");
+        let files = gathered(&loaded.config, &loaded.dir, &[deb]);
+        let plan =
+            iso_plan(&loaded.config, &HostFacts::for_tests(&loaded.dir), &files).expect("plan");
+        let upload = plan
+            .uploads
+            .iter()
+            .find(|upload| upload.guest.starts_with(GUEST_PACKAGES_DIR))
+            .expect("the package is uploaded");
+        // The package manager in the image reads it as another user (apt's _apt).
+        assert_eq!(upload.mode, 0o644);
+    }
+
+    #[test]
     fn os_customization_reads_the_files_it_names_and_uploads_dirs_and_packages() {
         let root = tempfile::tempdir().expect("temp dir");
         let dir = root.path();
