@@ -183,10 +183,7 @@ fn describe_os(
     boot_files: &[BootFile],
     report: &mut Inspection,
 ) -> anyhow::Result<()> {
-    let os_release = inventory::OS_RELEASE_PATHS
-        .iter()
-        .find_map(|path| read_image_text(root, path, MAX_IMAGE_TEXT).ok().flatten());
-    report.os = os_release.map(|text| parse_os_release(&text));
+    report.os = image_os(root);
     report.architecture = image_machine(root).map(|machine| match machine {
         0x3e => "x86_64".to_string(),
         0xb7 => "aarch64".to_string(),
@@ -302,8 +299,16 @@ fn bounded(items: &[String], truncated: &mut bool) -> Vec<String> {
     items.iter().take(MAX_INSPECTION_ITEMS).cloned().collect()
 }
 
+/// The image's os-release, from the first of [`inventory::OS_RELEASE_PATHS`] it has.
+pub(crate) fn image_os(root: &Path) -> Option<InspectedOs> {
+    inventory::OS_RELEASE_PATHS
+        .iter()
+        .find_map(|path| read_image_text(root, path, MAX_IMAGE_TEXT).ok().flatten())
+        .map(|text| parse_os_release(&text))
+}
+
 /// `KEY=value` lines, values optionally quoted (os-release(5)).
-pub(crate) fn parse_os_release(text: &str) -> InspectedOs {
+fn parse_os_release(text: &str) -> InspectedOs {
     let mut os = InspectedOs::default();
     for line in text.lines() {
         let Some((key, value)) = line.trim().split_once('=') else {

@@ -37,15 +37,9 @@ pub(crate) fn hard_reset(build: &Build<'_>, root: &Path) -> anyhow::Result<()> {
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect();
-    let os_release = pipeline::inventory::OS_RELEASE_PATHS
-        .iter()
-        .map(|path| read_optional(root, path))
-        .find(|text| text.as_ref().is_ok_and(|text| !text.is_empty()))
-        .transpose()?
-        .unwrap_or_default();
     let settings = bootloader::ResetSettings {
-        os_name: crate::inspect::parse_os_release(&os_release)
-            .pretty_name
+        os_name: crate::inspect::image_os(root)
+            .and_then(|os| os.pretty_name)
             .unwrap_or_else(|| "Linux".to_owned()),
         boot_fs_uuid: bootloader::check_uuid(&uuid)?.to_owned(),
         boot_prefix: if own_boot { "" } else { "/boot" },
