@@ -2,8 +2,8 @@
 //!
 //! Images come from `$VMIC_TEST_IMAGES_DIR/<arch>-<variant>[-bootpart]/` when that holds them;
 //! otherwise the script builds them (root needed, a few minutes cold, instant when cached).
-//! VM boots run one at a time: the machines these run on have few cores, and boot times are
-//! part of what the tests show.
+//! Boots share the machine with at most one other test's VM ([`common::vm_slot`]); the tests
+//! that assert how long something took have it alone ([`common::vm_alone`]).
 
 mod common;
 
@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 use std::time::Instant;
 
-use common::{lock, manifest, run, sha256_of, test_image, vmic, VM_LOCK};
+use common::{manifest, run, sha256_of, test_image, vm_alone, vm_slot, vmic};
 use predicates::prelude::*;
 
 const MARKER: &str = "VMIC-TEST-BOOTED host=vmic-test";
 
 /// Boot `image` and wait for the marker; returns stdout and the boot time in seconds.
 fn boot_to_marker(image: &Path, extra: &[&str], timeout: u64) -> (String, f64) {
-    let _vm = lock(&VM_LOCK);
+    let _vm = vm_slot();
     let started = Instant::now();
     let output = vmic()
         .args(["boot", "--expect", "VMIC-TEST-BOOTED", "--timeout"])
@@ -212,7 +212,7 @@ fn x86_64_image_has_the_azure_linux_layout() {
 #[test]
 fn no_match_before_the_timeout_fails_with_the_console_tail() {
     let dir = test_image("x86_64", "minimal", false);
-    let _vm = lock(&VM_LOCK);
+    let _vm = vm_alone();
     let started = Instant::now();
     vmic()
         .args([
@@ -326,7 +326,7 @@ fn kernel_panic_stops_the_boot_early() {
     let work = tempfile::tempdir().expect("temp dir");
     let disk = work.path().join("panic.raw");
     make_panic_disk(&dir, &disk);
-    let _vm = lock(&VM_LOCK);
+    let _vm = vm_alone();
     let started = Instant::now();
     vmic()
         .args([

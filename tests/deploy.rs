@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::CommandFactory;
-use common::{customize_args, lock, path_str, vmic, work_dir, VM_LOCK};
+use common::{customize_args, path_str, vm_slot, vmic, work_dir};
 
 fn deploy(path: &str) -> PathBuf {
     common::repo().join("deploy").join(path)
@@ -443,7 +443,7 @@ fn guest_image_export_import_then_build_with_the_imported_image() {
     let config = config_dir.join("config.yaml");
     std::fs::write(&config, "os:\n  hostname: imported-guest\n").expect("writing the config");
     let output = work.path().join("out.qcow2");
-    let _vm = lock(&VM_LOCK);
+    let _vm = vm_slot();
     let built = vmic()
         .args(customize_args(
             &input,

@@ -116,7 +116,7 @@ fn sigkill_mid_build_leaves_nothing_running_and_the_next_run_cleans_up() {
     let output = work.path().join("out.qcow2");
     let input = minimal_qcow2();
     let before = sha256_of(&input);
-    let _vm = common::lock(&common::VM_LOCK);
+    let _vm = common::vm_alone();
     let mut first = Command::new(assert_cmd::cargo::cargo_bin("vmic"))
         .args(customize_args(
             &input,
@@ -295,7 +295,7 @@ fn sigterm_during_the_copy_out_ends_within_two_seconds_with_nothing_left() {
     let before = sha256_of(&input);
     let output = work.path().join("out.qcow2");
     let build_dir = work.path().join("build");
-    let _vm = common::lock(&common::VM_LOCK);
+    let _vm = common::vm_alone();
     let mut vmic = Command::new(assert_cmd::cargo::cargo_bin("vmic"))
         .env("VMIC_NO_CACHE", "1")
         .env("PATH", std::env::join_paths(path).expect("PATH"))

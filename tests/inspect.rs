@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{lock, manifest, path_str, run, sha256_of, test_image, vmic, work_dir, VM_LOCK};
+use common::{manifest, path_str, run, sha256_of, test_image, vm_slot, vmic, work_dir};
 use serde_json::Value;
 
 /// `vmic inspect --json` over `images` (one VM); the JSON array in their order.
@@ -19,7 +19,7 @@ fn inspect(images: &[&Path], extra: &[&str]) -> Vec<Value> {
         command.arg("--image-file").arg(image);
     }
     let output = {
-        let _vm = lock(&VM_LOCK);
+        let _vm = vm_slot();
         command.output().expect("running vmic inspect")
     };
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -193,7 +193,7 @@ fn an_aarch64_image_is_read_by_the_aarch64_builder() {
 fn an_image_on_the_wrong_builder_says_why_it_cannot_become_an_iso() {
     let image = test_image("aarch64", "minimal", false).join("disk.qcow2");
     let output = {
-        let _vm = lock(&VM_LOCK);
+        let _vm = vm_slot();
         vmic()
             .args(["inspect", "--arch", "x86_64", "--image-file"])
             .arg(&image)
@@ -226,7 +226,7 @@ fn a_file_that_is_no_image_is_refused_clearly() {
     common::random_file(&input, 4);
     let before = sha256_of(&input);
     let output = {
-        let _vm = lock(&VM_LOCK);
+        let _vm = vm_slot();
         vmic()
             .args(["inspect", "--json", "--image-file"])
             .arg(&input)
