@@ -187,15 +187,59 @@ impl CappedLog {
 /// Copies a VM's console socket into a [`CappedLog`] until QEMU closes it.
 pub struct ConsoleRecorder(tokio::task::JoinHandle<()>);
 
+/// How many RCU stall reports in a row mean the builder VM's kernel is stuck for good. The
+/// kernel reports a stall after 21 s without a grace period and then every ~60 s; a busy host
+/// can cause one report, but a vCPU whose timer never fires again (seen under TCG with both
+/// host cores loaded: the build hung 16 minutes until QEMU was killed) repeats them forever.
+pub const STALL_REPORTS: usize = 3;
+
+/// Whether a console line is the kernel's RCU stall report (`rcu: INFO: rcu_preempt detected
+/// stalls on CPUs/tasks:`, `... self-detected stall on CPU`).
+pub fn is_rcu_stall_report(line: &str) -> bool {
+    line.contains("rcu: INFO: rcu_")
+        && (line.contains("detected stall") || line.contains("self-detected stall"))
+}
+
+/// Counts the stall reports in a console stream, line by line across reads.
+#[derive(Default)]
+pub struct StallWatch {
+    partial: Vec<u8>,
+    reports: usize,
+}
+
+impl StallWatch {
+    /// Feed console bytes; true once [`STALL_REPORTS`] stall reports were seen.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &byte in bytes {
+            if byte == b'\n' {
+                if is_rcu_stall_report(&String::from_utf8_lossy(&self.partial)) {
+                    self.reports += 1;
+                }
+                self.partial.clear();
+            } else if self.partial.len() < 512 {
+                // A stall report's first line is short; longer lines are cut, not kept whole.
+                self.partial.push(byte);
+            }
+        }
+        self.reports >= STALL_REPORTS
+    }
+}
+
 impl ConsoleRecorder {
+    /// Record the console into `log`. When the guest kernel reports an RCU stall
+    /// [`STALL_REPORTS`] times, `on_stall` runs once (the builder VM stops it: a stuck kernel
+    /// never finishes the build, and waiting would last until the build's timeout).
     pub fn spawn(
         mut stream: UnixStream,
         mut log: CappedLog,
         reporter: crate::report::Reporter,
+        on_stall: impl FnOnce() + Send + 'static,
     ) -> ConsoleRecorder {
         ConsoleRecorder(tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 << 10];
             let mut failed = false;
+            let mut watch = StallWatch::default();
+            let mut on_stall = Some(on_stall);
             // Keep reading after a write error: a console nobody reads stalls the guest.
             while let Ok(count @ 1..) = stream.read(&mut buffer).await {
                 if let Err(error) = log.write(&buffer[..count]) {
@@ -205,6 +249,18 @@ impl ConsoleRecorder {
                             format_args!("writing the console log {}: {error}", log.path.display()),
                         );
                         failed = true;
+                    }
+                }
+                if watch.feed(&buffer[..count]) {
+                    if let Some(on_stall) = on_stall.take() {
+                        reporter.warn(
+                            crate::report::Source::Vmic,
+                            format_args!(
+                                "the builder VM's kernel stopped making progress ({STALL_REPORTS} RCU stall reports on its console, {}): stopping it. This is the emulator's fault, not the image's; run the build again",
+                                log.path.display()
+                            ),
+                        );
+                        on_stall();
                     }
                 }
             }
@@ -333,6 +389,62 @@ pub fn clean_line(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines of a real hang (a TCG builder VM whose second vCPU never took a timer interrupt
+    /// again), as its console showed them every ~21 s.
+    const STALL: &str = "[   23.920014] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n\
+        [   23.922841] rcu: \t1-...!: (0 ticks this GP) idle=a010/0/0x0 softirq=13/13 fqs=0\n\
+        [   23.923707] rcu: RCU grace-period kthread stack dump:\n";
+
+    #[test]
+    fn a_kernel_stuck_for_good_is_told_from_one_slow_moment() {
+        let mut watch = StallWatch::default();
+        for report in 1..STALL_REPORTS {
+            assert!(
+                !watch.feed(STALL.as_bytes()),
+                "{report} report(s) may be a busy host"
+            );
+        }
+        // Split anywhere, across reads, the third report still counts.
+        let (head, tail) = STALL.as_bytes().split_at(20);
+        assert!(!watch.feed(head));
+        assert!(watch.feed(tail), "{STALL_REPORTS} reports: stuck");
+
+        let mut quiet = StallWatch::default();
+        for _ in 0..10 {
+            let other = "[   24.1] rcu: RCU grace-period kthread stack dump:\nrcu: INFO: nothing\n";
+            assert!(!quiet.feed(other.as_bytes()));
+        }
+        let self_detected = "[ 50.0] rcu: INFO: rcu_sched self-detected stall on CPU\n";
+        let mut watch = StallWatch::default();
+        let fed: Vec<bool> = (0..STALL_REPORTS)
+            .map(|_| watch.feed(self_detected.as_bytes()))
+            .collect();
+        assert_eq!(fed.last(), Some(&true), "{fed:?}");
+    }
+
+    #[tokio::test]
+    async fn the_recorder_stops_a_stuck_kernel_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut guest, host) = UnixStream::pair().expect("a socket pair");
+        let log = CappedLog::create(&dir.path().join("console.log"), 1 << 20).expect("log");
+        let (fired, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+        let recorder =
+            ConsoleRecorder::spawn(host, log, crate::report::Reporter::plain(), move || {
+                fired.send(()).expect("the test listens")
+            });
+        use tokio::io::AsyncWriteExt;
+        for _ in 0..STALL_REPORTS + 2 {
+            guest
+                .write_all(STALL.as_bytes())
+                .await
+                .expect("console write");
+        }
+        drop(guest);
+        recorder.finish(Duration::from_secs(10)).await;
+        assert_eq!(stopped.recv().await, Some(()), "stopped");
+        assert_eq!(stopped.recv().await, None, "once");
+    }
 
     #[test]
     fn a_console_log_keeps_the_newest_output_within_twice_its_cap() {

@@ -2,6 +2,8 @@
 //! wait for the agent's hello, and stop everything on every way out.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -264,8 +266,25 @@ impl RunningVm {
                     .with_context(|| {
                         format!("creating the console log {}", console_log.display())
                     })?;
+            // A kernel stuck for good (see console::STALL_REPORTS) is stopped at once: before
+            // the agent answered, that is one more try below; after, the build fails now
+            // instead of at its timeout.
+            let stalled = Arc::new(AtomicBool::new(false));
+            let on_stall = {
+                let (stalled, pid) = (stalled.clone(), qemu.id());
+                move || {
+                    stalled.store(true, Ordering::SeqCst);
+                    if let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) {
+                        // SAFETY: kill(2) with a pid and a signal has no memory effects. The
+                        // pid is QEMU's, our child: it is reaped only after its console (this
+                        // stream) closed, so it names no other process.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            };
             let mut running = RunningVmStart {
                 token: token.clone(),
+                stalled,
                 qemu,
                 channel,
                 console_log: console_log.clone(),
@@ -273,6 +292,7 @@ impl RunningVm {
                     console,
                     log,
                     reporter.clone(),
+                    on_stall,
                 )),
                 reporter: reporter.clone(),
             };
@@ -384,6 +404,8 @@ struct RunningVmStart {
     console_log: PathBuf,
     recorder: Option<crate::console::ConsoleRecorder>,
     reporter: crate::report::Reporter,
+    /// Set when the console showed a stuck kernel (and QEMU was killed for it).
+    stalled: Arc<AtomicBool>,
 }
 
 impl RunningVmStart {
@@ -413,7 +435,8 @@ impl RunningVmStart {
         match outcome {
             Ok(session) => Ok(session),
             Err(error) => {
-                let timed_out = !exited_early && Instant::now() >= deadline;
+                let timed_out = (!exited_early && Instant::now() >= deadline)
+                    || self.stalled.load(Ordering::SeqCst);
                 self.qemu.kill().await;
                 self.channel.shutdown().await;
                 // QEMU is gone: the console's last lines are in the log once the socket closed.
