@@ -1030,6 +1030,93 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_bootstrap_pxe_output_fetches_its_iso_from_the_configured_url() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let pxe = HostFacts {
+            pxe_output: true,
+            ..HostFacts::for_tests(root.path())
+        };
+        for (yaml, url, name) in [
+            (
+                "pxe:\n  initramfsType: bootstrap\n  bootstrapBaseUrl: http://10.0.2.2:8080/\n",
+                Some("http://10.0.2.2:8080/image.iso"),
+                "image.iso",
+            ),
+            (
+                "pxe:\n  initramfsType: bootstrap\n  bootstrapFileUrl: http://h/d/live.iso\n",
+                Some("http://h/d/live.iso"),
+                "live.iso",
+            ),
+            // full-os, the PXE default, fetches nothing.
+            ("pxe:\n  bootstrapBaseUrl: http://h\n", None, ""),
+        ] {
+            let loaded = config_of(root.path(), yaml);
+            let files = gathered(&loaded.config, &loaded.dir, &[]);
+            let plan = iso_plan(&loaded.config, &pxe, &files).expect("plan");
+            let settings = plan.request.pxe.expect("PXE settings");
+            assert_eq!(settings.bootstrap_url.as_deref(), url, "{yaml}");
+            assert_eq!(settings.bootstrap_file_name, name, "{yaml}");
+        }
+        // An ISO output carries no PXE settings, whatever the pxe section says.
+        let loaded = config_of(root.path(), "pxe:\n  initramfsType: bootstrap\n");
+        let files = gathered(&loaded.config, &loaded.dir, &[]);
+        let plan = iso_plan(&loaded.config, &HostFacts::for_tests(root.path()), &files)
+            .expect("an ISO plan");
+        assert_eq!(plan.request.pxe, None);
+    }
+
+    #[test]
+    fn bootstrap_location_names_the_url_and_the_file_or_says_what_is_missing() {
+        for (base, file, url, name) in [
+            (
+                Some("http://h:8080/"),
+                None,
+                "http://h:8080/image.iso",
+                "image.iso",
+            ),
+            (
+                Some("http://h:8080"),
+                None,
+                "http://h:8080/image.iso",
+                "image.iso",
+            ),
+            (
+                None,
+                Some("http://h/d/live.iso?t=1#x"),
+                "http://h/d/live.iso?t=1#x",
+                "live.iso",
+            ),
+            (
+                None,
+                Some("https://h/live.iso"),
+                "https://h/live.iso",
+                "live.iso",
+            ),
+        ] {
+            assert_eq!(
+                bootstrap_location(base, file).expect("a location"),
+                (url.to_string(), name.to_string())
+            );
+        }
+        for file in ["http://h/", "http://h", "http://h/d/..", "http://h/d/."] {
+            let error = bootstrap_location(None, Some(file)).expect_err(file);
+            assert!(
+                error.to_string().contains("names no file"),
+                "{file}: {error}"
+            );
+        }
+        for (base, file) in [(None, None), (Some("http://h"), Some("http://h/i.iso"))] {
+            let error = bootstrap_location(base, file).expect_err("not one URL");
+            assert!(
+                error
+                    .to_string()
+                    .contains("set pxe.bootstrapBaseUrl or pxe.bootstrapFileUrl"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn a_package_file_is_uploaded_readable_whatever_its_mode() {
         use std::os::unix::fs::PermissionsExt;
         let root = tempfile::tempdir().expect("temp dir");
