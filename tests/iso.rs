@@ -315,32 +315,32 @@ fn rootfs_sha256(iso: &Path) -> String {
     sha256_of(&rootfs)
 }
 
+/// Boot `image` and check it is the shared ISO's LiveOS, started by `firmware`.
+fn boots_as_the_live_iso(image: &Path, firmware: &str, media: &str) {
+    let booted = boot(image, firmware, media, 600);
+    assert_eq!(booted.firmware, firmware, "{booted:?}");
+    assert_live_iso(&booted, &LIVE_ISO_ARGS);
+}
+
 // The shared ISO booted three ways, one test each: apart, they run beside other tests' VMs.
 #[test]
 fn x86_64_qcow2_to_iso_boots_under_uefi() {
-    let (iso, _, _) = shared_live_iso();
-    let booted = boot(iso, "uefi", "cdrom", 600);
-    assert_eq!(booted.firmware, "uefi", "{booted:?}");
-    assert_live_iso(&booted, &LIVE_ISO_ARGS);
+    boots_as_the_live_iso(&shared_live_iso().0, "uefi", "cdrom");
 }
 
 #[test]
 fn x86_64_qcow2_to_iso_boots_under_bios() {
-    let (iso, _, _) = shared_live_iso();
-    let booted = boot(iso, "bios", "cdrom", 600);
-    assert_eq!(booted.firmware, "bios", "{booted:?}");
-    assert_live_iso(&booted, &LIVE_ISO_ARGS);
+    boots_as_the_live_iso(&shared_live_iso().0, "bios", "cdrom");
 }
 
 /// As `dd` to a USB stick would: the ISO at the start of a bigger disk.
 #[test]
 fn x86_64_qcow2_to_iso_boots_from_a_disk() {
-    let (iso, _, _) = shared_live_iso();
     let work = work_dir();
     let disk = work.path().join("usb.raw");
-    std::fs::copy(iso, &disk).expect("copying the ISO to a disk file");
+    std::fs::copy(&shared_live_iso().0, &disk).expect("copying the ISO to a disk file");
     run("truncate", &["-s", "1G", path_str(&disk)]);
-    assert_live_iso(&boot(&disk, "uefi", "disk", 600), &LIVE_ISO_ARGS);
+    boots_as_the_live_iso(&disk, "uefi", "disk");
 }
 
 /// The sidecar `suffix` (`.sha256`, `.spdx.json`, `.provenance.json`) beside `output`.
