@@ -26,39 +26,50 @@ fn minimal_qcow2() -> PathBuf {
     test_image("x86_64", "minimal", false).join("disk.qcow2")
 }
 
-/// A directory of amd64 .debs: `$VMIC_TEST_PACKAGES_DIR` (filled by `scripts/test`), else
-/// downloaded here once with the host's apt (Debian 12, like the test image).
-fn local_debs() -> &'static Path {
+/// A directory of `arch` (`amd64`, `arm64`) .debs: `$VMIC_TEST_PACKAGES_DIR/ARCH` (filled by
+/// `scripts/test`), else downloaded here once with `scripts/download-debs` (Debian 12, like the
+/// test images; apt's own lists for `arch`, the host's apt left alone).
+fn local_debs(arch: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = std::env::var_os("VMIC_TEST_PACKAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-packages"))
+        .join(arch);
+    let _one_at_a_time = common::lock(&LOCK);
+    let download = common::repo().join("scripts/download-debs");
+    let mut args = vec![arch, path_str(&dir)];
+    args.extend(DEBS);
+    run(path_str(&download), &args);
+    dir
+}
+
+/// A dnf repository of the test RPMs (`scripts/test-image/make-rpms`: each installs
+/// `/etc/vmic-test/NAME`), made once per test binary run with the host's rpmbuild and
+/// createrepo_c.
+fn local_rpms() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::var_os("VMIC_TEST_PACKAGES_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-packages"));
-        let have = |name: &str| {
-            std::fs::read_dir(&dir).is_ok_and(|entries| {
-                entries.flatten().any(|entry| {
-                    entry
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{name}_"))
-                })
-            })
-        };
-        if !DEBS.iter().all(|name| have(name)) {
-            std::fs::create_dir_all(&dir).expect("creating the packages dir");
-            let status = std::process::Command::new("apt-get")
-                .arg("download")
-                .args(DEBS.iter().map(|name| format!("{name}:amd64")))
-                .current_dir(&dir)
-                .status()
-                .expect("running apt-get download");
-            assert!(
-                status.success(),
-                "apt-get download {DEBS:?} (run apt-get update?)"
-            );
-        }
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-rpms");
+        let _ = std::fs::remove_dir_all(&dir);
+        let make_rpms = common::repo().join("scripts/test-image/make-rpms");
+        run(
+            path_str(&make_rpms),
+            &["--repo", path_str(&dir), "vmic-rpm-hello", "vmic-rpm-tools"],
+        );
         dir
     })
+}
+
+fn rpm_qcow2() -> PathBuf {
+    test_image("x86_64", "rpm", false).join("disk.qcow2")
+}
+
+fn rpm_args() -> Vec<String> {
+    vec![
+        "--package-source".to_string(),
+        path_str(local_rpms()).to_string(),
+        "--disable-base-image-repos".to_string(),
+    ]
 }
 
 /// `customize` to `format` that must succeed, leaving exactly the output.
@@ -71,9 +82,14 @@ fn build_disk(input: &Path, config: &Path, output: &Path, format: &str, extra: &
 }
 
 fn package_args() -> Vec<String> {
+    package_args_for("amd64")
+}
+
+/// Offline: `arch`'s local .debs and nothing else.
+fn package_args_for(arch: &str) -> Vec<String> {
     vec![
         "--package-source".to_string(),
-        path_str(local_debs()).to_string(),
+        path_str(&local_debs(arch)).to_string(),
         "--disable-base-image-repos".to_string(),
     ]
 }
@@ -82,7 +98,7 @@ fn args(owned: &[String]) -> Vec<&str> {
     owned.iter().map(String::as_str).collect()
 }
 
-/// The `password.value` of alice in full.yaml and aarch64.yaml.
+/// The `password.value` of alice in full.yaml.
 const ALICE_PASSWORD_HASH: &str = "$6$vmicsalt0123456$nSsIEjLabpKZ5VCIkRXDFzTp7zgVHjxZMyJIO9Hb/Mk.NUSPXsFfBRACmh9znYr9ASwAwSTXAQ.mQLWRrJMWH1";
 
 /// `key=value` lines of the evidence file.
@@ -109,7 +125,7 @@ fn assert_full_customization(booted: &Booted) {
     );
 }
 
-/// What `full.yaml` and `aarch64.yaml` both show: every os customization but packages.
+/// What `full.yaml` shows but packages and files from outside its directory.
 fn assert_os_customization(booted: &Booted) {
     assert_eq!(booted.host, "vmic-disk-test", "os.hostname");
     assert_eq!(
@@ -244,25 +260,24 @@ fn image_history(disk: &Path, qemu_format: &str) -> Vec<serde_json::Value> {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("history.json: {e}: {text}"))
 }
 
+/// The aarch64 image with every os customization, packages from local arm64 .debs included
+/// (offline, as on x86_64).
 #[test]
-fn aarch64_disk_output_carries_the_os_customizations_and_boots() {
+fn aarch64_disk_output_carries_every_os_customization_and_boots() {
     let work = work_dir();
     let output = work.path().join("arm64.raw");
     let input = test_image("aarch64", "minimal", false).join("disk.qcow2");
-    build_disk(
-        &input,
-        &fixture("aarch64.yaml"),
-        &output,
-        "raw",
-        &["--arch", "aarch64"],
-    );
+    let mut extra = package_args_for("arm64");
+    extra.extend(["--arch".to_string(), "aarch64".to_string()]);
+    build_disk(&input, &fixture("full.yaml"), &output, "raw", &args(&extra));
     let booted = boot(&output, "uefi", "disk", 300);
     assert!(
         booted.cmdline.iter().any(|arg| arg.contains("arm64")),
         "an arm64 kernel booted: {:?}",
         booted.cmdline
     );
-    assert_os_customization(&booted);
+    assert_full_customization(&booted);
+    assert_eq!(evidence(&booted, "hello"), "Hello, world!");
 }
 
 #[test]
@@ -402,6 +417,79 @@ fn a_missing_package_fails_with_the_package_managers_message() {
     assert_no_partial(&output);
 }
 
+/// The RPM family's path (the test image's rpm variant: Debian's rpm and dnf, no apt): dnf
+/// removes an RPM the image has and installs two from a local repository, offline; the booted
+/// system's `rpm -qa` and files show exactly that.
+#[test]
+fn rpm_packages_are_installed_and_removed_with_dnf_and_boot() {
+    let work = work_dir();
+    let config = work.path().join("rpm.yaml");
+    std::fs::write(
+        &config,
+        "os:\n  hostname: vmic-rpm-test\n  packages:\n    remove: [vmic-rpm-preinstalled]\n    install: [vmic-rpm-hello, vmic-rpm-tools]\n",
+    )
+    .expect("config");
+    let input = rpm_qcow2();
+    let manifest = common::manifest(&test_image("x86_64", "rpm", false));
+    assert_eq!(
+        manifest["rpms"],
+        serde_json::json!(["vmic-rpm-preinstalled-1.0-1.noarch"]),
+        "the input has the RPM the config removes"
+    );
+    let output = work.path().join("rpm.qcow2");
+    build_disk(&input, &config, &output, "qcow2", &args(&rpm_args()));
+    let booted = boot(&output, "uefi", "disk", 300);
+    assert_eq!(booted.host, "vmic-rpm-test");
+    assert_eq!(
+        booted.rpms,
+        ["vmic-rpm-hello-1.0-1.noarch", "vmic-rpm-tools-1.0-1.noarch"],
+        "rpm -qa on the booted system: the two installed, the image's own one removed"
+    );
+    assert_eq!(booted.file("vmic-rpm-hello"), ["vmic-rpm-hello 1.0"]);
+    assert_eq!(booted.file("vmic-rpm-tools"), ["vmic-rpm-tools 1.0"]);
+    assert!(
+        booted.file("vmic-rpm-preinstalled").is_empty(),
+        "the removed package's file is gone: {:?}",
+        booted.files
+    );
+}
+
+#[test]
+fn a_missing_rpm_fails_with_dnfs_own_message() {
+    let work = work_dir();
+    let config = work.path().join("missing.yaml");
+    std::fs::write(
+        &config,
+        "os:\n  packages:\n    install: [vmic-rpm-hello, vmic-no-such-rpm]\n",
+    )
+    .expect("config");
+    let output = work.path().join("out.qcow2");
+    let failed = customize_to(
+        "qcow2",
+        &rpm_qcow2(),
+        &config,
+        &output,
+        None,
+        &args(&rpm_args()),
+    );
+    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
+    assert!(
+        failed
+            .stderr
+            .contains("Error: Unable to find a match: vmic-no-such-rpm"),
+        "dnf's own message: {}",
+        failed.stderr
+    );
+    assert!(
+        failed.stderr.contains("`dnf -y --disablerepo=* --enablerepo=vmic-local-0 install vmic-rpm-hello vmic-no-such-rpm` failed"),
+        "the command that failed, as run: {}",
+        failed.stderr
+    );
+    assert!(failed.stderr.contains("os.packages"), "{}", failed.stderr);
+    assert!(!output.exists(), "no output after a failure");
+    assert_no_partial(&output);
+}
+
 #[test]
 fn selinux_enforcing_needs_a_policy_in_the_image() {
     let work = work_dir();
@@ -514,9 +602,67 @@ fn packages_from_the_images_own_repositories_use_a_network() {
     assert!(tree.contains("Type: regular"), "/usr/bin/tree: {tree}");
 }
 
+/// The aarch64 image's own repositories (Debian's), reached through vmic's proxy by the arm64
+/// agent and apt: `tree` is in the output's dpkg database and is an AArch64 executable.
+#[test]
+fn aarch64_packages_from_the_images_own_repositories_use_a_network() {
+    let work = work_dir();
+    let config = work.path().join("tree.yaml");
+    std::fs::write(&config, "os:\n  packages:\n    install: [tree]\n").expect("config");
+    let image = test_image("aarch64", "minimal", false);
+    let output = work.path().join("arm64-tree.qcow2");
+    let built = customize_to(
+        "qcow2",
+        &image.join("disk.qcow2"),
+        &config,
+        &output,
+        None,
+        &["--arch", "aarch64"],
+    );
+    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
+    assert!(
+        built.stderr.contains("through vmic's proxy"),
+        "{}",
+        built.stderr
+    );
+    assert!(
+        built.stderr.contains("apt-get -y -q install tree"),
+        "{}",
+        built.stderr
+    );
+    let status = run_debugfs_of(&image, &output, "qcow2", "cat /var/lib/dpkg/status");
+    let tree = status
+        .split("\n\n")
+        .find(|stanza| stanza.starts_with("Package: tree\n"))
+        .unwrap_or_else(|| panic!("tree in the output's dpkg status"));
+    assert!(tree.contains("\nStatus: install ok installed\n"), "{tree}");
+    assert!(tree.contains("\nArchitecture: arm64\n"), "{tree}");
+    let binary = work.path().join("tree");
+    run_debugfs_of(
+        &image,
+        &output,
+        "qcow2",
+        &format!("dump /usr/bin/tree {}", path_str(&binary)),
+    );
+    let elf = std::fs::read(&binary).expect("the dumped /usr/bin/tree");
+    // ELF e_machine (bytes 18-19, little-endian): 183 is EM_AARCH64.
+    assert_eq!(elf.get(..4), Some(&b"\x7fELF"[..]), "an ELF file");
+    assert_eq!(
+        elf.get(18..20),
+        Some(&[183u8, 0][..]),
+        "an AArch64 executable"
+    );
+}
+
 /// Output of debugfs `request` on the root file system of `disk` (`qemu_format`, made from the
 /// x86_64 minimal test image, whose partition table the manifest gives), read on the host.
 fn run_debugfs(disk: &Path, qemu_format: &str, request: &str) -> String {
+    let image = test_image("x86_64", "minimal", false);
+    run_debugfs_of(&image, disk, qemu_format, request)
+}
+
+/// [`run_debugfs`] for a disk made from the test image `image` (its directory).
+fn run_debugfs_of(image: &Path, disk: &Path, qemu_format: &str, request: &str) -> String {
     let work = work_dir();
     let raw = work.path().join("disk.raw");
     run(
@@ -531,7 +677,7 @@ fn run_debugfs(disk: &Path, qemu_format: &str, request: &str) -> String {
             path_str(&raw),
         ],
     );
-    let manifest = common::manifest(&test_image("x86_64", "minimal", false));
+    let manifest = common::manifest(image);
     let root = manifest["disk"]["partitions"]
         .as_array()
         .expect("partitions in the manifest")

@@ -4,11 +4,13 @@
 # Input (environment): ARCH DEB_ARCH EFI_ARCH GRUB_TARGET CONSOLE VARIANT BOOT_PARTITION NAME
 # HASH SOURCES WORK FORMATS. Output: $WORK/disk.<format> per FORMATS (disk.raw always), manifest.json.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'make-test-image: error: %s\n' "$*" >&2; exit 1; }
 
 # Everything runs from main, so that bash has parsed the whole file before it starts (editing
-# the file during a build cannot change the running build).
+# the file during a build cannot change the running build), and `exit` on the line that calls
+# it: bash never reads on into what the file holds by then.
 main() {
 # --- fixed identities (derived from the image name: reproducible) ---------------------------
 uuid_for() {
@@ -61,6 +63,8 @@ PACKAGES=(
 )
 [ "$VARIANT" = cloud-init ] && PACKAGES+=(cloud-init)
 [ "$VARIANT" = secureboot ] && PACKAGES+=("grub-efi-$DEB_ARCH-signed")
+# An RPM-family image as far as vmic can tell (see the rpm section below): Debian's rpm and dnf.
+[ "$VARIANT" = rpm ] && PACKAGES+=(rpm dnf)
 
 # Written before any package is configured, so the kernel's postinst runs dracut once, with this
 # configuration: generic (not host-only), fast zstd, the drivers QEMU disks need.
@@ -137,6 +141,10 @@ firmware() {
 report() {
   echo "VMIC-TEST-BOOTED host=$(hostname) cmdline=$(cat /proc/cmdline)"
   firmware
+  # What the rpm database holds, as `rpm -q` sees it on the booted system (rpm images).
+  if command -v rpm >/dev/null 2>&1; then
+    rpm -qa --qf 'VMIC-TEST-RPM %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\n' | LC_ALL=C sort
+  fi
   for f in /etc/vmic-test/*; do
     [ -f "$f" ] || continue
     while IFS= read -r line || [ -n "$line" ]; do
@@ -175,6 +183,21 @@ done
 if [ "$VARIANT" = cloud-init ]; then
   # No metadata service here: only look at a NoCloud seed, never wait on the network.
   printf 'datasource_list: [ NoCloud, None ]\n' > "$ROOT/etc/cloud/cloud.cfg.d/90-vmic-test.cfg"
+fi
+
+if [ "$VARIANT" = rpm ]; then
+  # The RPM family, made of Debian packages: rpm's database where RPM distributions keep it
+  # (Debian's rpm defaults to ~/.rpmdb), one package installed from it for a test to remove,
+  # and no apt, so that vmic drives dnf as it would on Fedora or RHEL. The host's rpm (the same
+  # Debian 4.18, sqlite) writes the database.
+  install -d "$ROOT/etc/rpm"
+  printf '%%_dbpath /var/lib/rpm\n' > "$ROOT/etc/rpm/macros.dbpath"
+  rpm --root "$ROOT" --dbpath /var/lib/rpm --initdb
+  "$HERE/make-rpms" "$WORK/rpms" vmic-rpm-preinstalled
+  rpm --root "$ROOT" --dbpath /var/lib/rpm -i --nodeps --noscripts "$WORK/rpms/vmic-rpm-preinstalled-1.0-1.noarch.rpm"
+  [ -s "$ROOT/etc/vmic-test/vmic-rpm-preinstalled" ] || die "rpm -i put nothing in the image"
+  chroot "$ROOT" dpkg --purge apt >&2
+  [ ! -e "$ROOT/usr/bin/apt-get" ] && [ -x "$ROOT/usr/bin/dnf" ] || die "the rpm image must have dnf and no apt-get"
 fi
 
 # --- grub ------------------------------------------------------------------------------------
@@ -307,6 +330,10 @@ BUILD_SECONDS=$(( $(date +%s) - START_TIME ))
 dpkg-query --admindir="$ROOT/var/lib/dpkg" -W -f '${Package}\t${Version}\n' \
   | jq -R -s 'split("\n") | map(select(length > 0) | split("\t") | {(.[0]): .[1]}) | add' \
   > "$WORK/packages.json"
+# The rpm database's packages (the rpm variant), as NAME-VERSION-RELEASE.ARCH.
+if [ -d "$ROOT/var/lib/rpm" ]; then
+  rpm --root "$ROOT" --dbpath /var/lib/rpm -qa --qf '%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\n' | LC_ALL=C sort
+fi | jq -R -s 'split("\n") | map(select(length > 0))' > "$WORK/rpms.json"
 partition() { # name number start sectors type partuuid fstype fsuuid mountpoint
   jq -n --arg name "$1" --argjson number "$2" --argjson start "$3" --argjson sectors "$4" \
     --arg type "$5" --arg partuuid "$6" --arg fstype "$7" --arg fsuuid "$8" --arg mount "$9" \
@@ -335,14 +362,14 @@ jq -n --arg name "$NAME" --arg arch "$ARCH" --arg variant "$VARIANT" \
   --argjson build_seconds "$BUILD_SECONDS" --arg grub_prefix "$GRUB_PREFIX" \
   --arg shim "EFI/BOOT/boot$EFI_ARCH.efi" --arg grub "EFI/BOOT/grub$EFI_ARCH.efi" \
   --slurpfile partitions "$WORK/partitions.json" --slurpfile packages "$WORK/packages.json" \
-  --slurpfile files "$WORK/files.json" \
+  --slurpfile files "$WORK/files.json" --slurpfile rpms "$WORK/rpms.json" \
   '{name: $name, arch: $arch, variant: $variant, boot_partition: $boot_partition,
     recipe_hash: $recipe_hash, source_date_epoch: $source_date_epoch, build_seconds: $build_seconds,
     kernel_version: $kernel, hostname: "vmic-test", marker: "VMIC-TEST-BOOTED",
     boot: {shim: $shim, grub: $grub, grub_prefix: $grub_prefix, grub_cfg: "/boot/grub2/grub.cfg"},
     disk: {label: "gpt", disk_guid: $disk_guid, bytes: $disk_bytes, partitions: $partitions[0]},
-    files: $files[0], packages: $packages[0]}' > "$WORK/manifest.json"
+    files: $files[0], packages: $packages[0], rpms: $rpms[0]}' > "$WORK/manifest.json"
 
 }
 
-main "$@"
+main "$@"; exit

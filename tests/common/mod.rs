@@ -274,6 +274,9 @@ pub struct Booted {
     pub firmware: String,
     /// `enabled`, `disabled` or `unsupported`, from the SecureBoot EFI variable.
     pub secureboot: String,
+    /// `NAME-VERSION-RELEASE.ARCH` per `VMIC-TEST-RPM` line: the rpm database of the booted
+    /// system (rpm test images only).
+    pub rpms: Vec<String>,
     /// The whole serial console of the boot ([`boot_with`] fills it in).
     pub console: String,
 }
@@ -287,6 +290,7 @@ impl std::fmt::Debug for Booted {
             .field("files", &self.files)
             .field("firmware", &self.firmware)
             .field("secureboot", &self.secureboot)
+            .field("rpms", &self.rpms)
             .finish_non_exhaustive()
     }
 }
@@ -329,6 +333,7 @@ pub fn parse_marker(console: &str) -> Option<Booted> {
     let rest = booted.strip_prefix("VMIC-TEST-BOOTED host=")?;
     let (host, cmdline) = rest.split_once(" cmdline=")?;
     let mut files = Vec::new();
+    let mut rpms = Vec::new();
     let mut firmware = None;
     for line in lines {
         if line == "VMIC-TEST-END" {
@@ -339,12 +344,16 @@ pub fn parse_marker(console: &str) -> Option<Booted> {
                 files,
                 firmware,
                 secureboot,
+                rpms,
                 console: String::new(),
             });
         }
         if let Some(entry) = line.strip_prefix("VMIC-TEST-FIRMWARE firmware=") {
             let (name, secureboot) = entry.split_once(" secureboot=")?;
             firmware = Some((name.to_string(), secureboot.to_string()));
+        }
+        if let Some(package) = line.strip_prefix("VMIC-TEST-RPM ") {
+            rpms.push(package.to_string());
         }
         if let Some(entry) = line.strip_prefix("VMIC-TEST-FILE ") {
             let (path, text) = entry

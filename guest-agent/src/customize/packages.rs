@@ -2,8 +2,7 @@
 //!
 //! Local package sources (`--package-source DIR`) are bind-mounted into the chroot's `/run`
 //! and indexed there (apt: a flat `Packages` file made from the image's own `dpkg-deb -f`;
-//! dnf/tdnf: the directory must already carry `repodata/`, or the image's `createrepo_c`
-//! makes it). Every file vmic adds to the image for this (source lists, `policy-rc.d`,
+//! dnf/tdnf: the directory must already carry `repodata/`, made with `createrepo_c`). Every file vmic adds to the image for this (source lists, `policy-rc.d`,
 //! `resolv.conf`) is removed or restored before the step ends, whether it fails or not.
 
 use std::fmt::Write as _;
