@@ -951,21 +951,28 @@ fn minimal_qcow2() -> PathBuf {
     test_image("x86_64", "minimal", false).join("disk.qcow2")
 }
 
+/// The separate-/boot test image with `bootpart.yaml` as an ISO, built once for both boots.
+fn shared_bootpart_iso() -> &'static Path {
+    static ISO: OnceLock<PathBuf> = OnceLock::new();
+    ISO.get_or_init(|| {
+        let image = test_image("x86_64", "minimal", true).join("disk.qcow2");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("iso-tests/bootpart");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the bootpart ISO's dir");
+        let iso = dir.join("bootpart.iso");
+        build_iso(&image, &fixture("iso/bootpart.yaml"), &iso, &[]);
+        iso
+    })
+}
+
 /// An image with a separate /boot partition: its grub's embedded config searches that
 /// partition's UUID and keeps its prefix relative to it (`/grub2`), which on the CD (or the
-/// El Torito FAT image) once ended at a `grub>` prompt. The ISO boots under UEFI, through
-/// dracut's media check (`rd.live.check`, what the ISO's "Check the medium and boot" entry
-/// adds): the MD5 vmic implanted is checked against the medium and passes. (BIOS is not booted
-/// here: its El Torito grub is vmic's own, whatever the image embeds, and the shared ISO boots
-/// under BIOS.)
-#[test]
-fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_uefi_after_its_media_check() {
-    let image = test_image("x86_64", "minimal", true).join("disk.qcow2");
-    let work = work_dir();
-    let iso = work.path().join("bootpart.iso");
-    build_iso(&image, &fixture("iso/bootpart.yaml"), &iso, &[]);
-    let booted = boot(&iso, "uefi", "cdrom", 600);
-    assert_eq!(booted.firmware, "uefi", "{booted:?}");
+/// El Torito FAT image) once ended at a `grub>` prompt. The ISO boots under `firmware`,
+/// through dracut's media check (`rd.live.check`, what the ISO's "Check the medium and boot"
+/// entry adds): the MD5 vmic implanted is checked against the medium and passes.
+fn the_bootpart_iso_boots_after_its_media_check(firmware: &str) {
+    let booted = boot(shared_bootpart_iso(), firmware, "cdrom", 600);
+    assert_eq!(booted.firmware, firmware, "{booted:?}");
     for arg in ["root=live:LABEL=CDROM", "vmic.bootpart=1", "rd.live.check"] {
         assert!(
             booted.cmdline.iter().any(|a| a == arg),
@@ -978,6 +985,16 @@ fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_uefi_after_its_m
         "the media check passed:\n{}",
         common::tail(&booted.console, 80)
     );
+}
+
+#[test]
+fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_uefi_after_its_media_check() {
+    the_bootpart_iso_boots_after_its_media_check("uefi");
+}
+
+#[test]
+fn an_image_with_a_boot_partition_makes_an_iso_that_boots_under_bios_after_its_media_check() {
+    the_bootpart_iso_boots_after_its_media_check("bios");
 }
 
 /// Secure Boot kept end to end: from an image whose boot chain is signed (shim by Microsoft,
