@@ -8,11 +8,20 @@ run is one child process (own session) whose whole process tree is watched: the 
 (and of Pss) every 0.2 s, and the allocated bytes (st_blocks * 512, hard links once, not
 crossing mount points) of its build dir every ~0.5 s. Results: stdout, target/bench-iso.md,
 target/bench-iso/results.json and the bench-iso section of docs/benchmarks.md.
+
+--scaling MB,MB,... (x86_64 only): instead, the minimal image with that many MiB of filler
+(`make-test-image --filler-mb`; 0 = the plain image), each converted by `vmic customize` N times
+(sizes interleaved), against the issue's scaling criteria: a table and the checks in the
+bench-iso-scaling section of docs/benchmarks.md, a plot in docs/bench-scaling.svg (hand-written
+SVG), target/bench-iso-scaling.md and target/bench-iso/scaling-results.json.
+--selftest-plot DIR: the scaling table, plot and doc update from made-up numbers, into DIR
+(no VM, no root; docs/ is only read).
 """
 
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import resource
@@ -24,14 +33,27 @@ import sys
 import textwrap
 import threading
 import time
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "target" / "bench-iso"
 BASELINE = REPO / "scripts" / "bench-iso.d" / "baseline.sh"
 DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench-iso:begin -->", "<!-- bench-iso:end -->"
+SCALING_BEGIN = "<!-- bench-iso-scaling:begin -->"
+SCALING_END = "<!-- bench-iso-scaling:end -->"
+PLOT = REPO / "docs" / "bench-scaling.svg"
 MIB = 1 << 20
+GIB = 1 << 30
+# The scaling criteria (issue 13, "Scaling"): host peak RSS flat = max/min over the sizes at
+# most RSS_FLAT; peak build-dir disk at most DISK_SHARE × (input used + ISO). MARGINAL_GROWTH:
+# the stricter look at linearity (info): the last interval's seconds per added GiB at most this
+# times the first interval's.
+RSS_FLAT = 1.15
+DISK_SHARE = 0.5
+MARGINAL_GROWTH = 1.25
 
 # The customization both pipelines apply (vmic reads it as config.yaml, the baseline as flags).
 HOSTNAME = "vmic-bench"
@@ -341,9 +363,9 @@ def run_baseline(arch, disk, extra, out_dir, run, name="baseline", squashfs=None
     return result
 
 
-def run_vmic(arch, disk, config, out_dir, run, vmic, guest_image_dir, name="vmic"):
+def run_vmic(arch, disk, config, out_dir, run, vmic, guest_image_dir, name="vmic", tag=""):
     """A vmic build with this run's own, initially empty, build cache: `vmic` misses and
-    stores, `vmic-rebuild` (only the ISO arg changed) then hits."""
+    stores, `vmic-rebuild` (only the ISO arg changed) then hits. tag: in the log's name."""
     iso = out_dir / f"{name}.iso"
     timestamps = out_dir / f"{name}-timestamps-{run}.json"
     cache = out_dir / f"cache-{run}"
@@ -353,7 +375,7 @@ def run_vmic(arch, disk, config, out_dir, run, vmic, guest_image_dir, name="vmic
             "--build-dir", str(out_dir / "vmic-build"), "--output-image-file", str(iso),
             "--output-image-format", "iso", "--arch", arch, "--accel", "tcg",
             "--timestamp-file", str(timestamps), "--cache-dir", str(cache)]
-    log_path = WORK / "logs" / f"{arch}-{name}-{run}.log"
+    log_path = WORK / "logs" / f"{arch}{tag}-{name}-{run}.log"
     env = None
     if guest_image_dir is not None:
         env = dict(os.environ, VMIC_GUEST_IMAGE_DIR=str(guest_image_dir))
@@ -610,10 +632,15 @@ def markdown(results, info, runs):
     notes = sorted({n for arch in arches for n in results[arch]["baseline"]["notes"]})
     if notes:
         lines += ["", "Baseline on this host: " + "; ".join(notes) + "."]
-    # Prose wrapped at 100 columns like the rest of the doc; tables and headings as they are.
+    return wrap_prose(lines)
+
+
+def wrap_prose(lines):
+    """Prose wrapped at 100 columns like the rest of the doc; tables, headings, images as they
+    are."""
     wrapped = []
     for line in lines:
-        if line.startswith(("|", "#")) or len(line) <= 100:
+        if line.startswith(("|", "#", "![")) or len(line) <= 100:
             wrapped.append(line)
         else:
             wrapped.extend(textwrap.wrap(line, 100, break_long_words=False,
@@ -621,16 +648,421 @@ def markdown(results, info, runs):
     return "\n".join(wrapped) + "\n"
 
 
-def write_doc(section):
-    text = DOC.read_text()
-    block = f"{BEGIN}\n{section}{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + tail
+def write_doc(section, begin=BEGIN, end=END, after=None, doc=DOC):
+    """Put section between the begin and end markers of doc: in place of what they held, else
+    (new markers) after the line holding `after` when there is one, else at the end. The blank
+    line after the end marker stays."""
+    text = doc.read_text()
+    block = f"{begin}\n{section}{end}\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    elif after is not None and after in text:
+        head, rest = text.split(after, 1)
+        line_end, _, tail = rest.partition("\n")
+        tail = tail.lstrip("\n")
+        text = head + after + line_end + "\n\n" + block + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    DOC.write_text(text)
+    doc.write_text(text)
+
+
+# --- scaling (--scaling) -------------------------------------------------------------------
+
+
+def scaling_image(filler_mb):
+    """The x86_64 minimal test image with filler_mb MiB of filler, and its manifest."""
+    if filler_mb == 0:
+        # The plain image as the plain benchmark and the tests get it (all formats): the same
+        # cache entry. make-test-image keeps one recipe per image name, so asking for it with
+        # other --formats would throw away theirs.
+        disk = test_image("x86_64")
+    else:
+        out = WORK / "images" / f"x86_64-minimal-filler{filler_mb}"
+        log(f"test image {out} (built if missing; cached otherwise)")
+        subprocess.run(
+            [str(REPO / "scripts" / "make-test-image"), "--arch", "x86_64", "--variant", "minimal",
+             "--filler-mb", str(filler_mb), "--formats", "qcow2", "--out", str(out)],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        disk = out / "disk.qcow2"
+        if not disk.is_file():
+            raise BenchError(f"make-test-image left no {disk}")
+    manifest = json.loads((disk.parent / "manifest.json").read_text())
+    if manifest.get("filler_mb", 0) != filler_mb or "root_fs_bytes" not in manifest:
+        raise BenchError(f"{disk.parent}/manifest.json: no filler_mb {filler_mb} or no "
+                         "root_fs_bytes (an image from an older make-test-image)")
+    return disk, manifest
+
+
+def run_scaling(sizes, runs, vmic, guest_image_dir, config, info):
+    """vmic disk → ISO on the minimal image with each filler size, runs times each."""
+    images = {n: scaling_image(n) for n in sizes}
+    measured = {n: [] for n in sizes}
+    for run in range(1, runs + 1):
+        for n in sizes:
+            out_dir = WORK / "scaling" / f"filler{n}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log(f"x86_64 filler {n} MiB vmic run {run}/{runs} (load {load_average():.2f})")
+            result = run_vmic("x86_64", images[n][0], config, out_dir, run, vmic,
+                              guest_image_dir, tag=f"-filler{n}")
+            # This run's build cache (a squashfs as big as the data): never read again.
+            remove_tree(out_dir / f"cache-{run}")
+            measured[n].append(result)
+            log(f"x86_64 filler {n} MiB run {run}: {result['wall']:.1f} s, peak disk "
+                f"{mib(result['peak_disk'])} MiB, peak RSS {mib(result['peak_rss'])} MiB")
+    for n in sizes:
+        check_iso(WORK / "scaling" / f"filler{n}" / "vmic.iso", "x86_64", f"vmic filler {n} MiB")
+    rows = []
+    for n in sizes:
+        disk, manifest = images[n]
+        rows.append(dict(summarize(measured[n]), filler_mb=n,
+                         root_fs_bytes=manifest["root_fs_bytes"],
+                         input_used=disk.stat().st_blocks * 512))
+    section = scaling_markdown(rows, info, runs)
+    PLOT.write_text(scaling_svg(rows, info))
+    (WORK / "scaling-results.json").write_text(json.dumps(
+        {"machine": info, "runs": {str(n): measured[n] for n in sizes}, "summary": rows},
+        indent=2))
+    (REPO / "target" / "bench-iso-scaling.md").write_text(section)
+    write_doc(section, SCALING_BEGIN, SCALING_END, after=END)
+    print(section)
+    log(f"results: {DOC.relative_to(REPO)} (bench-iso-scaling section), "
+        f"{PLOT.relative_to(REPO)}, target/bench-iso-scaling.md, "
+        f"{(WORK / 'scaling-results.json').relative_to(REPO)}")
+
+
+def step(row, name):
+    return dict(row["steps"]).get(name)
+
+
+def seconds_text(value):
+    return "-" if value is None else f"{value:.1f}"
+
+
+def scaling_checks(rows):
+    """The issue's criteria on the rows (smallest root fs first): (target, measured, ok, info)."""
+    checks = []
+    first = rows[0]
+    gib0 = first["root_fs_bytes"] / GIB
+    for row in rows[1:]:
+        size = ratio(row["root_fs_bytes"], first["root_fs_bytes"])
+        time_ = ratio(row["wall"], first["wall"])
+        checks.append((
+            f"time at most linear: wall({row['root_fs_bytes'] / GIB:.2f} GiB) / "
+            f"wall({gib0:.2f} GiB) ≤ root fs ratio",
+            f"{time_:.2f}× the time for {size:.2f}× the data", time_ <= size, False))
+    if len(rows) >= 3:
+        marginal = [ratio(b["wall"] - a["wall"], (b["root_fs_bytes"] - a["root_fs_bytes"]) / GIB)
+                    for a, b in zip(rows, rows[1:])]
+        growth = ratio(marginal[-1], marginal[0])
+        checks.append((
+            f"(info, stricter) marginal s per added GiB, last interval ≤ {MARGINAL_GROWTH} × "
+            "the first",
+            f"{marginal[-1]:.1f} vs {marginal[0]:.1f} s/GiB ({growth:.2f}×)",
+            growth <= MARGINAL_GROWTH, True))
+    rss = [row["peak_rss"] for row in rows]
+    flat = ratio(max(rss), min(rss))
+    checks.append((f"host peak RSS flat: max / min over the sizes ≤ {RSS_FLAT}",
+                   f"{flat:.2f} ({mib(min(rss))}-{mib(max(rss))} MiB)", flat <= RSS_FLAT, False))
+    for row in rows:
+        share = ratio(row["peak_disk"], row["input_used"] + row["iso_size"])
+        checks.append((
+            f"peak build-dir disk ≤ {DISK_SHARE} × (input used + ISO), "
+            f"{row['root_fs_bytes'] / GIB:.2f} GiB",
+            f"{share:.2f}× ({mib(row['peak_disk'])} / ({mib(row['input_used'])} + "
+            f"{mib(row['iso_size'])}))", share <= DISK_SHARE, False))
+    return checks
+
+
+def scaling_markdown(rows, info, runs):
+    vm = ", ".join(sorted({v for row in rows for v in row["vm"]}))
+    squashfs = ", ".join(sorted({n.replace("mksquashfs ", "") for row in rows
+                                 for n in row["notes"]})) or "its default compression"
+    sizes = ",".join(str(row["filler_mb"]) for row in rows)
+    lines = [
+        "## Disk → LiveOS ISO: scaling with the root file system (`scripts/bench-iso --scaling`)",
+        "",
+        f"`scripts/bench-iso --scaling {sizes} [--runs N]` (written by it; do not edit by hand); "
+        "x86_64 only. Input: the minimal test image (`disk.qcow2`) with N MiB of filler added "
+        "by `scripts/make-test-image --filler-mb N` (N files of 1 MiB in `/opt/vmic-filler`: "
+        "half incompressible, half text; N = 0 is the plain image of the section above). "
+        "Config, command and measurements as in the section above: `vmic customize "
+        f"--output-image-format iso --accel tcg` at commit {info['revision']} (builder VM: {vm}; "
+        f"mksquashfs in the guest with {squashfs}), each run with an empty build cache. Root "
+        "fs: bytes of the files in the root file system (`du -sb` when the image was built, "
+        "from its manifest); input used: allocated bytes of the qcow2.",
+        "",
+        f"Machine: {info['cores']} cores, {info['memory_gib']} GiB, accelerator "
+        f"{info['accelerator']}, QEMU {info['qemu']}, host kernel {info['kernel']}, "
+        f"{info['date']}; median of {runs} run(s) per size, the sizes interleaved. Other jobs "
+        "may have shared the machine: in brackets per run, the load average at its start and "
+        "the cores the rest of the machine used during it, as above.",
+        "",
+        "![Wall time, peak host RSS and peak build-dir disk against the root file system's "
+        "size](bench-scaling.svg)",
+        "",
+        "| filler MiB | root fs GiB | input used MiB | wall s (median) | runs: s [load / others] "
+        "| s per GiB | Initrd and squashfs s | Mastering s | CPU s | peak RSS MiB | peak PSS MiB "
+        "| peak build-dir disk MiB | disk / (input used + ISO) | ISO MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        gib = row["root_fs_bytes"] / GIB
+        runs_text = ", ".join(f"{w:.1f} [{l:.2f} / {o:.2f}]"
+                              for w, l, o in zip(row["walls"], row["loads"], row["others"]))
+        lines.append(
+            f"| {row['filler_mb']} | {gib:.2f} | {mib(row['input_used'])} | {row['wall']:.1f} | "
+            f"{runs_text} | {ratio(row['wall'], gib):.1f} | "
+            f"{seconds_text(step(row, 'Initrd and squashfs'))} | "
+            f"{seconds_text(step(row, 'Mastering'))} | {row['cpu']:.0f} | "
+            f"{mib(row['peak_rss'])} | {mib(row['peak_pss'])} | {mib(row['peak_disk'])} | "
+            f"{ratio(row['peak_disk'], row['input_used'] + row['iso_size']):.2f} | "
+            f"{row['iso_size'] / MIB:.1f} |")
+    if len(rows) >= 2:
+        lines += ["", "Marginal cost between consecutive sizes (the time each added GiB costs):",
+                  "", "| from → to GiB | added GiB | added wall s | s per added GiB | "
+                  "added Initrd and squashfs s |", "|---|---|---|---|---|"]
+        for a, b in zip(rows, rows[1:]):
+            added = (b["root_fs_bytes"] - a["root_fs_bytes"]) / GIB
+            squash_a, squash_b = step(a, "Initrd and squashfs"), step(b, "Initrd and squashfs")
+            lines.append(
+                f"| {a['root_fs_bytes'] / GIB:.2f} → {b['root_fs_bytes'] / GIB:.2f} | "
+                f"{added:.2f} | {b['wall'] - a['wall']:.1f} | "
+                f"{ratio(b['wall'] - a['wall'], added):.1f} | "
+                + ("-" if squash_a is None or squash_b is None else f"{squash_b - squash_a:.1f}")
+                + " |")
+    lines += [
+        "",
+        "Targets (issue 13, \"Scaling\"). Time grows at most linearly: each size's wall time "
+        "divided by the smallest's is at most the ratio of their root file systems. A fixed "
+        "cost (VM boot, dracut, mastering) makes that test loose: the stricter look (info) "
+        "compares the seconds each added GiB costs between the largest two sizes with that "
+        "between the smallest two; if it grows, the data-dependent part grows faster than "
+        "linearly. Host "
+        "peak RSS is flat when the largest is at most "
+        f"{RSS_FLAT}× the smallest (the builder VM's memory is fixed; the data must not be held "
+        "in memory on the host). Peak build-dir disk: at most "
+        f"{DISK_SHARE}× (input used + ISO) at every size.",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+    ]
+    for name, measured, ok, info_only in scaling_checks(rows):
+        lines.append(f"| {name} | {measured} | "
+                     f"{('(info) ' if info_only else '') + target(ok)} |")
+    lines += ["", "Steps (median seconds, from vmic's `--timestamp-file`), by root fs size:", "",
+              "| step | " + " | ".join(f"{row['root_fs_bytes'] / GIB:.2f} GiB" for row in rows)
+              + " |", "|---|" + "---|" * len(rows)]
+    names = []
+    for row in rows:
+        names += [name for name, _ in row["steps"] if name not in names]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(seconds_text(step(row, name)) for row in rows)
+                     + " |")
+    return wrap_prose(lines)
+
+
+# --- the plot: hand-written SVG ------------------------------------------------------------
+
+COLORS = {"measured": "#1f77b4", "second": "#ff7f0e", "runs": "#9ab8d8", "limit": "#555555"}
+
+
+def nice_ticks(top, count=5):
+    """Ticks 0, step, ... covering [0, top] with step 1, 2, 2.5 or 5 × 10^k."""
+    top = top if top > 0 else 1.0
+    raw = top / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step_ = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    return [round(i * step_, 10) for i in range(int(math.ceil(top / step_ - 1e-9)) + 1)]
+
+
+def tick_text(value):
+    return f"{value:g}"
+
+
+def svg_panel(x0, y0, width, height, title, xlabel, ylabel, series, xmax):
+    """One chart at (x0, y0): axes from 0, ticks, grid, the series, a legend below.
+    series: dicts with label, points [(x, y)], color, and optional dash, line, marker, r."""
+    left, right, top, bottom = 62, 14, 34, 48
+    plot_w, plot_h = width - left - right, height - top - bottom
+    ymax = max((y for s in series for _, y in s["points"]), default=1.0) * 1.1
+    xticks, yticks = nice_ticks(xmax), nice_ticks(ymax)
+    xtop, ytop = xticks[-1], yticks[-1]
+
+    def px(x):
+        return x0 + left + plot_w * x / xtop
+
+    def py(y):
+        return y0 + top + plot_h * (1 - y / ytop)
+
+    out = [f'<text x="{x0 + width / 2:.1f}" y="{y0 + 18}" text-anchor="middle" '
+           f'font-size="14" font-weight="bold">{escape(title)}</text>']
+    for t in yticks:
+        out.append(f'<line x1="{px(0):.1f}" y1="{py(t):.1f}" x2="{px(xtop):.1f}" '
+                   f'y2="{py(t):.1f}" stroke="#e4e4e4"/>')
+        out.append(f'<text x="{px(0) - 6:.1f}" y="{py(t) + 4:.1f}" '
+                   f'text-anchor="end">{tick_text(t)}</text>')
+    for t in xticks:
+        out.append(f'<line x1="{px(t):.1f}" y1="{py(0):.1f}" x2="{px(t):.1f}" '
+                   f'y2="{py(0) + 5:.1f}" stroke="#000"/>')
+        out.append(f'<text x="{px(t):.1f}" y="{py(0) + 18:.1f}" '
+                   f'text-anchor="middle">{tick_text(t)}</text>')
+    out.append(f'<polyline points="{px(0):.1f},{py(ytop):.1f} {px(0):.1f},{py(0):.1f} '
+               f'{px(xtop):.1f},{py(0):.1f}" fill="none" stroke="#000"/>')
+    out.append(f'<text x="{px(xtop / 2):.1f}" y="{py(0) + 36:.1f}" '
+               f'text-anchor="middle">{escape(xlabel)}</text>')
+    yc = (py(0) + py(ytop)) / 2
+    out.append(f'<text x="{x0 + 16}" y="{yc:.1f}" text-anchor="middle" '
+               f'transform="rotate(-90 {x0 + 16} {yc:.1f})">{escape(ylabel)}</text>')
+    for s in series:
+        dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
+        points = sorted(s["points"])
+        if s.get("line", True) and len(points) > 1:
+            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+            out.append(f'<polyline points="{coords}" fill="none" stroke="{s["color"]}" '
+                       f'stroke-width="2"{dash}/>')
+        if s.get("marker", True):
+            for x, y in points:
+                out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{s.get("r", 4)}" '
+                           f'fill="{s["color"]}"/>')
+    for i, s in enumerate(series):
+        ly = y0 + height + 14 + 16 * i
+        lx = x0 + left
+        dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
+        if s.get("line", True):
+            out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 24}" y2="{ly - 4}" '
+                       f'stroke="{s["color"]}" stroke-width="2"{dash}/>')
+        if s.get("marker", True):
+            out.append(f'<circle cx="{lx + 12}" cy="{ly - 4}" r="{s.get("r", 4)}" '
+                       f'fill="{s["color"]}"/>')
+        out.append(f'<text x="{lx + 32}" y="{ly}">{escape(s["label"])}</text>')
+    return out
+
+
+def scaling_svg(rows, info):
+    """Three panels against the root fs size: wall time (with the line proportional to the
+    smallest size's), peak host RSS (with the flat limit), peak build-dir disk (with its
+    limit)."""
+    gib = [row["root_fs_bytes"] / GIB for row in rows]
+    xmax = max(gib) * 1.05
+    g0, t0 = gib[0], rows[0]["wall"]
+    panel_w, panel_h, legend_h, title_h = 330, 300, 56, 40
+    width, height = 3 * panel_w, title_h + panel_h + legend_h
+    rss_min = min(row["peak_rss"] for row in rows) / MIB
+    panels = [
+        ("Wall time", "seconds", [
+            {"label": "each run", "points": [(g, w) for g, row in zip(gib, rows)
+                                             for w in row["walls"]],
+             "color": COLORS["runs"], "line": False, "r": 3},
+            {"label": "median", "points": list(zip(gib, (row["wall"] for row in rows))),
+             "color": COLORS["measured"]},
+            {"label": f"linear from the smallest ({t0:.0f} s × size / {g0:.2f} GiB)",
+             "points": [(g0, t0), (max(gib), t0 * max(gib) / g0)],
+             "color": COLORS["limit"], "dash": "6,4", "marker": False},
+        ]),
+        ("Peak host RSS", "MiB", [
+            {"label": "RSS (process tree)", "points": [(g, row["peak_rss"] / MIB)
+                                                       for g, row in zip(gib, rows)],
+             "color": COLORS["measured"]},
+            {"label": "PSS", "points": [(g, row["peak_pss"] / MIB) for g, row in zip(gib, rows)],
+             "color": COLORS["second"], "r": 3},
+            {"label": f"flat limit: smallest RSS × {RSS_FLAT}",
+             "points": [(0, rss_min * RSS_FLAT), (xmax, rss_min * RSS_FLAT)],
+             "color": COLORS["limit"], "dash": "6,4", "marker": False},
+        ]),
+        ("Peak build-dir disk", "MiB", [
+            {"label": "peak build-dir disk", "points": [(g, row["peak_disk"] / MIB)
+                                                        for g, row in zip(gib, rows)],
+             "color": COLORS["measured"]},
+            {"label": f"limit: {DISK_SHARE} × (input used + ISO)",
+             "points": [(g, DISK_SHARE * (row["input_used"] + row["iso_size"]) / MIB)
+                        for g, row in zip(gib, rows)],
+             "color": COLORS["limit"], "dash": "6,4", "r": 3},
+        ]),
+    ]
+    subtitle = (f"x86_64, accelerator {info['accelerator']}, commit {info['revision']}, "
+                f"{info['date']}")
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="#fff"/>',
+        f'<text x="{width / 2:.1f}" y="22" text-anchor="middle" font-size="16" '
+        f'font-weight="bold">{escape("vmic disk → LiveOS ISO against the root file system")}'
+        f'</text>',
+        f'<text x="{width / 2:.1f}" y="38" text-anchor="middle" fill="#555">'
+        f'{escape(subtitle)}'
+        f'</text>',
+    ]
+    for i, (title, ylabel, series) in enumerate(panels):
+        out += svg_panel(i * panel_w, title_h, panel_w, panel_h, title, "root fs GiB", ylabel,
+                         series, xmax)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def selftest_plot(directory):
+    """The scaling table, plot and doc update from made-up numbers, into directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"cores": 2, "memory_gib": 23.5, "accelerator": "tcg", "qemu": "10.0.2",
+            "date": "2026-12-03 00:00 UTC", "kernel": "6.1", "revision": "selftest"}
+    rows = []
+    for filler, root, wall, rss, disk, used, iso in [
+            (0, 0.33, 50.0, 1254, 188, 345, 131), (700, 1.02, 80.0, 1270, 420, 1060, 480),
+            (2700, 2.98, 200.0, 1262, 1150, 3100, 1480)]:
+        rows.append({
+            "filler_mb": filler, "root_fs_bytes": int(root * GIB), "wall": wall,
+            "walls": [wall - 1, wall, wall + 2], "loads": [1.0] * 3, "others": [0.1] * 3,
+            "cpu": wall * 1.3, "peak_rss": rss * MIB, "peak_pss": (rss - 3) * MIB,
+            "peak_disk": disk * MIB, "input_used": used * MIB, "iso_size": iso * MIB,
+            "steps": [("Booting", 3.3), ("Initrd and squashfs", wall - 10), ("Mastering", 5.0)],
+            "notes": ["mksquashfs zstd -Xcompression-level 3"], "vm": ["2 vCPUs, 4096 MiB"],
+        })
+    section = scaling_markdown(rows, info, 3)
+    svg = directory / "bench-scaling.svg"
+    svg.write_text(scaling_svg(rows, info))
+    root = ElementTree.parse(svg).getroot()
+    namespace = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{namespace}svg", root.tag
+    circles = root.findall(f"{namespace}circle")
+    # 9 runs + 3 medians; 3 RSS + 3 PSS; 3 disk + 3 limits; one per marked legend entry (6).
+    assert len(circles) == 9 + 3 + 3 + 3 + 3 + 3 + 6, len(circles)
+    texts = [t.text for t in root.iter(f"{namespace}text")]
+    for expected in ("Wall time", "Peak host RSS", "Peak build-dir disk", "root fs GiB"):
+        assert expected in texts, expected
+    checks = scaling_checks(rows)
+    assert [ok for _, _, ok, _ in checks] == [True, True, False, True, True, True, True], checks
+    # The doc: the section goes right after the bench-iso section, then replaces itself.
+    doc = directory / "benchmarks.md"
+    original = DOC.read_text() if DOC.is_file() else f"# Benchmarks\n\n{BEGIN}\nx\n{END}\n"
+    doc.write_text(original)
+    write_doc(section, SCALING_BEGIN, SCALING_END, after=END, doc=doc)
+    once = doc.read_text()
+    assert once.index(END) < once.index(SCALING_BEGIN) < once.index(SCALING_END), "order"
+    assert once.replace(f"{SCALING_BEGIN}\n{section}{SCALING_END}\n\n", "", 1) == original \
+        or once.replace(f"\n\n{SCALING_BEGIN}\n{section}{SCALING_END}\n", "\n", 1) == original, \
+        "only the section was added"
+    write_doc(section, SCALING_BEGIN, SCALING_END, after=END, doc=doc)
+    assert doc.read_text() == once, "a second write changes nothing"
+    write_doc("plain section\n", doc=doc)
+    again = doc.read_text()
+    assert f"{BEGIN}\nplain section\n{END}\n\n{SCALING_BEGIN}\n{section}{SCALING_END}\n" in again, \
+        "the plain section rewritten, the scaling one kept after it"
+    (directory / "bench-iso-scaling.md").write_text(section)
+    print(section)
+    log(f"selftest passed: {svg} ({len(circles)} points, valid XML), {doc}, "
+        f"{directory / 'bench-iso-scaling.md'}")
+
+
+def parse_sizes(text):
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of MiB: {text}") from None
+    if not sizes or any(n < 0 or n > 99999 for n in sizes):
+        raise argparse.ArgumentTypeError(f"filler sizes are 0 to 99999 MiB: {text}")
+    return sorted(set(sizes))
 
 
 def main():
@@ -641,9 +1073,20 @@ def main():
     parser.add_argument("--guest-image-dir", type=Path,
                         help="VMIC_GUEST_IMAGE_DIR for vmic (a frozen copy of the guest images)")
     parser.add_argument("--revision", default="unknown", help="the vmic commit measured")
+    parser.add_argument("--scaling", type=parse_sizes, metavar="MB,MB,...",
+                        help="instead: vmic on the minimal x86_64 image with these MiB of filler")
+    parser.add_argument("--selftest-plot", type=Path, metavar="DIR",
+                        help="only the scaling table, plot and doc update from made-up numbers")
     args = parser.parse_args()
+    if args.selftest_plot:
+        selftest_plot(args.selftest_plot)
+        return
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.scaling and len(args.scaling) < 2:
+        parser.error("--scaling wants at least two sizes")
+    if args.scaling and args.arch == "aarch64":
+        parser.error("--scaling measures x86_64 only")
     if os.geteuid() != 0:
         raise BenchError("must run as root (loop devices, mounts, chroot)")
     if not args.vmic.is_file():
@@ -654,6 +1097,9 @@ def main():
     config, extra = write_config(WORK / "config")
     rebuild_config = write_rebuild_config(config)
     info = machine(args.revision)
+    if args.scaling:
+        run_scaling(args.scaling, args.runs, args.vmic.resolve(), guest_image_dir, config, info)
+        return
     results, raw = {}, {}
     for arch in arches:
         disk = test_image(arch)

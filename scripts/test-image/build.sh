@@ -2,7 +2,8 @@
 # The recipe of the vmic test images, run by scripts/make-test-image (which parses the
 # arguments, prepares the host, and caches the result keyed by a hash of this directory).
 # Input (environment): ARCH DEB_ARCH EFI_ARCH GRUB_TARGET CONSOLE VARIANT BOOT_PARTITION NAME
-# HASH SOURCES WORK FORMATS. Output: $WORK/disk.<format> per FORMATS (disk.raw always), manifest.json.
+# HASH SOURCES WORK FORMATS, FILLER_MB (MiB of filler data in /opt/vmic-filler; default 0).
+# Output: $WORK/disk.<format> per FORMATS (disk.raw always), manifest.json.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { printf '==> %s\n' "$*" >&2; }
@@ -12,6 +13,8 @@ die() { printf 'make-test-image: error: %s\n' "$*" >&2; exit 1; }
 # the file during a build cannot change the running build), and `exit` on the line that calls
 # it: bash never reads on into what the file holds by then.
 main() {
+FILLER_MB=${FILLER_MB:-0}
+
 # --- fixed identities (derived from the image name: reproducible) ---------------------------
 uuid_for() {
   local h
@@ -252,6 +255,43 @@ else
 fi
 cp "$ROOT/usr/lib/shim/shim$EFI_ARCH.efi.signed" "$ROOT/boot/efi/EFI/BOOT/boot$EFI_ARCH.efi"
 
+# --- filler (--filler-mb N, for the scaling benchmark) ---------------------------------------
+# N files of exactly 1 MiB, /opt/vmic-filler/NNNNN.bin: the same bytes every build, and no two
+# alike (squashfs stores identical files once: the data would not scale). The first half
+# (rounded up) is incompressible: one AES-128-CTR keystream (fixed key and IV) cut in 1 MiB
+# pieces. The rest is text: the image's own copyright files, concatenated in sorted order and
+# repeated, each file a different rotation of them behind a line naming it.
+if [ "$FILLER_MB" -gt 0 ]; then
+  log "$NAME: filler ($FILLER_MB files of 1 MiB in /opt/vmic-filler)"
+  local filler="$ROOT/opt/vmic-filler" text="$WORK/filler-text" repeated="$WORK/filler-repeated"
+  local random_files=$(( (FILLER_MB + 1) / 2 )) text_bytes i header file
+  install -d -m 0755 "$filler"
+  # head's input is finite (no SIGPIPE for pipefail to see); split names the pieces 00000.bin on.
+  head -c "$((random_files * 1048576))" /dev/zero \
+    | openssl enc -aes-128-ctr -nosalt -K 766d69632d66696c6c65722d6b657921 \
+        -iv 00000000000000000000000000000000 \
+    | split -b 1048576 -a 5 -d --additional-suffix=.bin - "$filler/"
+  find "$ROOT/usr/share/doc" -mindepth 2 -maxdepth 2 -name copyright -type f -print0 \
+    | LC_ALL=C sort -z | xargs -0 -r cat > "$text"
+  text_bytes=$(stat -c %s "$text")
+  [ "$text_bytes" -gt 0 ] || die "no /usr/share/doc/*/copyright in the image for the filler text"
+  # At least 2 MiB + one copy of the text: any rotation (offset below text_bytes) has 1 MiB.
+  for ((i = 0; i < 2 * 1048576 / text_bytes + 2; i++)); do cat "$text"; done > "$repeated"
+  for ((i = random_files; i < FILLER_MB; i++)); do
+    printf -v header 'vmic-filler %05d: the copyright files of the image, rotated\n' "$i"
+    printf -v file '%s/%05d.bin' "$filler" "$i"
+    {
+      printf '%s' "$header"
+      dd if="$repeated" bs=64K iflag=skip_bytes,count_bytes \
+        skip="$(( i * 7919 % text_bytes ))" count="$(( 1048576 - ${#header} ))" status=none
+    } > "$file"
+  done
+  rm -f "$text" "$repeated"
+  find "$filler" -type f -exec chmod 0644 {} +
+  [ "$(find "$filler" -type f -name '*.bin' -size 1048576c | wc -l)" -eq "$FILLER_MB" ] \
+    || die "the filler is not $FILLER_MB files of 1 MiB"
+fi
+
 # --- split into file systems ---------------------------------------------------------------
 mkdir -p "$ESPDIR"
 mv "$ROOT/boot/efi/EFI" "$ESPDIR/"
@@ -264,8 +304,12 @@ find "$ROOT" "$ESPDIR" ${BOOTFS:+"$BOOTFS"} -xdev -newermt "@$SOURCE_DATE_EPOCH"
   -exec touch --no-dereference --date="@$SOURCE_DATE_EPOCH" {} + 2>/dev/null || true
 
 ROOT_MIB=$(du -sm --apparent-size "$ROOT" | cut -f1)
-# Root partition: at least 30% free space; the disk is 1 GiB unless that does not fit.
-NEED_MIB=$(( ROOT_MIB * 13 / 10 + 64 + 1 + (BOOT_PARTITION ? 256 : 0) ))
+ROOT_BYTES=$(du -sb "$ROOT" | cut -f1) # for the manifest: the data in the root file system
+# Root partition: at least 30% free space; the disk is 1 GiB unless that does not fit. Half the
+# data again, not 30 %: ext4's own blocks (inode tables, journal, 5 % reserved for root) and
+# small files' slack take their share (with 30 %, a 3 GiB root, --filler-mb 2700, kept ~26 % of
+# its size free, ~20 % for users other than root).
+NEED_MIB=$(( ROOT_MIB * 3 / 2 + 64 + 1 + (BOOT_PARTITION ? 256 : 0) ))
 DISK_MIB=1024
 while [ "$DISK_MIB" -lt "$NEED_MIB" ]; do DISK_MIB=$((DISK_MIB + 512)); done
 DISK_SECTORS=$((DISK_MIB * MIB))
@@ -360,11 +404,13 @@ jq -n --arg name "$NAME" --arg arch "$ARCH" --arg variant "$VARIANT" \
   --arg recipe_hash "$HASH" --argjson source_date_epoch "$SOURCE_DATE_EPOCH" \
   --arg kernel "$KVER" --arg disk_guid "$DISK_GUID" --argjson disk_bytes "$((DISK_SECTORS * 512))" \
   --argjson build_seconds "$BUILD_SECONDS" --arg grub_prefix "$GRUB_PREFIX" \
+  --argjson filler_mb "$FILLER_MB" --argjson root_fs_bytes "$ROOT_BYTES" \
   --arg shim "EFI/BOOT/boot$EFI_ARCH.efi" --arg grub "EFI/BOOT/grub$EFI_ARCH.efi" \
   --slurpfile partitions "$WORK/partitions.json" --slurpfile packages "$WORK/packages.json" \
   --slurpfile files "$WORK/files.json" --slurpfile rpms "$WORK/rpms.json" \
   '{name: $name, arch: $arch, variant: $variant, boot_partition: $boot_partition,
     recipe_hash: $recipe_hash, source_date_epoch: $source_date_epoch, build_seconds: $build_seconds,
+    filler_mb: $filler_mb, root_fs_bytes: $root_fs_bytes,
     kernel_version: $kernel, hostname: "vmic-test", marker: "VMIC-TEST-BOOTED",
     boot: {shim: $shim, grub: $grub, grub_prefix: $grub_prefix, grub_cfg: "/boot/grub2/grub.cfg"},
     disk: {label: "gpt", disk_guid: $disk_guid, bytes: $disk_bytes, partitions: $partitions[0]},
