@@ -1306,6 +1306,70 @@ pub(crate) mod tests {
         assert!(format!("{error}").contains("a vmic bug"), "{error}");
     }
 
+    /// The config directory's unnamed files: one of exactly the per-file limit goes up, one
+    /// byte more stays behind; files up to exactly the total limit go up, the next does not;
+    /// named files are never left behind.
+    #[test]
+    fn unnamed_config_files_are_uploaded_up_to_each_limit_and_not_a_byte_more() {
+        let nowhere = Path::new("/nonexistent/vmic-plan-test");
+        let file = |relative: &str, size: u64| Listed {
+            relative: PathBuf::from(relative),
+            local: nowhere.join(relative),
+            size,
+            mode: 0o644,
+        };
+        let guests = |files: &HostFiles| {
+            let mut uploads = Vec::new();
+            let skipped = config_dir_uploads(files, &mut uploads);
+            let uploaded: Vec<String> = uploads.into_iter().map(|u| u.guest).collect();
+            let skipped: Vec<(String, String)> = skipped
+                .into_iter()
+                .map(|(path, why)| (path.display().to_string(), why))
+                .collect();
+            (uploaded, skipped)
+        };
+
+        let files = HostFiles {
+            config_dir: vec![
+                file("at-limit.img", UNREFERENCED_FILE_LIMIT),
+                file("over-limit.img", UNREFERENCED_FILE_LIMIT + 1),
+            ],
+            ..HostFiles::default()
+        };
+        let (uploaded, skipped) = guests(&files);
+        assert_eq!(uploaded, ["/work/config/at-limit.img"]);
+        assert_eq!(
+            skipped,
+            [(
+                "/nonexistent/vmic-plan-test/over-limit.img".to_string(),
+                "larger than 16 MiB and not named by the config".to_string()
+            )]
+        );
+
+        // 16 files of 16 MiB make the 256 MiB total exactly; one byte more is too much.
+        let mut config_dir: Vec<Listed> = (0..16)
+            .map(|i| file(&format!("part-{i:02}.img"), UNREFERENCED_FILE_LIMIT))
+            .collect();
+        config_dir.push(file("one-byte-more", 1));
+        config_dir.push(file("named.yaml", UNREFERENCED_FILE_LIMIT + 1));
+        let files = HostFiles {
+            config_dir,
+            referenced: vec![PathBuf::from("named.yaml")],
+            ..HostFiles::default()
+        };
+        let (uploaded, skipped) = guests(&files);
+        assert_eq!(uploaded.len(), 17, "{uploaded:?}");
+        assert_eq!(uploaded[15], "/work/config/part-15.img");
+        assert_eq!(uploaded[16], "/work/config/named.yaml");
+        assert_eq!(
+            skipped,
+            [(
+                "/nonexistent/vmic-plan-test/one-byte-more".to_string(),
+                "the config directory's unnamed files exceed 256 MiB".to_string()
+            )]
+        );
+    }
+
     /// The history entry is the config with every named file's sha256, SSH keys and password
     /// values redacted, absent settings absent; `imageHistory: none` sends none.
     #[test]
