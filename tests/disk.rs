@@ -392,29 +392,37 @@ fn every_disk_format_is_written_and_a_boot_loader_reset_boots() {
     );
 }
 
-#[test]
-fn a_missing_package_fails_with_the_package_managers_message() {
+/// A `customize` to `format` that must fail (exit 1) with each of `messages` in its stderr,
+/// leaving no output, not even a partial one.
+fn fails_with(input: &Path, config: &Path, format: &str, extra: &[&str], messages: &[&str]) {
     let work = work_dir();
-    let output = work.path().join("out.qcow2");
-    let failed = customize_to(
-        "qcow2",
-        &minimal_qcow2(),
-        &fixture("missing-package.yaml"),
-        &output,
-        None,
-        &args(&package_args()),
-    );
+    let output = work.path().join(format!("out.{format}"));
+    let failed = customize_to(format, input, config, &output, None, extra);
     assert_eq!(failed.code, Some(1), "{}", failed.stderr);
-    assert!(
-        failed
-            .stderr
-            .contains("Unable to locate package vmic-no-such-package"),
-        "apt's own message: {}",
-        failed.stderr
-    );
-    assert!(failed.stderr.contains("os.packages"), "{}", failed.stderr);
+    for message in messages {
+        assert!(
+            failed.stderr.contains(message),
+            "{message:?} in:\n{}",
+            failed.stderr
+        );
+    }
     assert!(!output.exists(), "no output after a failure");
     assert_no_partial(&output);
+}
+
+#[test]
+fn a_missing_package_fails_with_the_package_managers_message() {
+    fails_with(
+        &minimal_qcow2(),
+        &fixture("missing-package.yaml"),
+        "qcow2",
+        &args(&package_args()),
+        // apt's own message, and the config section it failed in.
+        &[
+            "Unable to locate package vmic-no-such-package",
+            "os.packages",
+        ],
+    );
 }
 
 /// The RPM family's path (the test image's rpm variant: Debian's rpm and dnf, no apt): dnf
@@ -463,31 +471,18 @@ fn a_missing_rpm_fails_with_dnfs_own_message() {
         "os:\n  packages:\n    install: [vmic-rpm-hello, vmic-no-such-rpm]\n",
     )
     .expect("config");
-    let output = work.path().join("out.qcow2");
-    let failed = customize_to(
-        "qcow2",
+    fails_with(
         &rpm_qcow2(),
         &config,
-        &output,
-        None,
+        "qcow2",
         &args(&rpm_args()),
+        &[
+            // dnf's own message, the command as run, the config section it failed in.
+            "Error: Unable to find a match: vmic-no-such-rpm",
+            "`dnf -y --disablerepo=* --enablerepo=vmic-local-0 install vmic-rpm-hello vmic-no-such-rpm` failed",
+            "os.packages",
+        ],
     );
-    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
-    assert!(
-        failed
-            .stderr
-            .contains("Error: Unable to find a match: vmic-no-such-rpm"),
-        "dnf's own message: {}",
-        failed.stderr
-    );
-    assert!(
-        failed.stderr.contains("`dnf -y --disablerepo=* --enablerepo=vmic-local-0 install vmic-rpm-hello vmic-no-such-rpm` failed"),
-        "the command that failed, as run: {}",
-        failed.stderr
-    );
-    assert!(failed.stderr.contains("os.packages"), "{}", failed.stderr);
-    assert!(!output.exists(), "no output after a failure");
-    assert_no_partial(&output);
 }
 
 #[test]
@@ -495,18 +490,13 @@ fn selinux_enforcing_needs_a_policy_in_the_image() {
     let work = work_dir();
     let config = work.path().join("selinux.yaml");
     std::fs::write(&config, "os:\n  selinux:\n    mode: enforcing\n").expect("config");
-    let output = work.path().join("out.raw");
-    let failed = customize_to("raw", &minimal_qcow2(), &config, &output, None, &[]);
-    assert_eq!(failed.code, Some(1), "{}", failed.stderr);
-    assert!(
-        failed
-            .stderr
-            .contains("the image has no SELinux policy installed"),
-        "{}",
-        failed.stderr
+    fails_with(
+        &minimal_qcow2(),
+        &config,
+        "raw",
+        &[],
+        &["the image has no SELinux policy installed"],
     );
-    assert!(!output.exists());
-    assert_no_partial(&output);
 }
 
 /// What a postCustomization script in the networked build tries against the host: a listener
