@@ -593,12 +593,13 @@ fn packages_from_the_images_own_repositories_use_a_network() {
 }
 
 /// The aarch64 image's own repositories (Debian's), reached through vmic's proxy by the arm64
-/// agent and apt: `tree` is in the output's dpkg database and is an AArch64 executable.
+/// agent and apt: `tree` is in the output's dpkg database, is an AArch64 executable, and runs on
+/// the booted output (a unit from the config records `tree --version` for the marker).
 #[test]
 fn aarch64_packages_from_the_images_own_repositories_use_a_network() {
     let work = work_dir();
     let config = work.path().join("tree.yaml");
-    std::fs::write(&config, "os:\n  packages:\n    install: [tree]\n").expect("config");
+    std::fs::write(&config, TREE_ON_BOOT).expect("config");
     let image = test_image("aarch64", "minimal", false);
     let output = work.path().join("arm64-tree.qcow2");
     let built = customize_to(
@@ -642,7 +643,34 @@ fn aarch64_packages_from_the_images_own_repositories_use_a_network() {
         Some(&[183u8, 0][..]),
         "an AArch64 executable"
     );
+    let booted = boot(&output, "uefi", "disk", 300);
+    let version = booted.file("tree");
+    assert!(
+        version.len() == 1 && version[0].starts_with("tree v"),
+        "tree runs on the booted aarch64 output: {:?}",
+        booted.files
+    );
 }
+
+/// `tree` from the image's repositories, and a unit that runs it on the booted system before
+/// the marker prints `/etc/vmic-test/*`.
+const TREE_ON_BOOT: &str = "os:
+  packages:
+    install: [tree]
+  additionalFiles:
+  - destination: /etc/systemd/system/vmic-tree.service
+    content: |
+      [Unit]
+      Description=vmic disk tests: record tree's version for the marker service
+      Before=vmic-test-marker.service
+      [Service]
+      Type=oneshot
+      ExecStart=/bin/sh -c 'tree --version > /etc/vmic-test/tree 2>&1'
+      [Install]
+      WantedBy=multi-user.target
+  services:
+    enable: [vmic-tree.service]
+";
 
 /// Output of debugfs `request` on the root file system of `disk` (`qemu_format`, made from the
 /// x86_64 minimal test image, whose partition table the manifest gives), read on the host.
