@@ -310,7 +310,8 @@ def write_config(directory):
 def write_rebuild_config(config):
     """The same config with only its ISO kernel arg changed: a build cache hit."""
     rebuild = config.with_name("config-rebuild.yaml")
-    rebuild.write_text(config.read_text().replace(EXTRA_ARG, EXTRA_ARG + " vmic.rebuild=1"))
+    # One argument per list entry (an entry with a space is refused, as AzL-IC refuses it).
+    rebuild.write_text(config.read_text().replace(EXTRA_ARG, EXTRA_ARG + ", vmic.rebuild=1"))
     return rebuild
 
 
