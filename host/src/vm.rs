@@ -305,9 +305,16 @@ impl RunningVm {
                             .downcast_ref::<NotReady>()
                             .is_some_and(|not_ready| not_ready.timed_out) =>
                 {
+                    // The first attempt's console is the only evidence of why it never
+                    // answered: kept beside the next one's instead of overwritten by it.
+                    let first = first_attempt_log(&console_log);
+                    let kept = match fs_err::rename(&console_log, &first) {
+                        Ok(()) => format!(" (its console: {})", first.display()),
+                        Err(_) => String::new(),
+                    };
                     reporter.warn(
                         Source::Vmic,
-                        format_args!("{error:#}\nstarting the builder VM once more"),
+                        format_args!("{error:#}{kept}\nstarting the builder VM once more"),
                     );
                     attempt += 1;
                 }
@@ -452,5 +459,25 @@ impl RunningVmStart {
                 .into())
             }
         }
+    }
+}
+
+/// Where the console of a builder VM's first, unanswered attempt is kept: `console.log.1`.
+fn first_attempt_log(console_log: &Path) -> PathBuf {
+    let mut name = console_log.file_name().unwrap_or_default().to_os_string();
+    name.push(".1");
+    console_log.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_attempts_console_is_kept_beside_the_next_ones() {
+        assert_eq!(
+            first_attempt_log(Path::new("/run/vmic/build/console.log")),
+            Path::new("/run/vmic/build/console.log.1")
+        );
     }
 }
