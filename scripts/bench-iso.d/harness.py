@@ -189,13 +189,14 @@ class Watcher:
 
 
 def qemu_argv(pid):
-    """The argv of pid if it is a qemu-system-* process, else None."""
+    """The argv of pid if it is a qemu-system-* VM (vmic also runs it for `--version` and its
+    accelerator probe, which have no -smp), else None."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return None
-    if argv and os.path.basename(argv[0]).startswith("qemu-system-"):
+    if argv and os.path.basename(argv[0]).startswith("qemu-system-") and "-smp" in argv:
         return argv
     return None
 
