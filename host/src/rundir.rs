@@ -290,8 +290,34 @@ mod tests {
         // The first run's directory is untouched by the refused second one.
         assert!(first.run_dir().is_dir());
         drop(first);
-        let again = BuildDir::acquire(dir.path()).unwrap();
+        let again = acquire_once_released(dir.path());
         assert!(again.run_dir().is_dir());
+    }
+
+    /// [`BuildDir::acquire`] right after this process dropped its `BuildDir` there. A process
+    /// another test thread forked while the lock was held keeps a copy of its descriptor until
+    /// it execs (`O_CLOEXEC`), so the lock can outlive the drop for a moment (seen under load):
+    /// wait for the last copy with a blocking `flock`, which returns when it is released.
+    fn acquire_once_released(dir: &Path) -> BuildDir {
+        for _ in 0..100 {
+            match BuildDir::acquire(dir) {
+                Err(RunDirError::InUse { pid, .. }) if pid == std::process::id().to_string() => {
+                    let (released, wait) = std::sync::mpsc::channel();
+                    let path = dir.join(LOCK_NAME);
+                    std::thread::spawn(move || {
+                        let lock = open_no_follow(&path, false).unwrap();
+                        // SAFETY: flock on a file descriptor we own; no memory is passed.
+                        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+                        let _ = released.send(());
+                    });
+                    // A lock the drop did not release is held by this process for good.
+                    wait.recv_timeout(std::time::Duration::from_secs(30))
+                        .expect("the build directory stayed locked after its BuildDir was dropped");
+                }
+                other => return other.unwrap(),
+            }
+        }
+        panic!("the build directory stayed locked after its BuildDir was dropped");
     }
 
     #[test]
