@@ -98,6 +98,13 @@ fn args(owned: &[String]) -> Vec<&str> {
     owned.iter().map(String::as_str).collect()
 }
 
+/// `text` as the config file `name` in `dir`.
+fn config_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let config = dir.join(name);
+    std::fs::write(&config, text).expect("writing the config");
+    config
+}
+
 /// The `password.value` of alice in full.yaml.
 const ALICE_PASSWORD_HASH: &str = "$6$vmicsalt0123456$nSsIEjLabpKZ5VCIkRXDFzTp7zgVHjxZMyJIO9Hb/Mk.NUSPXsFfBRACmh9znYr9ASwAwSTXAQ.mQLWRrJMWH1";
 
@@ -313,13 +320,12 @@ fn every_disk_format_is_written_and_a_boot_loader_reset_boots() {
     };
     let images = test_image("x86_64", "minimal", false);
     let work = work_dir();
-    let config = work.path().join("hostname.yaml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        work.path(),
+        "hostname.yaml",
         "os:\n  hostname: vmic-format-test\n  bootloader:\n    resetType: hard-reset\n  \
          kernelCommandLine:\n    extraCommandLine: [vmic.reset=1, console=ttyS0]\n",
-    )
-    .expect("config");
+    );
     // Each output format from another input format: every format is read and written once
     // (the same disk in each file; `tests/iso.rs` also builds its ISO from the raw one).
     for (input, input_format, format, qemu_format) in [
@@ -431,12 +437,7 @@ fn a_missing_package_fails_with_the_package_managers_message() {
 #[test]
 fn rpm_packages_are_installed_and_removed_with_dnf_and_boot() {
     let work = work_dir();
-    let config = work.path().join("rpm.yaml");
-    std::fs::write(
-        &config,
-        "os:\n  hostname: vmic-rpm-test\n  packages:\n    remove: [vmic-rpm-preinstalled]\n    install: [vmic-rpm-hello, vmic-rpm-tools]\n",
-    )
-    .expect("config");
+    let config = config_file(work.path(), "rpm.yaml", "os:\n  hostname: vmic-rpm-test\n  packages:\n    remove: [vmic-rpm-preinstalled]\n    install: [vmic-rpm-hello, vmic-rpm-tools]\n");
     let input = rpm_qcow2();
     let manifest = common::manifest(&test_image("x86_64", "rpm", false));
     assert_eq!(
@@ -465,12 +466,11 @@ fn rpm_packages_are_installed_and_removed_with_dnf_and_boot() {
 #[test]
 fn a_missing_rpm_fails_with_dnfs_own_message() {
     let work = work_dir();
-    let config = work.path().join("missing.yaml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        work.path(),
+        "missing.yaml",
         "os:\n  packages:\n    install: [vmic-rpm-hello, vmic-no-such-rpm]\n",
-    )
-    .expect("config");
+    );
     fails_with(
         &rpm_qcow2(),
         &config,
@@ -488,8 +488,11 @@ fn a_missing_rpm_fails_with_dnfs_own_message() {
 #[test]
 fn selinux_enforcing_needs_a_policy_in_the_image() {
     let work = work_dir();
-    let config = work.path().join("selinux.yaml");
-    std::fs::write(&config, "os:\n  selinux:\n    mode: enforcing\n").expect("config");
+    let config = config_file(
+        work.path(),
+        "selinux.yaml",
+        "os:\n  selinux:\n    mode: enforcing\n",
+    );
     fails_with(
         &minimal_qcow2(),
         &config,
@@ -598,8 +601,7 @@ fn packages_from_the_images_own_repositories_use_a_network() {
 #[test]
 fn aarch64_packages_from_the_images_own_repositories_use_a_network() {
     let work = work_dir();
-    let config = work.path().join("tree.yaml");
-    std::fs::write(&config, TREE_ON_BOOT).expect("config");
+    let config = config_file(work.path(), "tree.yaml", TREE_ON_BOOT);
     let image = test_image("aarch64", "minimal", false);
     let output = work.path().join("arm64-tree.qcow2");
     let built = customize_to(
