@@ -1290,3 +1290,42 @@ fn escapes(path: &Path) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_linux_versions_are_major_minor_and_an_optional_date() {
+        for good in ["3.0", "2.0", "3.0.20250101", "10.12"] {
+            assert!(is_azure_linux_version(good), "{good}");
+        }
+        for bad in [
+            "", "3", "3.", ".0", "3.0.", "3..0", "3.0.1.2", "3.x", "v3.0", "3.0-1", "三.0",
+        ] {
+            assert!(!is_azure_linux_version(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn oci_name_components_follow_the_distribution_spec() {
+        for good in [
+            "minimal-os",
+            "a",
+            "0",
+            "a.b",
+            "a_b",
+            "a__b",
+            "a---b",
+            "os2.core_x__y-z",
+        ] {
+            assert!(is_oci_name_component(good), "{good}");
+        }
+        for bad in [
+            "", "-a", "a-", ".a", "a.", "_a", "a_", "Minimal", "a..b", "a___b", "a._b", "a-.b",
+            "a b", "a/b", "a:b", "é",
+        ] {
+            assert!(!is_oci_name_component(bad), "{bad}");
+        }
+    }
+}
