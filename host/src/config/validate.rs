@@ -1308,6 +1308,82 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_times_are_a_date_or_an_rfc3339_time() {
+        for good in [
+            "2025-01-31",
+            "2025-12-01T10:20:30Z",
+            "2025-12-01T10:20:30.123Z",
+            "2025-12-01T10:20:30+01:00",
+            "2025-12-01T10:20:30-08:00",
+        ] {
+            assert!(is_snapshot_time(good), "{good}");
+        }
+        for bad in [
+            "",
+            "2025-1-31",
+            "25-01-31",
+            "2025-13-01",
+            "2025-00-10",
+            "2025-01-32",
+            "2025-01-00",
+            "2025-01",
+            "2025-01-31-01",
+            "2025-0a-31",
+            "2025-12-01T10:20:30",
+            "2025-12-01T10:20Z",
+            "2025-12-01T10:20:3aZ",
+            "2025-12-01T1:20:30Z",
+            "2025-12-01T10:20:30+0100",
+            "2025-12-01T10:20:30+01",
+            "2025-13-01T10:20:30Z",
+        ] {
+            assert!(!is_snapshot_time(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn subvolume_paths_are_relative_and_plain() {
+        for good in ["root", "var/log", "a.b/c..d"] {
+            assert_eq!(check_subvolume_path(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("", "path must not be empty"),
+            ("/root", "path must not start with '/'"),
+            ("root/", "path must not end with '/'"),
+            ("a//b", "path must not contain double slashes"),
+            ("a/../b", "path must not contain '..' components"),
+            ("..", "path must not contain '..' components"),
+            ("a/./b", "path must not contain '.' components"),
+            (".", "path must not contain '.' components"),
+        ] {
+            assert_eq!(check_subvolume_path(bad), Err(why), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_sizes_are_positive_digits_and_one_unit() {
+        for good in ["1K", "10M", "512G", "2T", "1000000K"] {
+            assert!(is_disk_size(good), "{good}");
+        }
+        for bad in [
+            "",
+            "G",
+            "0G",
+            "10",
+            "10g",
+            "10GB",
+            "10GG",
+            "1.5G",
+            "-1G",
+            "1 G",
+            "G10",
+            "99999999999999999999G",
+        ] {
+            assert!(!is_disk_size(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn oci_name_components_follow_the_distribution_spec() {
         for good in [
             "minimal-os",
