@@ -1384,6 +1384,27 @@ mod tests {
     }
 
     #[test]
+    fn host_names_are_at_most_253_characters_with_labels_of_at_most_63() {
+        let label = |n: usize| "a".repeat(n);
+        assert_eq!(check_hostname(&label(63)), Ok(()));
+        assert_eq!(
+            check_hostname(&label(64)),
+            Err(format!(
+                "label {:?} is longer than 63 characters",
+                label(64)
+            ))
+        );
+        // Three labels of 63 and one of 61, with three dots: exactly 253.
+        let longest = [label(63), label(63), label(63), label(61)].join(".");
+        assert_eq!(longest.len(), 253);
+        assert_eq!(check_hostname(&longest), Ok(()));
+        assert_eq!(
+            check_hostname(&format!("{longest}a")),
+            Err("it is longer than 253 characters".to_owned())
+        );
+    }
+
+    #[test]
     fn oci_name_components_follow_the_distribution_spec() {
         for good in [
             "minimal-os",
