@@ -1405,6 +1405,28 @@ mod tests {
     }
 
     #[test]
+    fn account_names_start_with_a_letter_or_underscore_and_stay_short() {
+        let longest = format!("a{}", "b".repeat(31));
+        for good in ["alice", "_svc", "a1", "a_b-c", "a-", longest.as_str()] {
+            assert!(is_account_name(good), "{good}");
+        }
+        let too_long = format!("{longest}c");
+        for bad in [
+            "",
+            "1a",
+            "-a",
+            "Alice",
+            "aB",
+            "a.b",
+            "a b",
+            "a$",
+            too_long.as_str(),
+        ] {
+            assert!(!is_account_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn oci_name_components_follow_the_distribution_spec() {
         for good in [
             "minimal-os",
