@@ -519,6 +519,19 @@ try connect-gateway "$ask; ask 'CONNECT 10.0.2.2:PORT HTTP/1.1'"
 try connect-metadata "$ask; ask 'CONNECT 169.254.169.254:80 HTTP/1.1'"
 "#;
 
+/// A build that installed `tree` with apt from the image's own repositories, through the
+/// proxy vmic runs on the host (the builder VM has no NIC).
+fn installed_tree_through_the_proxy(built: &common::Customized) {
+    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
+    for line in ["through vmic's proxy", "apt-get -y -q install tree"] {
+        assert!(
+            built.stderr.contains(line),
+            "{line:?} in:\n{}",
+            built.stderr
+        );
+    }
+}
+
 #[test]
 fn packages_from_the_images_own_repositories_use_a_network() {
     // The host service a hostile image would like to reach: it must record nothing.
@@ -541,17 +554,7 @@ fn packages_from_the_images_own_repositories_use_a_network() {
     .expect("config");
     let output = work.path().join("out.qcow2");
     let built = customize_to("qcow2", &minimal_qcow2(), &config, &output, None, &[]);
-    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
-    assert!(
-        built.stderr.contains("through vmic's proxy"),
-        "{}",
-        built.stderr
-    );
-    assert!(
-        built.stderr.contains("apt-get -y -q install tree"),
-        "{}",
-        built.stderr
-    );
+    installed_tree_through_the_proxy(&built);
     // The builder VM has no NIC: the gateway and slirp's DNS are not even routable.
     for probe in ["gateway", "host-dns"] {
         assert!(
@@ -612,17 +615,7 @@ fn aarch64_packages_from_the_images_own_repositories_use_a_network() {
         None,
         &["--arch", "aarch64"],
     );
-    assert_eq!(built.code, Some(0), "customize failed:\n{}", built.stderr);
-    assert!(
-        built.stderr.contains("through vmic's proxy"),
-        "{}",
-        built.stderr
-    );
-    assert!(
-        built.stderr.contains("apt-get -y -q install tree"),
-        "{}",
-        built.stderr
-    );
+    installed_tree_through_the_proxy(&built);
     let status = run_debugfs_of(&image, &output, "qcow2", "cat /var/lib/dpkg/status");
     let tree = status
         .split("\n\n")
