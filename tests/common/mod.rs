@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use assert_cmd::Command;
@@ -480,6 +480,17 @@ pub fn boot_with(
     );
     booted.console = console;
     booted
+}
+
+/// The console without the kernel's own messages (`[   12.345678] ...` lines). printk writes
+/// straight to the UART, so on a busy host one can land inside a line a program was writing
+/// through the tty and split it; taking them out joins the program's line again.
+pub fn without_kernel_messages(console: &str) -> String {
+    static KERNEL_MESSAGE: OnceLock<regex::Regex> = OnceLock::new();
+    KERNEL_MESSAGE
+        .get_or_init(|| regex::Regex::new(r"\[ *[0-9]+\.[0-9]{6}\] [^\n]*\n").expect("a regex"))
+        .replace_all(console, "")
+        .into_owned()
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
