@@ -1,5 +1,5 @@
 //! PID 1: the mount table, `vmic.*` kernel command line keys, the boot modules (loaded by
-//! `modules.rs`), the server child, reaping, and the one way out: sync and power off.
+//! `modules.rs`), the build's memory bound (`memory.rs`), the server child, reaping, and the one way out: sync and power off.
 
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};
@@ -164,6 +164,19 @@ pub fn run() -> ! {
         note(&mut notes, Level::Warn, warning);
     }
     load_modules(Path::new(MODULES_BOOT), &mut notes);
+    // Before the fork: the server and everything it runs inherit the cgroup.
+    match crate::memory::limit_build_memory() {
+        Ok(high) => note(
+            &mut notes,
+            Level::Debug,
+            format!("the build's memory.high: {} MiB", high >> 20),
+        ),
+        Err(error) => note(
+            &mut notes,
+            Level::Warn,
+            format!("no memory bound for the build (the host's memory use will grow with the image): {error:#}"),
+        ),
+    }
     note(
         &mut notes,
         Level::Debug,
@@ -200,6 +213,17 @@ pub fn run() -> ! {
         _ => reap_until(server_pid),
     }
     power_off()
+}
+
+/// cgroup2 on `target`, for the build's memory bound (`memory.rs`).
+pub(crate) fn mount_cgroup2(target: &'static str) -> io::Result<()> {
+    mount_one(&Mount {
+        source: "cgroup2",
+        target,
+        fstype: "cgroup2",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: "",
+    })
 }
 
 fn mount_one(mount: &Mount) -> io::Result<()> {

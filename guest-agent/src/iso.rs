@@ -877,6 +877,7 @@ fn make_rootfs_squashfs(
     let options = argv::SquashfsOptions {
         compression,
         processors: Some(request.squashfs.threads.max(1)),
+        memory_mib: crate::memory::mksquashfs_memory_mib(),
         excludes: rootfs_excludes(root, request.iso.keep_kdump_boot_files),
         progress: false,
         source_date_epoch: Some(epoch),

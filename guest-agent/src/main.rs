@@ -22,6 +22,7 @@ mod init;
 mod inspect;
 mod inventory;
 mod iso;
+mod memory;
 mod modules;
 mod pipeline;
 mod relay;

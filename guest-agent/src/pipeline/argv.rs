@@ -206,6 +206,8 @@ pub struct SquashfsOptions {
     pub compression: SquashfsCompression,
     /// `-processors`; `None`: all CPUs.
     pub processors: Option<u32>,
+    /// `-mem` in MiB (its queues and caches); `None`: mksquashfs' default, a quarter of RAM.
+    pub memory_mib: Option<u64>,
     /// Patterns relative to the source (mksquashfs `-wildcards`), e.g. [`ROOTFS_EXCLUDES`].
     pub excludes: Vec<String>,
     /// Show mksquashfs' progress bar (`\r`-updated) instead of `-no-progress`.
@@ -284,6 +286,9 @@ pub fn mksquashfs_argv(source: &str, dest: &str, options: &SquashfsOptions) -> V
     }
     if let Some(processors) = options.processors {
         argv.extend(strings(["-processors", &processors.to_string()]));
+    }
+    if let Some(memory) = options.memory_mib {
+        argv.extend(strings(["-mem", &format!("{memory}M")]));
     }
     if let Some(epoch) = options.source_date_epoch {
         argv.extend(strings([
@@ -674,6 +679,7 @@ mod tests {
         let rootfs = SquashfsOptions {
             compression: SquashfsCompression::Zstd { level: Some(19) },
             processors: Some(4),
+            memory_mib: None,
             excludes: ROOTFS_EXCLUDES.iter().map(|e| (*e).to_owned()).collect(),
             progress: false,
             source_date_epoch: Some(1_700_000_000),
@@ -706,6 +712,27 @@ mod tests {
             },
         );
         assert!(xz.ends_with(&strings(["-comp", "xz"])), "{xz:?}");
+        let bounded = mksquashfs_argv(
+            "/src",
+            "/out.img",
+            &SquashfsOptions {
+                memory_mib: Some(128),
+                excludes: vec!["boot/*".into()],
+                ..SquashfsOptions::default()
+            },
+        );
+        // Before the exclude list, which must come last.
+        assert!(
+            bounded.ends_with(&strings([
+                "-mem",
+                "128M",
+                "-no-progress",
+                "-wildcards",
+                "-e",
+                "boot/*"
+            ])),
+            "{bounded:?}"
+        );
     }
 
     #[test]
