@@ -705,7 +705,16 @@ fn unpack_iso(
     verify_input_rootfs(record)?;
     let root = work.join("root");
     let image = Path::new(INPUT_ISO).join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
-    let mut argv = strings(["unsquashfs", "-no-progress", "-f", "-d"]);
+    let mut argv = strings(["unsquashfs", "-no-progress", "-f"]);
+    if let Some(queue) = crate::memory::unsquashfs_queue_mib() {
+        argv.extend(strings([
+            "-da",
+            &queue.to_string(),
+            "-fr",
+            &queue.to_string(),
+        ]));
+    }
+    argv.push("-d".into());
     argv.push(root.to_string_lossy().into_owned());
     argv.push(image.to_string_lossy().into_owned());
     build

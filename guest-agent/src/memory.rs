@@ -35,6 +35,12 @@ pub fn mksquashfs_memory_mib() -> Option<u64> {
     HIGH.get().map(|high| mksquashfs_memory_for(*high))
 }
 
+/// unsquashfs' data and fragment queues (`-da`, `-fr`) in MiB, each half of mksquashfs' share:
+/// their default, 256 MiB each, is as much anonymous memory as the whole bound of a 4 GiB VM.
+pub fn unsquashfs_queue_mib() -> Option<u64> {
+    HIGH.get().map(|high| mksquashfs_memory_for(*high) / 2)
+}
+
 fn mksquashfs_memory_for(high: u64) -> u64 {
     (high / 4 / MIB).max(64)
 }
@@ -94,6 +100,8 @@ mod tests {
         assert_eq!(mksquashfs_memory_for(1024 * MIB), 256);
         assert_eq!(mksquashfs_memory_for(256 * MIB), 64);
         assert_eq!(mksquashfs_memory_for(200 * MIB), 64);
+        // unsquashfs' two queues share the same quarter.
+        assert_eq!(mksquashfs_memory_for(512 * MIB) / 2, 64);
     }
 
     #[test]
