@@ -1,5 +1,6 @@
 //! PID 1: the mount table, `vmic.*` kernel command line keys, the boot modules (loaded by
-//! `modules.rs`), the build's memory bound (`memory.rs`), the server child, reaping, and the one way out: sync and power off.
+//! `modules.rs`), the build's memory bound (`memory.rs`), the server child, reaping, and the
+//! one way out: sync and power off.
 
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};

@@ -38,7 +38,7 @@ pub fn mksquashfs_memory_mib() -> Option<u64> {
 /// unsquashfs' data and fragment queues (`-da`, `-fr`) in MiB, each half of mksquashfs' share:
 /// their default, 256 MiB each, is as much anonymous memory as the whole bound of a 4 GiB VM.
 pub fn unsquashfs_queue_mib() -> Option<u64> {
-    HIGH.get().map(|high| mksquashfs_memory_for(*high) / 2)
+    mksquashfs_memory_mib().map(|memory| memory / 2)
 }
 
 fn mksquashfs_memory_for(high: u64) -> u64 {
