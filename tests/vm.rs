@@ -196,6 +196,26 @@ fn session_and_agent_killed(arch: Arch, transport: TransportChoice) {
         );
         assert_eq!(String::from_utf8_lossy(&stderr), "oops\n");
 
+        // Everything the server runs is inside the build's memory cgroup (memory.rs), whose
+        // memory.high keeps the host's RSS flat: 1/8 of the VM within [256 MiB, 1 GiB].
+        let cgroup = vm
+            .session
+            .run(&[
+                "/bin/sh",
+                "-c",
+                "cat /proc/self/cgroup /sys/fs/cgroup/vmic-build/memory.high",
+            ])
+            .await
+            .expect("the build's cgroup");
+        let cgroup = String::from_utf8_lossy(&cgroup.stdout).into_owned();
+        let mut lines = cgroup.lines();
+        assert_eq!(lines.next(), Some("0::/vmic-build"), "{cgroup}");
+        let high: u64 = lines
+            .next()
+            .and_then(|line| line.parse().ok())
+            .unwrap_or_else(|| panic!("no memory.high in {cgroup:?}"));
+        assert!((256 << 20..=1 << 30).contains(&high), "memory.high {high}");
+
         let failed = vm.session.run(&["/bin/sh", "-c", "exit 3"]).await;
         let message = format!("{:#}", failed.expect_err("exit 3 is a failure"));
         assert!(message.contains("exited with 3"), "{message}");

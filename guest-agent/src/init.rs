@@ -48,6 +48,14 @@ const MOUNTS: &[Mount] = &[
         flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         data: "",
     },
+    // The build's memory bound (memory.rs) is a cgroup under it.
+    Mount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: "",
+    },
     Mount {
         source: "devtmpfs",
         target: "/dev",
@@ -214,17 +222,6 @@ pub fn run() -> ! {
         _ => reap_until(server_pid),
     }
     power_off()
-}
-
-/// cgroup2 on `target`, for the build's memory bound (`memory.rs`).
-pub(crate) fn mount_cgroup2(target: &'static str) -> io::Result<()> {
-    mount_one(&Mount {
-        source: "cgroup2",
-        target,
-        fstype: "cgroup2",
-        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        data: "",
-    })
 }
 
 fn mount_one(mount: &Mount) -> io::Result<()> {

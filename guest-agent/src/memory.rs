@@ -58,13 +58,12 @@ pub fn mem_total(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Mount cgroup2, create the build's cgroup with its `memory.high` and move this process (PID
-/// 1, before it forks the server) into it. Returns the bound in bytes.
+/// Create the build's cgroup (init mounted cgroup2 on `CGROUP_ROOT`) with its `memory.high`
+/// and move this process (PID 1, before it forks the server) into it. Returns the bound in bytes.
 pub fn limit_build_memory() -> anyhow::Result<u64> {
     let meminfo = fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
     let total = mem_total(&meminfo).context("no MemTotal in /proc/meminfo")?;
     let high = build_memory_high(total);
-    crate::init::mount_cgroup2(CGROUP_ROOT).context("mounting cgroup2")?;
     let write = |path: &str, value: &str| {
         fs::write(path, value).with_context(|| format!("writing {value:?} to {path}"))
     };
