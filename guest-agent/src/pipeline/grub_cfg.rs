@@ -1270,6 +1270,15 @@ menuentry 'Debian GNU/Linux' --class debian --class gnu-linux --class gnu --clas
         assert_eq!(append_kernel_args(&once, &args).expect("again"), once);
     }
 
+    /// Inside double quotes grub unescapes `\"`, `\\` and `\$` only; any other `\` stays.
+    #[test]
+    fn double_quotes_unescape_quote_backslash_and_dollar_only() {
+        let line = r#"linux "a\"b\\c\$d\ne" x"#;
+        let commands = lex(line);
+        let values: Vec<&str> = commands[0].iter().map(|w| w.value.as_str()).collect();
+        assert_eq!(values, ["linux", r#"a"b\c$d\ne"#, "x"]);
+    }
+
     #[test]
     fn replaced_args_go_wherever_they_were_and_quoted_ones_too() {
         let cfg =
