@@ -51,7 +51,7 @@ const MOUNTS: &[Mount] = &[
     // The build's memory bound (memory.rs) is a cgroup under it.
     Mount {
         source: "cgroup2",
-        target: "/sys/fs/cgroup",
+        target: crate::memory::CGROUP_ROOT,
         fstype: "cgroup2",
         flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         data: "",

@@ -705,18 +705,11 @@ fn unpack_iso(
     verify_input_rootfs(record)?;
     let root = work.join("root");
     let image = Path::new(INPUT_ISO).join(pipeline::ISO_ROOTFS_IMG.trim_start_matches('/'));
-    let mut argv = strings(["unsquashfs", "-no-progress", "-f"]);
-    if let Some(queue) = crate::memory::unsquashfs_queue_mib() {
-        argv.extend(strings([
-            "-da",
-            &queue.to_string(),
-            "-fr",
-            &queue.to_string(),
-        ]));
-    }
-    argv.push("-d".into());
-    argv.push(root.to_string_lossy().into_owned());
-    argv.push(image.to_string_lossy().into_owned());
+    let argv = argv::unsquashfs_argv(
+        &image.to_string_lossy(),
+        &root.to_string_lossy(),
+        crate::memory::unsquashfs_queue_mib(),
+    );
     build
         .run(&argv, None)
         .context("unpacking the input ISO's rootfs.img")?;

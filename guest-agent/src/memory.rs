@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 
 use anyhow::Context;
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Where init mounts cgroup2.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The cgroup PID 1 moves into before it forks the server: every process of the build
 /// inherits it.
 const BUILD_CGROUP: &str = "/sys/fs/cgroup/vmic-build";

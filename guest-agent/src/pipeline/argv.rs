@@ -308,6 +308,18 @@ pub fn mksquashfs_argv(source: &str, dest: &str, options: &SquashfsOptions) -> V
     argv
 }
 
+/// `unsquashfs -no-progress -f [-da N -fr N] -d DEST IMAGE`: unpack over DEST, which may
+/// exist. `queue_mib` bounds its data and fragment queues (MiB each; `None`: its default).
+pub fn unsquashfs_argv(image: &str, dest: &str, queue_mib: Option<u64>) -> Vec<String> {
+    let mut argv = strings(["unsquashfs", "-no-progress", "-f"]);
+    if let Some(queue) = queue_mib {
+        let queue = queue.to_string();
+        argv.extend(strings(["-da", &queue, "-fr", &queue]));
+    }
+    argv.extend(strings(["-d", dest, image]));
+    argv
+}
+
 // --- grub images and configs (step 7) -----------------------------------------------------
 
 /// Label of the El Torito EFI FAT image. It must differ from the ISO label, or `search
@@ -521,6 +533,36 @@ mod tests {
         insta::with_settings!({prepend_module_to_snapshot => false}, {
             insta::assert_snapshot!(name, argv.join("\n"));
         });
+    }
+
+    #[test]
+    fn unsquashfs_bounds_its_queues_before_the_destination_and_the_image_last() {
+        assert_eq!(
+            unsquashfs_argv("/in/rootfs.img", "/w/root", Some(64)),
+            strings([
+                "unsquashfs",
+                "-no-progress",
+                "-f",
+                "-da",
+                "64",
+                "-fr",
+                "64",
+                "-d",
+                "/w/root",
+                "/in/rootfs.img"
+            ])
+        );
+        assert_eq!(
+            unsquashfs_argv("/in/rootfs.img", "/w/root", None),
+            strings([
+                "unsquashfs",
+                "-no-progress",
+                "-f",
+                "-d",
+                "/w/root",
+                "/in/rootfs.img"
+            ])
+        );
     }
 
     #[test]
