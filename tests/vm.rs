@@ -550,6 +550,82 @@ mod failures {
         );
     }
 
+    /// Stands in for `vhost-device-vsock`: the first daemon vmic starts is the real one with
+    /// its host socket moved aside, and in its place a listener that takes every `CONNECT`
+    /// and never answers (the stuck daemon seen in the aarch64 bench); later ones are the real
+    /// daemon. Probes with other arguments (QEMU's `-sandbox` check) are refused.
+    const SWALLOWING_DAEMON: &str = r#"#!/usr/bin/env python3
+import ctypes, os, signal, socket, subprocess, sys
+args = sys.argv[1:]
+if args[:1] != ["--vm"] or len(args) != 2:
+    sys.exit(2)
+real = os.environ["VMIC_TEST_REAL_VSOCK_DAEMON"]
+marker = os.environ["VMIC_TEST_VSOCK_MARKER"]
+if os.path.exists(marker):
+    os.execv(real, [real] + args)
+open(marker, "w").close()
+options = dict(option.split("=", 1) for option in args[1].split(","))
+uds = options["uds-path"]
+options["uds-path"] = uds + ".hidden"
+libc = ctypes.CDLL(None)
+subprocess.Popen(
+    [real, "--vm", ",".join(f"{key}={value}" for key, value in options.items())],
+    preexec_fn=lambda: libc.prctl(1, signal.SIGKILL),
+)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(uds)
+server.listen(64)
+held = []
+while True:
+    held.append(server.accept()[0])
+"#;
+
+    #[test]
+    fn a_listening_agent_that_no_connect_reaches_gets_a_new_vm_before_the_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let _lock = super::ONE_VM_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = vmic::transport::vsock_daemon().expect("vhost-device-vsock (scripts/setup)");
+        let wrapper = dir.path().join("vhost-device-vsock");
+        fs_err::write(&wrapper, SWALLOWING_DAEMON).expect("writing the fake daemon");
+        fs_err::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let marker = dir.path().join("first-daemon-started");
+        let output = Command::cargo_bin("vmic")
+            .expect("vmic binary")
+            .args([
+                "doctor",
+                "--boot",
+                "--arch",
+                "x86_64",
+                "--transport",
+                "vsock",
+            ])
+            .env("VMIC_VSOCK_DAEMON", &wrapper)
+            .env("VMIC_TEST_REAL_VSOCK_DAEMON", &real)
+            .env("VMIC_TEST_VSOCK_MARKER", &marker)
+            .output()
+            .expect("run vmic doctor");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(marker.exists(), "the fake daemon ran\n{stdout}\n{stderr}");
+        // Given up on after the agent's patience, not at the 120 s deadline.
+        assert!(
+            stderr.contains("the agent has listened for 20 s and no connection reached it"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("starting the builder VM once more"),
+            "{stderr}"
+        );
+        assert!(
+            stdout.contains("boot x86_64 vsock: agent ready in"),
+            "the second VM answered\n{stdout}\n{stderr}"
+        );
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+    }
+
     #[test]
     fn a_vm_without_agent_shows_the_console_tail() {
         let _lock = super::ONE_VM_AT_A_TIME

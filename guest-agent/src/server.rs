@@ -69,7 +69,9 @@ fn lock(registry: &Registry) -> std::sync::MutexGuard<'_, HashMap<RequestId, Act
 pub fn run(spec: ChannelSpec, notes: Vec<Note>) -> anyhow::Result<()> {
     let expected = Expected::for_channel(spec)?;
     let mut opener = Opener::new(spec).with_context(|| format!("opening the {spec}"))?;
-    crate::console!("waiting for the host on the {spec}");
+    // The host watches the console for this line (its patience with an unanswered connection
+    // starts here): written whole, not through `console!`.
+    eprintln!("{} {spec}", vmic_protocol::AGENT_LISTENING_LINE);
     loop {
         let channel = opener
             .next()

@@ -200,45 +200,60 @@ pub fn is_rcu_stall_report(line: &str) -> bool {
     line.contains("rcu: INFO: rcu_") && line.contains("detected stall")
 }
 
-/// Counts the stall reports in a console stream, line by line across reads.
+/// Reads a builder VM's console line by line across reads: counts the kernel's stall reports
+/// and notes the agent's [`AGENT_LISTENING_LINE`](vmic_protocol::AGENT_LISTENING_LINE).
 #[derive(Default)]
-pub struct StallWatch {
+pub struct ConsoleWatch {
     partial: Vec<u8>,
     reports: usize,
+    listening: bool,
 }
 
-impl StallWatch {
+impl ConsoleWatch {
     /// Feed console bytes; true once [`STALL_REPORTS`] stall reports were seen.
     pub fn feed(&mut self, bytes: &[u8]) -> bool {
         for &byte in bytes {
             if byte == b'\n' {
-                if is_rcu_stall_report(&String::from_utf8_lossy(&self.partial)) {
+                let line = String::from_utf8_lossy(&self.partial);
+                if is_rcu_stall_report(&line) {
                     self.reports += 1;
+                }
+                // A kernel message may come first on the same line (printk and the agent
+                // write the console independently).
+                if line.contains(vmic_protocol::AGENT_LISTENING_LINE) {
+                    self.listening = true;
                 }
                 self.partial.clear();
             } else if self.partial.len() < 512 {
-                // A stall report's first line is short; longer lines are cut, not kept whole.
+                // Both lines looked for are short; longer lines are cut, not kept whole.
                 self.partial.push(byte);
             }
         }
         self.reports >= STALL_REPORTS
+    }
+
+    /// Whether the agent said that its channel listens.
+    pub fn agent_listening(&self) -> bool {
+        self.listening
     }
 }
 
 impl ConsoleRecorder {
     /// Record the console into `log`. When the guest kernel reports an RCU stall
     /// [`STALL_REPORTS`] times, `on_stall` runs once (the builder VM stops it: a stuck kernel
-    /// never finishes the build, and waiting would last until the build's timeout).
+    /// never finishes the build, and waiting would last until the build's timeout). `listening`
+    /// turns true when the agent says that it listens.
     pub fn spawn(
         mut stream: UnixStream,
         mut log: CappedLog,
         reporter: crate::report::Reporter,
         on_stall: impl FnOnce() + Send + 'static,
+        listening: tokio::sync::watch::Sender<bool>,
     ) -> ConsoleRecorder {
         ConsoleRecorder(tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 << 10];
             let mut failed = false;
-            let mut watch = StallWatch::default();
+            let mut watch = ConsoleWatch::default();
             let mut on_stall = Some(on_stall);
             // Keep reading after a write error: a console nobody reads stalls the guest.
             while let Ok(count @ 1..) = stream.read(&mut buffer).await {
@@ -251,7 +266,11 @@ impl ConsoleRecorder {
                         failed = true;
                     }
                 }
-                if watch.feed(&buffer[..count]) {
+                let stuck = watch.feed(&buffer[..count]);
+                if watch.agent_listening() && !*listening.borrow() {
+                    listening.send_replace(true);
+                }
+                if stuck {
                     if let Some(on_stall) = on_stall.take() {
                         reporter.warn(
                             crate::report::Source::Vmic,
@@ -398,7 +417,7 @@ mod tests {
 
     #[test]
     fn a_kernel_stuck_for_good_is_told_from_one_slow_moment() {
-        let mut watch = StallWatch::default();
+        let mut watch = ConsoleWatch::default();
         for report in 1..STALL_REPORTS {
             assert!(
                 !watch.feed(STALL.as_bytes()),
@@ -410,13 +429,13 @@ mod tests {
         assert!(!watch.feed(head));
         assert!(watch.feed(tail), "{STALL_REPORTS} reports: stuck");
 
-        let mut quiet = StallWatch::default();
+        let mut quiet = ConsoleWatch::default();
         for _ in 0..10 {
             let other = "[   24.1] rcu: RCU grace-period kthread stack dump:\nrcu: INFO: nothing\n";
             assert!(!quiet.feed(other.as_bytes()));
         }
         let self_detected = "[ 50.0] rcu: INFO: rcu_sched self-detected stall on CPU\n";
-        let mut watch = StallWatch::default();
+        let mut watch = ConsoleWatch::default();
         let fed: Vec<bool> = (0..STALL_REPORTS)
             .map(|_| watch.feed(self_detected.as_bytes()))
             .collect();
@@ -429,10 +448,14 @@ mod tests {
         let (mut guest, host) = UnixStream::pair().expect("a socket pair");
         let log = CappedLog::create(&dir.path().join("console.log"), 1 << 20).expect("log");
         let (fired, mut stopped) = tokio::sync::mpsc::unbounded_channel();
-        let recorder =
-            ConsoleRecorder::spawn(host, log, crate::report::Reporter::plain(), move || {
-                fired.send(()).expect("the test listens")
-            });
+        let (listening, _) = tokio::sync::watch::channel(false);
+        let recorder = ConsoleRecorder::spawn(
+            host,
+            log,
+            crate::report::Reporter::plain(),
+            move || fired.send(()).expect("the test listens"),
+            listening,
+        );
         use tokio::io::AsyncWriteExt;
         for _ in 0..STALL_REPORTS + 2 {
             guest
@@ -444,6 +467,62 @@ mod tests {
         recorder.finish(Duration::from_secs(10)).await;
         assert_eq!(stopped.recv().await, Some(()), "stopped");
         assert_eq!(stopped.recv().await, None, "once");
+    }
+
+    #[test]
+    fn the_agents_listening_line_is_noticed_whole_and_only_it() {
+        let mut watch = ConsoleWatch::default();
+        let line = format!(
+            "[    4.1] virtio_vsock: probe\n{} vsock port 1024\r\n",
+            vmic_protocol::AGENT_LISTENING_LINE
+        );
+        let (head, tail) = line.as_bytes().split_at(line.len() - 12);
+        watch.feed(head);
+        assert!(!watch.agent_listening(), "not before the line ends");
+        watch.feed(tail);
+        assert!(watch.agent_listening());
+
+        // After a kernel message written into the same line.
+        let mut interleaved = ConsoleWatch::default();
+        let line = format!(
+            "[    5.2] sr 0:0:0:0: attached{} serial port\n",
+            vmic_protocol::AGENT_LISTENING_LINE
+        );
+        interleaved.feed(line.as_bytes());
+        assert!(interleaved.agent_listening());
+
+        let mut other = ConsoleWatch::default();
+        other.feed(b"vmic-agent: mounting /proc\nvmic-agent: waiting for nothing\n");
+        other.feed(b"[ 2.0] Run /init as init process\n");
+        assert!(!other.agent_listening());
+    }
+
+    #[tokio::test]
+    async fn the_recorder_tells_when_the_agent_listens() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut guest, host) = UnixStream::pair().expect("a socket pair");
+        let log = CappedLog::create(&dir.path().join("console.log"), 1 << 20).expect("log");
+        let (listening, told) = tokio::sync::watch::channel(false);
+        let recorder = ConsoleRecorder::spawn(
+            host,
+            log,
+            crate::report::Reporter::plain(),
+            || panic!("no stall"),
+            listening,
+        );
+        use tokio::io::AsyncWriteExt;
+        guest
+            .write_all(b"[ 1.0] Linux version 6.1\nvmic-agent: mounting\n")
+            .await
+            .expect("console write");
+        let line = format!("{} vsock port 1024\n", vmic_protocol::AGENT_LISTENING_LINE);
+        guest
+            .write_all(line.as_bytes())
+            .await
+            .expect("console write");
+        drop(guest);
+        recorder.finish(Duration::from_secs(10)).await;
+        assert!(*told.borrow(), "told once the line was read");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::guest_image::GuestImage;
 use crate::qemu::{BuilderVm, Disk, QemuProcess};
 use crate::report::Source;
 use crate::session::Session;
-use crate::transport::{Transport, TransportKind};
+use crate::transport::{Transport, TransportKind, Unanswered};
 
 /// Options for starting a builder VM.
 #[derive(Debug, Clone)]
@@ -282,9 +282,12 @@ impl RunningVm {
                     }
                 }
             };
+            let (listening, agent_listens) = tokio::sync::watch::channel(false);
             let mut running = RunningVmStart {
                 token: token.clone(),
                 stalled,
+                // The second VM gets the whole deadline: a slow one is better than none.
+                agent_listens: (attempt == 1).then_some(agent_listens),
                 qemu,
                 channel,
                 console_log: console_log.clone(),
@@ -293,6 +296,7 @@ impl RunningVm {
                     log,
                     reporter.clone(),
                     on_stall,
+                    listening,
                 )),
                 reporter: reporter.clone(),
             };
@@ -413,12 +417,28 @@ struct RunningVmStart {
     reporter: crate::report::Reporter,
     /// Set when the console showed a stuck kernel (and QEMU was killed for it).
     stalled: Arc<AtomicBool>,
+    /// Turns true when the agent says on the console that it listens; with it, a connection
+    /// must reach the agent within [`AGENT_LISTENING_PATIENCE`] (see
+    /// [`Transport::connect_watching`]).
+    agent_listens: Option<tokio::sync::watch::Receiver<bool>>,
 }
+
+/// How long a listening agent may stay unreached before the VM counts as stuck: one
+/// `CONNECT` with its whole patience and part of a second. A healthy agent is reached within
+/// a second of its line, even under TCG on a loaded host.
+const AGENT_LISTENING_PATIENCE: Duration = Duration::from_secs(20);
 
 impl RunningVmStart {
     async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<Session> {
         let connect_and_greet = async {
-            let connection = self.channel.connect(deadline).await?;
+            let connection = match self.agent_listens.clone() {
+                Some(listens) => {
+                    self.channel
+                        .connect_watching(deadline, listens, AGENT_LISTENING_PATIENCE)
+                        .await?
+                }
+                None => self.channel.connect(deadline).await?,
+            };
             let remaining = deadline.saturating_duration_since(Instant::now());
             tokio::time::timeout(
                 remaining,
@@ -442,8 +462,10 @@ impl RunningVmStart {
         match outcome {
             Ok(session) => Ok(session),
             Err(error) => {
+                // Each of these is worth a new VM: nothing the image did caused them.
                 let timed_out = (!exited_early && Instant::now() >= deadline)
-                    || self.stalled.load(Ordering::SeqCst);
+                    || self.stalled.load(Ordering::SeqCst)
+                    || error.downcast_ref::<Unanswered>().is_some();
                 self.qemu.kill().await;
                 self.channel.shutdown().await;
                 // QEMU is gone: the console's last lines are in the log once the socket closed.

@@ -60,6 +60,9 @@ const _: () = assert!(MAX_FRAME_LEN >= 2 * CHUNK_LEN && CHUNK_LEN >= 64 << 10);
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// Name of the virtio-serial port the agent opens.
 pub const SERIAL_PORT_NAME: &str = "org.vmic.agent.0";
+/// The console line the agent prints once its channel listens (followed by the channel's
+/// name): from then on, a connection the host makes must reach it.
+pub const AGENT_LISTENING_LINE: &str = "vmic-agent: waiting for the host on the";
 
 pub type RequestId = u64;
 pub type Sha256 = [u8; 32];

@@ -90,6 +90,11 @@ pub fn select(choice: TransportChoice) -> anyhow::Result<TransportKind> {
     }
 }
 
+/// The agent said that it listens, and no connection reached it within the patience (seconds).
+#[derive(Debug, thiserror::Error)]
+#[error("the agent has listened for {} s and no connection reached it", .0.as_secs())]
+pub struct Unanswered(pub Duration);
+
 /// A transport set up for one VM: the QEMU channel, the kernel cmdline keys, and the daemon
 /// it needs, if any.
 pub struct Transport {
@@ -182,6 +187,39 @@ impl Transport {
         }
     }
 
+    /// [`connect`](Self::connect), with the agent's word that it listens: once `listening` turns
+    /// true, a fresh attempt starts (one sent earlier may never be answered) and the agent must
+    /// be reached within `patience`, or this fails with [`Unanswered`] long before `deadline`.
+    /// A builder VM in which no connection reaches a listening agent is stuck (seen with
+    /// vhost-device-vsock: every CONNECT unanswered for minutes, while a new VM answered at
+    /// once), so the caller starts a new one instead of waiting out the deadline.
+    pub async fn connect_watching(
+        &self,
+        deadline: Instant,
+        mut listening: tokio::sync::watch::Receiver<bool>,
+        patience: Duration,
+    ) -> anyhow::Result<Connection> {
+        let agent_listens = async {
+            if listening.wait_for(|listening| *listening).await.is_err() {
+                // The console closed without the line: QEMU is gone, which the caller sees.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            connected = self.connect(deadline) => connected,
+            () = agent_listens => {
+                let within = deadline.min(Instant::now() + patience);
+                self.connect(within).await.map_err(|error| {
+                    if Instant::now() < deadline {
+                        error.context(Unanswered(patience))
+                    } else {
+                        error
+                    }
+                })
+            }
+        }
+    }
+
     async fn try_connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
         match &self.channel {
             Channel::Serial { socket, .. } => {
@@ -213,7 +251,12 @@ impl Transport {
                     .max(Duration::from_secs(2));
                 let read = tokio::time::timeout(patience, reader.read_line(&mut line))
                     .await
-                    .context("no answer to CONNECT")??;
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "no answer to CONNECT within {:.1} s",
+                            patience.as_secs_f64()
+                        )
+                    })??;
                 if read == 0 || !line.starts_with("OK ") {
                     bail!("vsock CONNECT refused ({})", line.trim());
                 }
@@ -303,6 +346,99 @@ mod tests {
         let mut line = String::new();
         reader.read_line(&mut line).await.expect("reading CONNECT");
         (reader, line)
+    }
+
+    fn fake_vhost_user(dir: &Path, connect_patience: Duration) -> Transport {
+        Transport {
+            kind: TransportKind::VhostUserVsock,
+            channel: Channel::VhostUserVsock {
+                socket: dir.join("qemu.sock"),
+            },
+            uds_path: Some(dir.join("vsock.sock")),
+            daemon: None,
+            connect_patience,
+        }
+    }
+
+    #[tokio::test]
+    async fn once_the_agent_listens_a_fresh_connect_replaces_the_pending_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = tokio::net::UnixListener::bind(dir.path().join("vsock.sock")).expect("bind");
+        let (listening, told) = tokio::sync::watch::channel(false);
+        // The first CONNECT is swallowed; the agent's line comes while it waits; the CONNECT
+        // after it is answered.
+        let daemon = tokio::spawn(async move {
+            let (first, _) = listener.accept().await.expect("first");
+            let (first, _) = read_connect(first).await;
+            listening.send_replace(true);
+            let (second, _) = listener.accept().await.expect("second");
+            let (mut second, line) = read_connect(second).await;
+            assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}\n"));
+            second.get_mut().write_all(b"OK 1\n").await.expect("answer");
+            (first, second)
+        });
+        // Without the fresh attempt, the first one would wait its whole minute and fail.
+        let transport = fake_vhost_user(dir.path(), Duration::from_secs(60));
+        let connected = transport
+            .connect_watching(
+                Instant::now() + Duration::from_secs(60),
+                told,
+                Duration::from_secs(30),
+            )
+            .await;
+        assert!(connected.is_ok(), "{:#}", connected.err().expect("error"));
+        daemon.await.expect("the daemon saw both CONNECTs");
+    }
+
+    #[tokio::test]
+    async fn a_listening_agent_never_reached_fails_before_the_deadline() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = tokio::net::UnixListener::bind(dir.path().join("vsock.sock")).expect("bind");
+        // A daemon that swallows every CONNECT, as the stuck one did.
+        let daemon = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let (_listening, told) = tokio::sync::watch::channel(true);
+        let transport = fake_vhost_user(dir.path(), Duration::from_millis(300));
+        let error = transport
+            .connect_watching(
+                Instant::now() + Duration::from_secs(60),
+                told,
+                Duration::from_millis(500),
+            )
+            .await
+            .err()
+            .expect("nothing answers");
+        assert!(error.downcast_ref::<Unanswered>().is_some(), "{error:#}");
+        daemon.abort();
+
+        // Without the agent's line, the same daemon fails the connection only at the deadline,
+        // and not as unanswered.
+        let (_silent, untold) = tokio::sync::watch::channel(false);
+        let listener =
+            tokio::net::UnixListener::bind(dir.path().join("vsock2.sock")).expect("bind");
+        let daemon = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut transport = fake_vhost_user(dir.path(), Duration::from_millis(300));
+        transport.uds_path = Some(dir.path().join("vsock2.sock"));
+        let error = transport
+            .connect_watching(
+                Instant::now() + Duration::from_secs(3),
+                untold,
+                Duration::from_millis(500),
+            )
+            .await
+            .err()
+            .expect("nothing answers");
+        assert!(error.downcast_ref::<Unanswered>().is_none(), "{error:#}");
+        daemon.abort();
     }
 
     #[tokio::test]
