@@ -442,29 +442,41 @@ mod tests {
         assert_eq!(fed.last(), Some(&true), "{fed:?}");
     }
 
-    #[tokio::test]
-    async fn the_recorder_stops_a_stuck_kernel_once() {
+    /// Records `output` as a guest console through a [`ConsoleRecorder`] until its end.
+    async fn record(
+        output: &[&[u8]],
+        on_stall: impl FnOnce() + Send + 'static,
+        listening: tokio::sync::watch::Sender<bool>,
+    ) {
+        use tokio::io::AsyncWriteExt;
         let dir = tempfile::tempdir().expect("temp dir");
         let (mut guest, host) = UnixStream::pair().expect("a socket pair");
         let log = CappedLog::create(&dir.path().join("console.log"), 1 << 20).expect("log");
-        let (fired, mut stopped) = tokio::sync::mpsc::unbounded_channel();
-        let (listening, _) = tokio::sync::watch::channel(false);
         let recorder = ConsoleRecorder::spawn(
             host,
             log,
             crate::report::Reporter::plain(),
-            move || fired.send(()).expect("the test listens"),
+            on_stall,
             listening,
         );
-        use tokio::io::AsyncWriteExt;
-        for _ in 0..STALL_REPORTS + 2 {
-            guest
-                .write_all(STALL.as_bytes())
-                .await
-                .expect("console write");
+        for bytes in output {
+            guest.write_all(bytes).await.expect("console write");
         }
         drop(guest);
         recorder.finish(Duration::from_secs(10)).await;
+    }
+
+    #[tokio::test]
+    async fn the_recorder_stops_a_stuck_kernel_once() {
+        let (fired, mut stopped) = tokio::sync::mpsc::unbounded_channel();
+        let (listening, _) = tokio::sync::watch::channel(false);
+        let output = vec![STALL.as_bytes(); STALL_REPORTS + 2];
+        record(
+            &output,
+            move || fired.send(()).expect("the test listens"),
+            listening,
+        )
+        .await;
         assert_eq!(stopped.recv().await, Some(()), "stopped");
         assert_eq!(stopped.recv().await, None, "once");
     }
@@ -499,29 +511,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_recorder_tells_when_the_agent_listens() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (mut guest, host) = UnixStream::pair().expect("a socket pair");
-        let log = CappedLog::create(&dir.path().join("console.log"), 1 << 20).expect("log");
         let (listening, told) = tokio::sync::watch::channel(false);
-        let recorder = ConsoleRecorder::spawn(
-            host,
-            log,
-            crate::report::Reporter::plain(),
+        let line = format!("{} vsock port 1024\n", vmic_protocol::AGENT_LISTENING_LINE);
+        record(
+            &[
+                b"[ 1.0] Linux version 6.1\nvmic-agent: mounting\n",
+                line.as_bytes(),
+            ],
             || panic!("no stall"),
             listening,
-        );
-        use tokio::io::AsyncWriteExt;
-        guest
-            .write_all(b"[ 1.0] Linux version 6.1\nvmic-agent: mounting\n")
-            .await
-            .expect("console write");
-        let line = format!("{} vsock port 1024\n", vmic_protocol::AGENT_LISTENING_LINE);
-        guest
-            .write_all(line.as_bytes())
-            .await
-            .expect("console write");
-        drop(guest);
-        recorder.finish(Duration::from_secs(10)).await;
+        )
+        .await;
         assert!(*told.borrow(), "told once the line was read");
     }
 

@@ -401,42 +401,25 @@ mod tests {
                 held.push(stream);
             }
         });
-        let (_listening, told) = tokio::sync::watch::channel(true);
         let transport = fake_vhost_user(dir.path(), Duration::from_millis(300));
-        let error = transport
-            .connect_watching(
-                Instant::now() + Duration::from_secs(60),
+        let fails = |deadline: Duration, listening: bool| {
+            let (sender, told) = tokio::sync::watch::channel(listening);
+            let connecting = transport.connect_watching(
+                Instant::now() + deadline,
                 told,
                 Duration::from_millis(500),
-            )
-            .await
-            .err()
-            .expect("nothing answers");
+            );
+            async move {
+                let outcome = connecting.await;
+                drop(sender);
+                outcome.err().expect("nothing answers")
+            }
+        };
+        let error = fails(Duration::from_secs(60), true).await;
         assert!(error.downcast_ref::<Unanswered>().is_some(), "{error:#}");
-        daemon.abort();
-
         // Without the agent's line, the same daemon fails the connection only at the deadline,
         // and not as unanswered.
-        let (_silent, untold) = tokio::sync::watch::channel(false);
-        let listener =
-            tokio::net::UnixListener::bind(dir.path().join("vsock2.sock")).expect("bind");
-        let daemon = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
-        let mut transport = fake_vhost_user(dir.path(), Duration::from_millis(300));
-        transport.uds_path = Some(dir.path().join("vsock2.sock"));
-        let error = transport
-            .connect_watching(
-                Instant::now() + Duration::from_secs(3),
-                untold,
-                Duration::from_millis(500),
-            )
-            .await
-            .err()
-            .expect("nothing answers");
+        let error = fails(Duration::from_secs(3), false).await;
         assert!(error.downcast_ref::<Unanswered>().is_none(), "{error:#}");
         daemon.abort();
     }
