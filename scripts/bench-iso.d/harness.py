@@ -396,6 +396,9 @@ def run_vmic(arch, disk, config, out_dir, run, vmic, guest_image_dir, name="vmic
         total_seconds=document["totalSeconds"], iso_size=iso.stat().st_size,
         squashfs=parse_squashfs(compression.group(1)) if compression else None,
         notes=[f"mksquashfs {squashfs_text(compression.group(1))}"] if compression else [],
+        # A builder VM whose agent was never reached is replaced (vm.rs): its cost is in the
+        # wall time, and the table says so.
+        restarts=text.count("starting the builder VM once more"),
     )
     return result
 
@@ -473,6 +476,7 @@ def summarize(runs):
         "walls": [r["wall"] for r in runs],
         "loads": [r["load"] for r in runs],
         "others": [r["others_cores"] for r in runs],
+        "restarts": [r.get("restarts", 0) for r in runs],
         "cpu": statistics.median(r["cpu"] for r in runs),
         "peak_disk": statistics.median(r["peak_disk"] for r in runs),
         "peak_rss": statistics.median(r["peak_rss"] for r in runs),
@@ -542,7 +546,9 @@ def markdown(results, info, runs):
         "jobs shared the machine. In brackets per run: the 1-minute load average at its start "
         "(it still carries the previous run), then the CPU the rest of the machine used during "
         "it, in cores (all busy CPU time from `/proc/stat` minus the run's own, from rusage, "
-        "and the watcher's; kernel writeback counts as others). CPU s: the run's own CPU time.",
+        "and the watcher's; kernel writeback counts as others); ↻N: N builder VMs replaced because "
+        "their agent was never reached (the time is in the run's wall). CPU s: the run's own "
+        "CPU time.",
         "",
         "Peak disk: allocated bytes (st_blocks × 512) of the build dir, polled every ~0.5 s "
         "(the output ISO is written outside it). Peak RSS: sum of VmRSS over the run's whole "
@@ -559,8 +565,10 @@ def markdown(results, info, runs):
             s = results[arch].get(pipeline)
             if s is None:
                 continue
-            runs_text = ", ".join(f"{w:.1f} [{l:.2f} / {o:.2f}]"
-                                  for w, l, o in zip(s["walls"], s["loads"], s["others"]))
+            restarts = s.get("restarts", [0] * len(s["walls"]))
+            runs_text = ", ".join(f"{w:.1f} [{l:.2f} / {o:.2f}]" + (f" ↻{n}" if n else "")
+                                  for w, l, o, n in zip(s["walls"], s["loads"], s["others"],
+                                                        restarts))
             lines.append(
                 f"| {arch} | {name} | {s['wall']:.1f} | {runs_text} | {s['cpu']:.0f} | "
                 f"{mib(s['peak_disk'])} | "
