@@ -286,8 +286,9 @@ impl RunningVm {
             let mut running = RunningVmStart {
                 token: token.clone(),
                 stalled,
+                agent_listens,
                 // The second VM gets the whole deadline: a slow one is better than none.
-                agent_listens: (attempt == 1).then_some(agent_listens),
+                listening_patience: (attempt == 1).then_some(AGENT_LISTENING_PATIENCE),
                 qemu,
                 channel,
                 console_log: console_log.clone(),
@@ -417,10 +418,12 @@ struct RunningVmStart {
     reporter: crate::report::Reporter,
     /// Set when the console showed a stuck kernel (and QEMU was killed for it).
     stalled: Arc<AtomicBool>,
-    /// Turns true when the agent says on the console that it listens; with it, a connection
-    /// must reach the agent within [`AGENT_LISTENING_PATIENCE`] (see
+    /// Turns true when the agent says on the console that it listens (see
     /// [`Transport::connect_watching`]).
-    agent_listens: Option<tokio::sync::watch::Receiver<bool>>,
+    agent_listens: tokio::sync::watch::Receiver<bool>,
+    /// How long a connection may take to reach the listening agent before this VM counts as
+    /// stuck; `None`: until the deadline.
+    listening_patience: Option<Duration>,
 }
 
 /// How long a listening agent may stay unreached before the VM counts as stuck: one
@@ -431,14 +434,14 @@ const AGENT_LISTENING_PATIENCE: Duration = Duration::from_secs(20);
 impl RunningVmStart {
     async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<Session> {
         let connect_and_greet = async {
-            let connection = match self.agent_listens.clone() {
-                Some(listens) => {
-                    self.channel
-                        .connect_watching(deadline, listens, AGENT_LISTENING_PATIENCE)
-                        .await?
-                }
-                None => self.channel.connect(deadline).await?,
-            };
+            let connection = self
+                .channel
+                .connect_watching(
+                    deadline,
+                    self.agent_listens.clone(),
+                    self.listening_patience,
+                )
+                .await?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             tokio::time::timeout(
                 remaining,

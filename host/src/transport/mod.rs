@@ -44,6 +44,10 @@ impl TransportKind {
 pub const VSOCK_DAEMON: &str = "vhost-device-vsock";
 /// How long one vhost-user `CONNECT` waits for its answer before a fresh one is sent.
 const CONNECT_ATTEMPT_PATIENCE: Duration = Duration::from_secs(15);
+/// How long vhost-user vsock holds its first `CONNECT` back for the agent's console line
+/// (see [`Transport::connect_watching`]); a console that says nothing costs at most this.
+/// The agent listens 4-8 s after QEMU starts here, ~20 s on a loaded host.
+const SILENT_CONSOLE_GRACE: Duration = Duration::from_secs(30);
 
 /// Whether the kernel's vhost-vsock device can be opened.
 pub fn vhost_vsock_usable() -> bool {
@@ -105,6 +109,8 @@ pub struct Transport {
     daemon: Option<QemuProcess>,
     /// [`CONNECT_ATTEMPT_PATIENCE`]; shorter in tests.
     connect_patience: Duration,
+    /// [`SILENT_CONSOLE_GRACE`]; other in tests.
+    silent_console_grace: Duration,
 }
 
 impl Transport {
@@ -121,6 +127,7 @@ impl Transport {
                 uds_path: None,
                 daemon: None,
                 connect_patience: CONNECT_ATTEMPT_PATIENCE,
+                silent_console_grace: SILENT_CONSOLE_GRACE,
             }),
             TransportKind::VhostVsock => Ok(Transport {
                 kind,
@@ -132,6 +139,7 @@ impl Transport {
                 uds_path: None,
                 daemon: None,
                 connect_patience: CONNECT_ATTEMPT_PATIENCE,
+                silent_console_grace: SILENT_CONSOLE_GRACE,
             }),
             TransportKind::VhostUserVsock => {
                 let daemon_binary = vsock_daemon().context("vhost-device-vsock not found")?;
@@ -157,6 +165,7 @@ impl Transport {
                     uds_path: Some(uds_path),
                     daemon: Some(daemon),
                     connect_patience: CONNECT_ATTEMPT_PATIENCE,
+                    silent_console_grace: SILENT_CONSOLE_GRACE,
                 })
             }
         }
@@ -187,17 +196,26 @@ impl Transport {
         }
     }
 
-    /// [`connect`](Self::connect), with the agent's word that it listens: once `listening` turns
-    /// true, a fresh attempt starts (one sent earlier may never be answered) and the agent must
-    /// be reached within `patience`, or this fails with [`Unanswered`] long before `deadline`.
-    /// A builder VM in which no connection reaches a listening agent is stuck (seen with
-    /// vhost-device-vsock: every CONNECT unanswered for minutes, while a new VM answered at
-    /// once), so the caller starts a new one instead of waiting out the deadline.
+    /// [`connect`](Self::connect), with the agent's word that it listens (`listening` turns
+    /// true when its console line came).
+    ///
+    /// vhost-user vsock sends no CONNECT before that word, or before [`SILENT_CONSOLE_GRACE`]
+    /// without it: vhost-device-vsock 0.3 handles a CONNECT that arrives before the guest set
+    /// up its virtqueues with an error (its log: `Received a backend event before vring
+    /// initialization`, once per early CONNECT), and a failure there can end the daemon's
+    /// worker (vhost-user-backend's event loop stops on an error), after which every CONNECT
+    /// goes unanswered: the stall seen in the aarch64 bench. Once the agent listens, the
+    /// guest's vsock device is up.
+    ///
+    /// Once the agent listens, a fresh attempt starts (one sent earlier may never be answered)
+    /// and, with a `patience`, the agent must be reached within it, or this fails with
+    /// [`Unanswered`] long before `deadline`: a VM in which no connection reaches a listening
+    /// agent is stuck, and the caller starts a new one instead of waiting out the deadline.
     pub async fn connect_watching(
         &self,
         deadline: Instant,
         mut listening: tokio::sync::watch::Receiver<bool>,
-        patience: Duration,
+        patience: Option<Duration>,
     ) -> anyhow::Result<Connection> {
         let agent_listens = async {
             if listening.wait_for(|listening| *listening).await.is_err() {
@@ -205,19 +223,38 @@ impl Transport {
                 std::future::pending::<()>().await;
             }
         };
+        tokio::pin!(agent_listens);
+        if self.kind == TransportKind::VhostUserVsock {
+            let hold = deadline.min(Instant::now() + self.silent_console_grace);
+            let heard = tokio::time::timeout_at(hold.into(), &mut agent_listens).await;
+            if heard.is_ok() {
+                return self.connect_listening(deadline, patience).await;
+            }
+            tracing::debug!("no word from the agent yet: connecting anyway");
+        }
         tokio::select! {
             connected = self.connect(deadline) => connected,
-            () = agent_listens => {
-                let within = deadline.min(Instant::now() + patience);
-                self.connect(within).await.map_err(|error| {
-                    if Instant::now() < deadline {
-                        error.context(Unanswered(patience))
-                    } else {
-                        error
-                    }
-                })
-            }
+            () = &mut agent_listens => self.connect_listening(deadline, patience).await,
         }
+    }
+
+    /// Connect to an agent that said it listens, within `patience` if given.
+    async fn connect_listening(
+        &self,
+        deadline: Instant,
+        patience: Option<Duration>,
+    ) -> anyhow::Result<Connection> {
+        let Some(patience) = patience else {
+            return self.connect(deadline).await;
+        };
+        let within = deadline.min(Instant::now() + patience);
+        self.connect(within).await.map_err(|error| {
+            if Instant::now() < deadline {
+                error.context(Unanswered(patience))
+            } else {
+                error
+            }
+        })
     }
 
     async fn try_connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
@@ -357,6 +394,7 @@ mod tests {
             uds_path: Some(dir.join("vsock.sock")),
             daemon: None,
             connect_patience,
+            silent_console_grace: Duration::from_secs(60),
         }
     }
 
@@ -377,17 +415,57 @@ mod tests {
             second.get_mut().write_all(b"OK 1\n").await.expect("answer");
             (first, second)
         });
-        // Without the fresh attempt, the first one would wait its whole minute and fail.
-        let transport = fake_vhost_user(dir.path(), Duration::from_secs(60));
+        // Without the fresh attempt, the first one would wait its whole minute and fail. The
+        // console said nothing at first: connecting at once, as after the grace.
+        let mut transport = fake_vhost_user(dir.path(), Duration::from_secs(60));
+        transport.silent_console_grace = Duration::ZERO;
         let connected = transport
             .connect_watching(
                 Instant::now() + Duration::from_secs(60),
                 told,
-                Duration::from_secs(30),
+                Some(Duration::from_secs(30)),
             )
             .await;
         assert!(connected.is_ok(), "{:#}", connected.err().expect("error"));
         daemon.await.expect("the daemon saw both CONNECTs");
+    }
+
+    #[tokio::test]
+    async fn no_connect_is_sent_before_the_agent_listens() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let listener = tokio::net::UnixListener::bind(dir.path().join("vsock.sock")).expect("bind");
+        let (listening, told) = tokio::sync::watch::channel(false);
+        let line_came = Arc::new(AtomicBool::new(false));
+        let daemon = {
+            let line_came = line_came.clone();
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.expect("a CONNECT");
+                // A CONNECT before the line is what upsets vhost-device-vsock 0.3.
+                let early = !line_came.load(Ordering::SeqCst);
+                let (mut stream, _) = read_connect(stream).await;
+                stream.get_mut().write_all(b"OK 1\n").await.expect("answer");
+                (early, stream)
+            })
+        };
+        let transport = fake_vhost_user(dir.path(), Duration::from_secs(15));
+        let connecting = tokio::spawn(async move {
+            transport
+                .connect_watching(Instant::now() + Duration::from_secs(60), told, None)
+                .await
+                .map(|_| ())
+        });
+        // Room for a CONNECT that should not be sent (a negative cannot be waited for).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        line_came.store(true, Ordering::SeqCst);
+        listening.send_replace(true);
+        let (early, _stream) = daemon.await.expect("the daemon");
+        assert!(!early, "a CONNECT came before the agent's line");
+        connecting
+            .await
+            .expect("joined")
+            .expect("connected once the agent listens");
     }
 
     #[tokio::test]
@@ -407,7 +485,7 @@ mod tests {
             let connecting = transport.connect_watching(
                 Instant::now() + deadline,
                 told,
-                Duration::from_millis(500),
+                Some(Duration::from_millis(500)),
             );
             async move {
                 let outcome = connecting.await;
@@ -449,6 +527,7 @@ mod tests {
             uds_path: Some(uds),
             daemon: None,
             connect_patience: Duration::from_millis(300),
+            silent_console_grace: Duration::ZERO,
         };
         let connected = transport
             .connect(Instant::now() + Duration::from_secs(10))
