@@ -181,7 +181,7 @@ impl Transport {
 
     /// Connect to the agent, retrying until it listens or `deadline` passes. The caller races
     /// this against QEMU exiting.
-    pub async fn connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
+    async fn connect(&self, deadline: Instant) -> anyhow::Result<Connection> {
         loop {
             match self.try_connect(deadline).await {
                 Ok(connection) => return Ok(connection),
@@ -505,8 +505,7 @@ mod tests {
     #[tokio::test]
     async fn a_connect_left_unanswered_is_sent_again() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let uds = dir.path().join("vsock.sock");
-        let listener = tokio::net::UnixListener::bind(&uds).expect("bind");
+        let listener = tokio::net::UnixListener::bind(dir.path().join("vsock.sock")).expect("bind");
         // A daemon that swallows the first CONNECT (as one sent before the guest's vsock
         // device was up) and answers the second.
         let daemon = tokio::spawn(async move {
@@ -519,16 +518,7 @@ mod tests {
             second.get_mut().write_all(b"OK 1\n").await.expect("answer");
             (first, second)
         });
-        let transport = Transport {
-            kind: TransportKind::VhostUserVsock,
-            channel: Channel::VhostUserVsock {
-                socket: dir.path().join("qemu.sock"),
-            },
-            uds_path: Some(uds),
-            daemon: None,
-            connect_patience: Duration::from_millis(300),
-            silent_console_grace: Duration::ZERO,
-        };
+        let transport = fake_vhost_user(dir.path(), Duration::from_millis(300));
         let connected = transport
             .connect(Instant::now() + Duration::from_secs(10))
             .await;
