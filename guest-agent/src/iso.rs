@@ -841,6 +841,15 @@ fn make_initrds(
             .iter()
             .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_file())),
     );
+    let fast_ldd = match install_fast_ldd(root) {
+        Ok(()) => true,
+        Err(error) => {
+            build.log(format!(
+                "dracut runs the image's own ldd (vmic's could not be installed: {error:#})"
+            ));
+            false
+        }
+    };
     let result = (|| {
         for kernel in &plan.kernels {
             match compress {
@@ -851,8 +860,12 @@ fn make_initrds(
                 None => build.log(format!("dracut for kernel {}", kernel.version)),
             }
             let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd, compress, network);
+            let mut env = argv::source_date_epoch_env(epoch);
+            if fast_ldd {
+                env.push(("DRACUT_LDD".into(), crate::ldd::LDD_CHROOT_PATH.into()));
+            }
             build
-                .run_unchecked(&dracut, Some(root), argv::source_date_epoch_env(epoch))
+                .run_unchecked(&dracut, Some(root), env)
                 .and_then(|result| succeeded(&dracut, result))
                 .with_context(|| {
                     format!("regenerating the initrd for kernel {}", kernel.version)
@@ -863,7 +876,39 @@ fn make_initrds(
     if let Ok(path) = scoped_join(root, argv::DRACUT_LIVE_CONF_PATH) {
         let _ = std::fs::remove_file(path);
     }
+    if fast_ldd {
+        if let Ok(path) = fast_ldd_path(root) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     result
+}
+
+/// Where [`install_fast_ldd`] puts it, its last component not resolved: a link there is
+/// what gets removed, not what it points at.
+fn fast_ldd_path(root: &Path) -> anyhow::Result<PathBuf> {
+    let (dir, name) = crate::ldd::LDD_CHROOT_PATH
+        .rsplit_once('/')
+        .context("an absolute path")?;
+    Ok(scoped_join(root, dir)?.join(name))
+}
+
+/// The agent itself as dracut's `ldd` inside the chroot (see [`crate::ldd`]). The chroot's
+/// `/run` is the build's tmpfs, but a script may have left something at the name: removed
+/// first (a link is removed, not followed), then created anew.
+fn install_fast_ldd(root: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let target = fast_ldd_path(root)?;
+    let _ = std::fs::remove_file(&target);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&target)
+        .with_context(|| format!("creating {}", target.display()))?;
+    std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, &mut out)
+        .context("copying the agent")?;
+    Ok(())
 }
 
 fn make_rootfs_squashfs(

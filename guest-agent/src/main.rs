@@ -22,6 +22,7 @@ mod init;
 mod inspect;
 mod inventory;
 mod iso;
+mod ldd;
 mod memory;
 mod modules;
 mod pipeline;
@@ -52,6 +53,12 @@ usage: vmic-agent                 as PID 1 (the builder VM's /init): init, then 
        vmic-agent --cmdline       serve on the channel named by vmic.* keys in /proc/cmdline";
 
 fn main() -> ExitCode {
+    // Copied into an image's chroot as dracut's `ldd` (see `ldd`).
+    let mut args = std::env::args_os();
+    let program = args.next().unwrap_or_default();
+    if std::path::Path::new(&program).file_name() == Some(std::ffi::OsStr::new(ldd::LDD_NAME)) {
+        return ldd::main(args.collect());
+    }
     server::install_panic_hook();
     if std::process::id() == 1 {
         init::run();
