@@ -1,8 +1,8 @@
-//! Fuzz entries for the agent's parsers of image-controlled files: `/etc/fstab`, grub.cfg and
-//! the ISO settings record. Compiled into the fuzz crate and into the agent's tests, where
+//! Fuzz entries for the agent's parsers of image-controlled files: `/etc/fstab`, grub.cfg, the
+//! ISO settings record, and ELF headers and `ldd` scripts (dracut's `ldd`). Compiled into the fuzz crate and into the agent's tests, where
 //! `crate::pipeline` is the same module.
 
-use crate::pipeline::{fstab, grub_cfg, iso_record};
+use crate::pipeline::{elf, fstab, grub_cfg, iso_record};
 
 /// `/etc/fstab` → mount plan: never panics; an accepted plan mounts absolute, distinct mount
 /// points, parents (shallower) first.
@@ -71,6 +71,34 @@ pub fn iso_record(data: &[u8]) {
     assert_eq!(record, again);
 }
 
+/// An image file's first bytes as an ELF header, and as an `ldd` script: never panics; an
+/// identity has a known class and byte order; the loaders read are words without shell
+/// syntax; the loader chosen for the identity is one of them.
+pub fn elf(data: &[u8]) {
+    let id = elf::elf_id(data);
+    if let Some(id) = id {
+        assert!(matches!(id.class, 1 | 2), "{id:?}");
+        assert!(matches!(id.data, 1 | 2), "{id:?}");
+    }
+    let Some(list) = elf::rtld_list(&String::from_utf8_lossy(data)) else {
+        return;
+    };
+    assert!(!list.is_empty());
+    for rtld in &list {
+        assert!(
+            !rtld.is_empty() && !rtld.contains(char::is_whitespace),
+            "{list:?}"
+        );
+        assert!(!rtld.contains(['$', '`', '"', '\'', ';']), "{list:?}");
+    }
+    if let Some(id) = id {
+        let candidates: Vec<(String, Option<elf::ElfId>)> =
+            list.iter().map(|rtld| (rtld.clone(), Some(id))).collect();
+        let chosen = elf::choose_rtld(&id, &candidates).expect("a loader for its own target");
+        assert_eq!(chosen, list[0]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -115,5 +143,10 @@ mod tests {
     #[test]
     fn iso_record_corpus() {
         replay("iso_record", super::iso_record);
+    }
+
+    #[test]
+    fn elf_corpus() {
+        replay("elf", super::elf);
     }
 }

@@ -66,6 +66,7 @@
 
 pub mod argv;
 pub mod bootloader;
+pub mod elf;
 pub mod fstab;
 pub mod grub_cfg;
 pub mod inventory;
