@@ -31,30 +31,23 @@ pub fn elf_id(head: &[u8]) -> Option<ElfId> {
         return None;
     }
     let (class, data) = (head[4], head[5]);
-    let u16_at = |at: usize| -> Option<u16> {
-        let bytes: [u8; 2] = head.get(at..at.checked_add(2)?)?.try_into().ok()?;
-        match data {
-            1 => Some(u16::from_le_bytes(bytes)),
-            2 => Some(u16::from_be_bytes(bytes)),
-            _ => None,
-        }
+    let big_endian = match data {
+        1 => false,
+        2 => true,
+        _ => return None,
     };
-    let u32_at = |at: usize| -> Option<u32> {
-        let bytes: [u8; 4] = head.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        match data {
-            1 => Some(u32::from_le_bytes(bytes)),
-            2 => Some(u32::from_be_bytes(bytes)),
-            _ => None,
-        }
+    // `n` bytes at `at` as a number in the file's byte order.
+    let bytes_at = |at: usize, n: usize| -> Option<u64> {
+        let bytes = head.get(at..at.checked_add(n)?)?;
+        let push = |acc: u64, byte: &u8| acc << 8 | u64::from(*byte);
+        Some(match big_endian {
+            true => bytes.iter().fold(0, push),
+            false => bytes.iter().rev().fold(0, push),
+        })
     };
-    let u64_at = |at: usize| -> Option<u64> {
-        let bytes: [u8; 8] = head.get(at..at.checked_add(8)?)?.try_into().ok()?;
-        match data {
-            1 => Some(u64::from_le_bytes(bytes)),
-            2 => Some(u64::from_be_bytes(bytes)),
-            _ => None,
-        }
-    };
+    let u16_at = |at| bytes_at(at, 2).map(|v| v as u16);
+    let u32_at = |at| bytes_at(at, 4).map(|v| v as u32);
+    let u64_at = |at| bytes_at(at, 8);
     let e_type = u16_at(16)?;
     let machine = u16_at(18)?;
     // e_phoff, e_phentsize, e_phnum: where the two classes differ.
@@ -116,29 +109,21 @@ mod tests {
         head[..4].copy_from_slice(b"\x7fELF");
         head[4] = class;
         head[5] = data;
-        let put16 = |head: &mut Vec<u8>, at: usize, value: u16| {
-            let bytes = if data == 1 {
-                value.to_le_bytes()
-            } else {
-                value.to_be_bytes()
-            };
-            head[at..at + 2].copy_from_slice(&bytes);
+        // `value`'s low `n` bytes at `at`, in the header's byte order.
+        let put = |head: &mut Vec<u8>, at: usize, n: usize, value: u64| {
+            let bytes = value.to_le_bytes();
+            let field = &mut head[at..at + n];
+            field.copy_from_slice(&bytes[..n]);
+            if data == 2 {
+                field.reverse();
+            }
         };
-        let put32 = |head: &mut Vec<u8>, at: usize, value: u32| {
-            let bytes = if data == 1 {
-                value.to_le_bytes()
-            } else {
-                value.to_be_bytes()
-            };
-            head[at..at + 4].copy_from_slice(&bytes);
-        };
+        let put16 = |head: &mut Vec<u8>, at, value: u16| put(head, at, 2, value.into());
+        let put32 = |head: &mut Vec<u8>, at, value: u32| put(head, at, 4, value.into());
         put16(&mut head, 16, e_type);
         put16(&mut head, 18, machine);
         if class == 2 {
-            head[32] = if data == 1 { 64 } else { 0 };
-            if data == 2 {
-                head[39] = 64;
-            }
+            put(&mut head, 32, 8, 64);
             put16(&mut head, 54, 56);
             put16(&mut head, 56, 1);
             put32(&mut head, 64, ptype);
