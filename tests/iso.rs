@@ -209,6 +209,18 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
             "{}",
             built.stderr
         );
+        // dracut took its ldd from DRACUT_LDD: vmic-ldd, which traced the ELF files itself.
+        let traced: usize = built
+            .stderr
+            .split("vmic-ldd traced ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no vmic-ldd tally: {}", built.stderr));
+        assert!(
+            traced >= 50,
+            "vmic-ldd traced {traced} files: {}",
+            built.stderr
+        );
         let steps = &built.timestamps["steps"];
         eprintln!(
             "live ISO from qcow2: {:.1} s wall, {:.1} s total per --timestamp-file, steps {steps}",

@@ -884,38 +884,65 @@ fn make_initrds(
         let _ = std::fs::remove_file(path);
     }
     if fast_ldd {
-        if let Ok(path) = fast_ldd_path(root) {
-            let _ = std::fs::remove_file(path);
+        match read_ldd_tally(root) {
+            Ok((traced, handed_over)) => build.log(format!(
+                "dracut's ldd: vmic-ldd traced {traced} ELF files itself and handed {handed_over} to the image's ldd"
+            )),
+            Err(error) => build.log(format!("dracut's ldd: no tally ({error:#})")),
+        }
+        for path in [crate::ldd::LDD_CHROOT_PATH, crate::ldd::LDD_TALLY_PATH] {
+            if let Ok(path) = run_file_path(root, path) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
     result
 }
 
-/// Where [`install_fast_ldd`] puts it, its last component not resolved: a link there is
-/// what gets removed, not what it points at.
-fn fast_ldd_path(root: &Path) -> anyhow::Result<PathBuf> {
-    let (dir, name) = crate::ldd::LDD_CHROOT_PATH
-        .rsplit_once('/')
-        .context("an absolute path")?;
+/// A file of the chroot's `/run` (the build's tmpfs), its last component not resolved: a link
+/// a script left there is what gets removed or refused, not what it points at.
+fn run_file_path(root: &Path, path: &str) -> anyhow::Result<PathBuf> {
+    let (dir, name) = path.rsplit_once('/').context("an absolute path")?;
     Ok(scoped_join(root, dir)?.join(name))
 }
 
-/// The agent itself as dracut's `ldd` inside the chroot (see [`crate::ldd`]). The chroot's
-/// `/run` is the build's tmpfs, but a script may have left something at the name: removed
-/// first (a link is removed, not followed), then created anew.
-fn install_fast_ldd(root: &Path) -> anyhow::Result<()> {
+/// A new, empty file there (whatever was at the name is removed first).
+fn create_run_file(root: &Path, path: &str, mode: u32) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let target = fast_ldd_path(root)?;
+    let target = run_file_path(root, path)?;
     let _ = std::fs::remove_file(&target);
-    let mut out = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o755)
+        .mode(mode)
         .open(&target)
-        .with_context(|| format!("creating {}", target.display()))?;
+        .with_context(|| format!("creating {}", target.display()))
+}
+
+/// The agent itself as dracut's `ldd` inside the chroot (see [`crate::ldd`]), and its tally.
+fn install_fast_ldd(root: &Path) -> anyhow::Result<()> {
+    create_run_file(root, crate::ldd::LDD_TALLY_PATH, 0o644)?;
+    let mut out = create_run_file(root, crate::ldd::LDD_CHROOT_PATH, 0o755)?;
     std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, &mut out)
         .context("copying the agent")?;
     Ok(())
+}
+
+/// How many ELF files vmic-ldd traced and how many it handed to the image's `ldd`. Bounded,
+/// and not through a link: the image's programs could write there too.
+fn read_ldd_tally(root: &Path) -> anyhow::Result<(usize, usize)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = run_file_path(root, crate::ldd::LDD_TALLY_PATH)?;
+    let mut marks = Vec::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?
+        .take(1 << 20)
+        .read_to_end(&mut marks)?;
+    let count = |mark| marks.iter().filter(|m| **m == mark).count();
+    Ok((count(crate::ldd::TRACED), count(crate::ldd::HANDED_OVER)))
 }
 
 fn make_rootfs_squashfs(

@@ -29,6 +29,14 @@ pub const LDD_NAME: &str = "vmic-ldd";
 /// the squashfs.
 pub const LDD_CHROOT_PATH: &str = "/run/vmic-ldd";
 
+/// One byte per run, appended (`t`: traced here, `s`: handed to the script): the agent reads
+/// it after dracut to say how dracut's `ldd` answered. Created by the agent; never here.
+pub const LDD_TALLY_PATH: &str = "/run/vmic-ldd.tally";
+
+/// The tally's marks.
+pub const TRACED: u8 = b't';
+pub const HANDED_OVER: u8 = b's';
+
 /// How much of a file is read for its ELF header and program headers.
 const HEAD_BYTES: usize = 64 * 1024;
 
@@ -45,7 +53,12 @@ pub const TRACE_ENV: [(&str, &str); 5] = [
 /// Run as `ldd`: trace the one dynamic ELF file given, or hand over to the image's `ldd`.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let system_ldd = find_in_path("ldd");
-    match trace_plan(&args, system_ldd.as_deref()) {
+    let plan = trace_plan(&args, system_ldd.as_deref());
+    tally(match plan {
+        Some(_) => TRACED,
+        None => HANDED_OVER,
+    });
+    match plan {
         Some((rtld, file)) => {
             // The script prints the loader's stdout and stderr together on its stdout.
             let stderr = std::io::stdout()
@@ -78,6 +91,16 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                 ExitCode::from(127)
             }
         },
+    }
+}
+
+fn tally(mark: u8) {
+    use std::io::Write;
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .append(true)
+        .open(LDD_TALLY_PATH)
+    {
+        let _ = file.write_all(&[mark]);
     }
 }
 
