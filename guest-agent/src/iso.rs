@@ -81,26 +81,49 @@ pub fn build(request: IsoBuild, context: &RequestContext) -> anyhow::Result<IsoO
         false => None,
     };
     let settings = outcome_settings(&request, record.as_ref());
-    let made = match &record {
-        Some(record) if request.remaster_only => remaster(&mut build, &mut job, record, &settings)?,
-        _ => rebuild_rootfs(&mut build, &mut job, record.as_ref(), &settings)?,
-    };
-    copy_additional_files(&job.tree, &request.iso.additional_files).context(match request.pxe {
-        Some(_) => "pxe.additionalFiles",
-        None => "iso.additionalFiles",
-    })?;
-    let (size, sha256) = match &request.pxe {
-        Some(pxe) => make_pxe(&build, &mut job, pxe, made.epoch)?,
-        None => make_iso(&build, &mut job, made.epoch)?,
-    };
-    build.end_step();
-    Ok(IsoOutcome {
-        size,
-        sha256,
-        rootfs_sha256: hex_to_digest(&made.rootfs_sha256)?,
-        steps: build.steps,
-        source_date_epoch: made.epoch,
-        packages: made.packages,
+    std::thread::scope(|scope| {
+        // A re-master keeps the input's rootfs.img, which its record vouches for: the sha256 is
+        // checked beside the work (under TCG, seconds of reading and hashing otherwise on the
+        // critical path), and the ISO written meanwhile is returned only if it matches.
+        let verified = match &record {
+            Some(record) if request.remaster_only => {
+                Some(scope.spawn(move || verify_input_rootfs(record)))
+            }
+            _ => None,
+        };
+        let outcome = (|| {
+            let made = match &record {
+                Some(record) if request.remaster_only => {
+                    remaster(&mut build, &mut job, record, &settings)?
+                }
+                _ => rebuild_rootfs(&mut build, &mut job, record.as_ref(), &settings)?,
+            };
+            copy_additional_files(&job.tree, &request.iso.additional_files).context(
+                match request.pxe {
+                    Some(_) => "pxe.additionalFiles",
+                    None => "iso.additionalFiles",
+                },
+            )?;
+            let (size, sha256) = match &request.pxe {
+                Some(pxe) => make_pxe(&build, &mut job, pxe, made.epoch)?,
+                None => make_iso(&build, &mut job, made.epoch)?,
+            };
+            build.end_step();
+            Ok(IsoOutcome {
+                size,
+                sha256,
+                rootfs_sha256: hex_to_digest(&made.rootfs_sha256)?,
+                steps: std::mem::take(&mut build.steps),
+                source_date_epoch: made.epoch,
+                packages: made.packages,
+            })
+        })();
+        if let Some(verified) = verified {
+            verified
+                .join()
+                .expect("the rootfs.img check does not panic")?;
+        }
+        outcome
     })
 }
 
@@ -611,7 +634,7 @@ fn remaster_tree(
             request.iso.label
         );
     }
-    verify_input_rootfs(record)?;
+    // rootfs.img is checked against the record beside this (see `build`).
     // rootfs.img is most of the ISO: bind-mount it into the tree instead of copying it (under
     // TCG the copy alone costs seconds, and re-mastering must stay cheap).
     let rootfs_in_iso = pipeline::ISO_ROOTFS_IMG.trim_start_matches('/');
