@@ -951,19 +951,12 @@ fn install_fast_ldd(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How many ELF files vmic-ldd traced and how many it handed to the image's `ldd`. Bounded,
-/// and not through a link: the image's programs could write there too.
+/// How many ELF files vmic-ldd traced and how many it handed to the image's `ldd`. Read as
+/// any file of the image (bounded, regular files only, no last link followed): the image's
+/// programs could write there too.
 fn read_ldd_tally(root: &Path) -> anyhow::Result<(usize, usize)> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = run_file_path(root, crate::ldd::LDD_TALLY_PATH)?;
-    let mut marks = Vec::new();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?
-        .take(1 << 20)
-        .read_to_end(&mut marks)?;
+    let marks = crate::rootfs::read_image_file(root, crate::ldd::LDD_TALLY_PATH, 1 << 20)?
+        .context("missing")?;
     let count = |mark| marks.iter().filter(|m| **m == mark).count();
     Ok((count(crate::ldd::TRACED), count(crate::ldd::HANDED_OVER)))
 }

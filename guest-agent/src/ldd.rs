@@ -143,8 +143,7 @@ fn read_head(path: &Path) -> Option<Vec<u8>> {
 /// A loader candidate's identity, when it is an executable regular file (the script's
 /// `test -x`).
 fn executable_elf_id(path: &Path) -> Option<ElfId> {
-    let metadata = std::fs::metadata(path).ok()?;
-    if !metadata.is_file() || metadata.permissions().mode() & 0o111 == 0 {
+    if !is_executable_file(path) {
         return None;
     }
     elf_id(&read_head(path)?)
@@ -155,10 +154,12 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
-        .find(|candidate| {
-            std::fs::metadata(candidate)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|candidate| is_executable_file(candidate))
+}
+
+/// A regular file someone may execute (the script's and `execlp`'s `test -x`).
+fn is_executable_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
