@@ -39,6 +39,9 @@ RECIPE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = RECIPE_DIR.parent
 FORMAT_VERSION = 1  # bump when the output layout changes in a way the host must know about
 AGENT_BIN = "vmic-agent"
+# The agent's LD_PRELOAD for an image's dracut-install (guest-agent/preload; the agent's
+# dracut_install::PRELOAD_GUEST_PATH).
+PRELOAD_PATH = "usr/lib/vmic/vmic-preload.so"
 KEEP_BUILDS_PER_ARCH = 3
 
 
@@ -189,6 +192,7 @@ def main(argv: list[str]) -> int:
 
 def build_arch(settings: Settings, arch: ArchSettings, guest_dir: Path) -> Path:
     agent = settings.agent or build_agent(arch)
+    preload = build_preload(arch)
     apt = PrivateApt(guest_dir / "apt" / arch.debian_arch, arch, settings.recipe["debian"])
     apt.prepare(arch.stubs)
     apt.update(force=settings.refresh)
@@ -196,6 +200,7 @@ def build_arch(settings: Settings, arch: ArchSettings, guest_dir: Path) -> Path:
 
     inputs = BuildInputs(arch=arch.arch, recipe_sha256=recipe_sha256(), packages=packages,
                          agent_sha256=sha256_file(agent),
+                         preload_sha256=sha256_file(preload),
                          init_sha256=sha256_file(settings.init) if settings.init else None,
                          compress=settings.compress)
     out_dir = guest_dir / f"{arch.arch}-{inputs.key()}"
@@ -206,7 +211,7 @@ def build_arch(settings: Settings, arch: ArchSettings, guest_dir: Path) -> Path:
         started = time.monotonic()
         debs = apt.download(arch.packages, packages)
         with tempfile.TemporaryDirectory(prefix=f".build-{arch.arch}-", dir=guest_dir) as work:
-            make_image(settings, arch, inputs, debs, agent, Path(work), out_dir)
+            make_image(settings, arch, inputs, debs, agent, preload, Path(work), out_dir)
             if settings.keep_work:
                 kept = guest_dir / f".work-{out_dir.name}"
                 shutil.rmtree(kept, ignore_errors=True)
@@ -220,7 +225,8 @@ def build_arch(settings: Settings, arch: ArchSettings, guest_dir: Path) -> Path:
 
 
 def make_image(settings: Settings, arch: ArchSettings, inputs: BuildInputs,
-               debs: list[Path], agent: Path, work: Path, out_dir: Path) -> None:
+               debs: list[Path], agent: Path, preload: Path, work: Path,
+               out_dir: Path) -> None:
     root = work / "root"
     staging_out = work / "out"
     root.mkdir()
@@ -234,7 +240,7 @@ def make_image(settings: Settings, arch: ArchSettings, inputs: BuildInputs,
                                             arch.on_demand_modules)
     install_busybox_links(root)
     prune_tree(root, arch.prune, arch.keep)
-    make_base_files(root, agent, settings.init)
+    make_base_files(root, agent, preload, settings.init)
     check_shared_libraries(root)
 
     manifest = {
@@ -248,6 +254,7 @@ def make_image(settings: Settings, arch: ArchSettings, inputs: BuildInputs,
         "stubbed_packages": sorted(arch.stubs),
         "agent_sha256": inputs.agent_sha256,
         "init_sha256": inputs.init_sha256 or inputs.agent_sha256,
+        "preload_sha256": inputs.preload_sha256,
         "recipe_sha256": inputs.recipe_sha256,
         "modules_boot": [module_name(path) for path in boot_order],
         "modules_load_order": [module_name(path) for path in load_order],
@@ -279,6 +286,23 @@ def build_agent(arch: ArchSettings) -> Path:
     return agent
 
 
+def build_preload(arch: ArchSettings) -> Path:
+    """The shared object of guest-agent/preload (its own cargo workspace: no_std, panic=abort),
+    in a directory of the main target directory."""
+    crate = REPO_ROOT / "guest-agent" / "preload"
+    metadata = json.loads(run(["cargo", "metadata", "--format-version", "1", "--no-deps"],
+                              cwd=REPO_ROOT))
+    target_dir = Path(metadata["target_directory"]) / "preload"
+    log(f"{arch.arch}: cargo build --release --target {arch.rust_target} (guest-agent/preload)")
+    # cwd: its .cargo/config.toml drops the musl targets' static C runtime.
+    run(["cargo", "build", "--release", "--quiet", "--locked", "--target", arch.rust_target,
+         "--target-dir", str(target_dir)], cwd=crate, capture=False)
+    preload = target_dir / arch.rust_target / "release" / "libvmic_preload.so"
+    if not preload.is_file():
+        raise BuildError(f"cargo did not produce {preload}")
+    return preload
+
+
 # --------------------------------------------------------------------------------------------
 # apt with a private configuration
 
@@ -289,12 +313,14 @@ class BuildInputs:
     recipe_sha256: str
     packages: dict[str, str]
     agent_sha256: str
+    preload_sha256: str
     init_sha256: str | None
     compress: str
 
     def key(self) -> str:
         lines = [f"vmic-guest-image {FORMAT_VERSION}", f"arch {self.arch}",
                  f"recipe {self.recipe_sha256}", f"agent {self.agent_sha256}",
+                 f"preload {self.preload_sha256}",
                  f"init {self.init_sha256 or 'agent'}", f"compress {self.compress}"]
         lines += [f"package {name}={version}" for name, version in sorted(self.packages.items())]
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
@@ -645,7 +671,7 @@ def prune_tree(root: Path, patterns: list[str], keep: list[str]) -> None:
                 path.unlink()
 
 
-def make_base_files(root: Path, agent: Path, init: Path | None) -> None:
+def make_base_files(root: Path, agent: Path, preload: Path, init: Path | None) -> None:
     for name, mode in [("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755),
                        ("tmp", 0o1777), ("var/tmp", 0o1777), ("mnt", 0o755), ("root", 0o700),
                        ("etc/vmic", 0o755)]:
@@ -660,6 +686,9 @@ def make_base_files(root: Path, agent: Path, init: Path | None) -> None:
     agent_path = root / "usr/bin" / AGENT_BIN
     shutil.copyfile(agent, agent_path)
     os.chmod(agent_path, 0o755)
+    (root / PRELOAD_PATH).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(preload, root / PRELOAD_PATH)
+    os.chmod(root / PRELOAD_PATH, 0o644)
     if init is None:
         (root / "init").symlink_to(f"usr/bin/{AGENT_BIN}")
     else:

@@ -221,6 +221,19 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
             "vmic-ldd traced {traced} files: {}",
             built.stderr
         );
+        // dracut ran dracut-install through vmic's wrapper: the preload library answered its
+        // clone requests, so its copies were made without a `cp` process each.
+        let copied: usize = built
+            .stderr
+            .split("dracut-install copied ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no dracut-install tally: {}", built.stderr));
+        assert!(
+            copied >= 200,
+            "dracut-install copied {copied} files itself: {}",
+            built.stderr
+        );
         let steps = &built.timestamps["steps"];
         eprintln!(
             "live ISO from qcow2: {:.1} s wall, {:.1} s total per --timestamp-file, steps {steps}",

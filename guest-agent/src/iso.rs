@@ -871,15 +871,7 @@ fn make_initrds(
             .iter()
             .any(|path| scoped_join(root, path).is_ok_and(|p| p.is_file())),
     );
-    let fast_ldd = match install_fast_ldd(root) {
-        Ok(()) => true,
-        Err(error) => {
-            build.log(format!(
-                "dracut runs the image's own ldd (vmic's could not be installed: {error:#})"
-            ));
-            false
-        }
-    };
+    let helpers = install_dracut_helpers(build, root);
     let result = (|| {
         for kernel in &plan.kernels {
             match compress {
@@ -891,8 +883,11 @@ fn make_initrds(
             }
             let dracut = argv::dracut_argv(&kernel.version, &kernel.initrd, compress, network);
             let mut env = argv::source_date_epoch_env(epoch);
-            if fast_ldd {
+            if helpers.ldd {
                 env.push(("DRACUT_LDD".into(), crate::ldd::LDD_CHROOT_PATH.into()));
+            }
+            if let Some(dracut_install) = &helpers.dracut_install {
+                env.push(("DRACUT_INSTALL".into(), dracut_install.clone()));
             }
             build
                 .run_unchecked(&dracut, Some(root), env)
@@ -906,24 +901,12 @@ fn make_initrds(
     if let Ok(path) = scoped_join(root, argv::DRACUT_LIVE_CONF_PATH) {
         let _ = std::fs::remove_file(path);
     }
-    if fast_ldd {
-        match read_ldd_tally(root) {
-            Ok((traced, handed_over)) => build.log(format!(
-                "dracut's ldd: vmic-ldd traced {traced} ELF files itself and handed {handed_over} to the image's ldd"
-            )),
-            Err(error) => build.log(format!("dracut's ldd: no tally ({error:#})")),
-        }
-        for path in [crate::ldd::LDD_CHROOT_PATH, crate::ldd::LDD_TALLY_PATH] {
-            if let Ok(path) = run_file_path(root, path) {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
+    helpers.report_and_remove(build, root);
     result
 }
 
-/// A file of the chroot's `/run` (the build's tmpfs), its last component not resolved: a link
-/// a script left there is what gets removed or refused, not what it points at.
+/// A path of the image with its last component not resolved: a link a script left at one of
+/// the chroot's `/run` names is what gets removed or refused, not what it points at.
 fn run_file_path(root: &Path, path: &str) -> anyhow::Result<PathBuf> {
     let (dir, name) = path.rsplit_once('/').context("an absolute path")?;
     Ok(scoped_join(root, dir)?.join(name))
@@ -942,23 +925,148 @@ fn create_run_file(root: &Path, path: &str, mode: u32) -> anyhow::Result<std::fs
         .with_context(|| format!("creating {}", target.display()))
 }
 
-/// The agent itself as dracut's `ldd` inside the chroot (see [`crate::ldd`]), and its tally.
+/// What the agent put into the chroot's `/run` to make dracut start fewer processes: itself as
+/// dracut's `ldd` ([`crate::ldd`]), and a `dracut-install` that copies files without `cp`
+/// ([`crate::dracut_install`]). Each is optional: without them dracut runs as the image has it.
+struct DracutHelpers {
+    /// `DRACUT_LDD` is set.
+    ldd: bool,
+    /// `DRACUT_INSTALL`, if set.
+    dracut_install: Option<String>,
+}
+
+const DRACUT_HELPER_FILES: [&str; 4] = [
+    crate::ldd::LDD_CHROOT_PATH,
+    crate::dracut_install::WRAPPER_CHROOT_PATH,
+    crate::dracut_install::PRELOAD_CHROOT_PATH,
+    crate::dracut_install::TALLY_PATH,
+];
+
+fn install_dracut_helpers(build: &Build<'_>, root: &Path) -> DracutHelpers {
+    let ldd = match install_fast_ldd(root) {
+        Ok(()) => true,
+        Err(error) => {
+            build.log(format!(
+                "dracut runs the image's own ldd (vmic's could not be installed: {error:#})"
+            ));
+            false
+        }
+    };
+    let dracut_install = match install_preload(root) {
+        Ok(Some(value)) => Some(value),
+        Ok(None) => {
+            build.log(
+                "dracut-install copies with cp: the image has no dracut-install where dracut looks",
+            );
+            None
+        }
+        Err(error) => {
+            build.log(format!(
+                "dracut-install copies with cp (vmic's preload could not be installed: {error:#})"
+            ));
+            None
+        }
+    };
+    DracutHelpers {
+        ldd,
+        dracut_install,
+    }
+}
+
+impl DracutHelpers {
+    /// Logs what the fast paths did (from the tally) and removes the helpers from `/run`.
+    fn report_and_remove(&self, build: &Build<'_>, root: &Path) {
+        if self.ldd || self.dracut_install.is_some() {
+            match read_dracut_tally(root) {
+                Ok(tally) => {
+                    if self.ldd {
+                        build.log(format!(
+                            "dracut's ldd: vmic-ldd traced {} ELF files itself and handed {} to the image's ldd",
+                            tally.count(crate::ldd::TRACED),
+                            tally.count(crate::ldd::HANDED_OVER)
+                        ));
+                    }
+                    if self.dracut_install.is_some() {
+                        build.log(format!(
+                            "dracut-install copied {} files in its own process and left {} to cp",
+                            tally.count(crate::dracut_install::COPIED),
+                            tally.count(crate::dracut_install::DECLINED)
+                        ));
+                    }
+                }
+                Err(error) => build.log(format!("dracut's helpers: no tally ({error:#})")),
+            }
+        }
+        for path in DRACUT_HELPER_FILES {
+            if let Ok(path) = run_file_path(root, path) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// The agent itself as dracut's `ldd` inside the chroot, and the tally it shares with the
+/// preload library.
 fn install_fast_ldd(root: &Path) -> anyhow::Result<()> {
-    create_run_file(root, crate::ldd::LDD_TALLY_PATH, 0o644)?;
-    let mut out = create_run_file(root, crate::ldd::LDD_CHROOT_PATH, 0o755)?;
-    std::io::copy(&mut std::fs::File::open("/proc/self/exe")?, &mut out)
-        .context("copying the agent")?;
+    create_run_file(root, crate::dracut_install::TALLY_PATH, 0o644)?;
+    copy_to_run_file(root, "/proc/self/exe", crate::ldd::LDD_CHROOT_PATH, 0o755)
+}
+
+/// A file of the builder VM copied to a new file of the chroot's `/run`.
+fn copy_to_run_file(root: &Path, source: &str, path: &str, mode: u32) -> anyhow::Result<()> {
+    let mut out = create_run_file(root, path, mode)?;
+    std::io::copy(
+        &mut std::fs::File::open(source).with_context(|| format!("opening {source}"))?,
+        &mut out,
+    )
+    .with_context(|| format!("copying {source}"))?;
     Ok(())
 }
 
-/// How many ELF files vmic-ldd traced and how many it handed to the image's `ldd`. Read as
-/// any file of the image (bounded, regular files only, no last link followed): the image's
-/// programs could write there too.
-fn read_ldd_tally(root: &Path) -> anyhow::Result<(usize, usize)> {
-    let marks = crate::rootfs::read_image_file(root, crate::ldd::LDD_TALLY_PATH, 1 << 20)?
+/// The preload library and the wrapper (the agent again) in the chroot; `DRACUT_INSTALL` for
+/// them, or `None` when the image has no `dracut-install` where dracut would find one.
+fn install_preload(root: &Path) -> anyhow::Result<Option<String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let present = |path: &str| {
+        run_file_path(root, path).is_ok_and(|path| {
+            std::fs::symlink_metadata(&path).is_ok_and(|meta| {
+                meta.file_type().is_symlink()
+                    || (meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+            })
+        })
+    };
+    let Some(program) = crate::dracut_install::image_dracut_install(present) else {
+        return Ok(None);
+    };
+    copy_to_run_file(
+        root,
+        crate::dracut_install::PRELOAD_GUEST_PATH,
+        crate::dracut_install::PRELOAD_CHROOT_PATH,
+        0o644,
+    )?;
+    copy_to_run_file(
+        root,
+        "/proc/self/exe",
+        crate::dracut_install::WRAPPER_CHROOT_PATH,
+        0o755,
+    )?;
+    Ok(Some(crate::dracut_install::dracut_install_env(&program)))
+}
+
+/// The tally's marks. Read as any file of the image (bounded, regular files only, no last link
+/// followed): the image's programs could write there too.
+struct Tally(Vec<u8>);
+
+impl Tally {
+    fn count(&self, mark: u8) -> usize {
+        self.0.iter().filter(|m| **m == mark).count()
+    }
+}
+
+fn read_dracut_tally(root: &Path) -> anyhow::Result<Tally> {
+    let marks = crate::rootfs::read_image_file(root, crate::dracut_install::TALLY_PATH, 1 << 20)?
         .context("missing")?;
-    let count = |mark| marks.iter().filter(|m| **m == mark).count();
-    Ok((count(crate::ldd::TRACED), count(crate::ldd::HANDED_OVER)))
+    Ok(Tally(marks))
 }
 
 fn make_rootfs_squashfs(

@@ -29,11 +29,8 @@ pub const LDD_NAME: &str = "vmic-ldd";
 /// the squashfs.
 pub const LDD_CHROOT_PATH: &str = "/run/vmic-ldd";
 
-/// One byte per run, appended (`t`: traced here, `s`: handed to the script): the agent reads
-/// it after dracut to say how dracut's `ldd` answered. Created by the agent; never here.
-pub const LDD_TALLY_PATH: &str = "/run/vmic-ldd.tally";
-
-/// The tally's marks.
+/// The tally's marks (see [`crate::dracut_install::TALLY_PATH`]): traced here, or handed to
+/// the image's `ldd`.
 pub const TRACED: u8 = b't';
 pub const HANDED_OVER: u8 = b's';
 
@@ -98,7 +95,7 @@ fn tally(mark: u8) {
     use std::io::Write;
     if let Ok(mut file) = std::fs::OpenOptions::new()
         .append(true)
-        .open(LDD_TALLY_PATH)
+        .open(crate::dracut_install::TALLY_PATH)
     {
         let _ = file.write_all(&[mark]);
     }

@@ -11,6 +11,7 @@ mod cpio;
 mod customize;
 mod disk;
 mod disks;
+mod dracut_install;
 mod exec;
 mod files;
 // The fuzz targets' entry functions for the pipeline's parsers: their corpora replay here.
@@ -53,11 +54,16 @@ usage: vmic-agent                 as PID 1 (the builder VM's /init): init, then 
        vmic-agent --cmdline       serve on the channel named by vmic.* keys in /proc/cmdline";
 
 fn main() -> ExitCode {
-    // Copied into an image's chroot as dracut's `ldd` (see `ldd`).
+    // Copied into an image's chroot as dracut's `ldd` (see `ldd`) and linked there as the
+    // `dracut-install` wrapper (see `dracut_install`).
     let mut args = std::env::args_os();
     let program = args.next().unwrap_or_default();
-    if std::path::Path::new(&program).file_name() == Some(std::ffi::OsStr::new(ldd::LDD_NAME)) {
+    let name = std::path::Path::new(&program).file_name();
+    if name == Some(std::ffi::OsStr::new(ldd::LDD_NAME)) {
         return ldd::main(args.collect());
+    }
+    if name == Some(std::ffi::OsStr::new(dracut_install::WRAPPER_NAME)) {
+        return dracut_install::main(args.collect());
     }
     server::install_panic_hook();
     if std::process::id() == 1 {
