@@ -210,12 +210,7 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
             built.stderr
         );
         // dracut took its ldd from DRACUT_LDD: vmic-ldd, which traced the ELF files itself.
-        let traced: usize = built
-            .stderr
-            .split("vmic-ldd traced ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no vmic-ldd tally: {}", built.stderr));
+        let traced = logged_count(&built.stderr, "vmic-ldd traced ");
         assert!(
             traced >= 50,
             "vmic-ldd traced {traced} files: {}",
@@ -223,12 +218,7 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
         );
         // dracut ran dracut-install through vmic's wrapper: the preload library answered its
         // clone requests, so its copies were made without a `cp` process each.
-        let copied: usize = built
-            .stderr
-            .split("dracut-install copied ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("no dracut-install tally: {}", built.stderr));
+        let copied = logged_count(&built.stderr, "dracut-install copied ");
         assert!(
             copied >= 200,
             "dracut-install copied {copied} files itself: {}",
@@ -242,6 +232,14 @@ fn shared_live_iso() -> &'static (PathBuf, f64, String) {
         );
         (iso, built.total_seconds(), built.stderr)
     })
+}
+
+/// The number after `prefix` in a build's log.
+fn logged_count(log: &str, prefix: &str) -> usize {
+    log.split(prefix)
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no `{prefix}N` in the log: {log}"))
 }
 
 /// The build cache the shared ISO's build fills (inside its directory, so new each run).
