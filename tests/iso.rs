@@ -280,6 +280,14 @@ fn a_rebuild_with_only_iso_changes_reuses_the_cached_build() {
         "{}",
         rebuilt.stderr
     );
+    // The host checked the cached ISO whole, so the builder VM did not hash its rootfs.img.
+    assert!(
+        rebuilt
+            .stderr
+            .contains("rootfs.img: the host checked the cached ISO it comes from"),
+        "{}",
+        rebuilt.stderr
+    );
     for evidence in [
         DRACUT_AND_MKSQUASHFS_RAN,
         SQUASHFS_COMPRESSION_CHOSEN,

@@ -105,7 +105,7 @@ pub async fn build(
         let input = input.clone();
         off_runtime(move || crate::provenance::sha256_hex(&input)).await?
     };
-    let cache = use_cache(settings, arch, &input_sha256, &mut planned, reporter)?;
+    let cache = use_cache(settings, arch, &input_sha256, &mut planned, reporter).await?;
     let input_disk = if let CacheUse::Hit(cached) = &cache {
         // The cached ISO is re-mastered: attached read-only like an ISO input.
         Disk {
@@ -247,8 +247,9 @@ pub async fn build(
                 // Copying the ISO into the cache is blocking work, like the hashing above.
                 let (cache, parts, iso) = (cache.clone(), parts.clone(), output_partial.clone());
                 let key = parts.key();
+                let sha256 = hex::encode(digest);
                 // A cache that cannot take the entry costs the next build time, not this one.
-                match off_runtime(move || cache.store(&parts, &iso)).await {
+                match off_runtime(move || cache.store(&parts, &iso, &sha256)).await {
                     Ok(crate::cache::Stored::TooLarge { size, max_bytes }) => reporter.note(
                         Source::Vmic,
                         format_args!(
@@ -556,7 +557,7 @@ enum CacheUse {
 
 /// Look the build up in the cache; on a hit, turn the request into a re-master of the cached
 /// ISO that replaces its `iso.*` settings with this build's.
-fn use_cache(
+async fn use_cache(
     settings: &CustomizeSettings,
     arch: Arch,
     input_sha256: &str,
@@ -601,18 +602,24 @@ fn use_cache(
         }
     };
     let cache = BuildCache::new(cache_settings.clone());
-    match cache.lookup(&parts) {
+    // A hit reads the whole cached ISO to check it: off the async runtime.
+    let lookup = {
+        let (cache, parts) = (cache.clone(), parts.clone());
+        off_runtime(move || Ok(cache.lookup(&parts))).await?
+    };
+    match lookup {
         Lookup::Hit(iso) => {
             reporter.note(
                 Source::Vmic,
                 format_args!(
-                    "build cache: hit: the cached ISO is re-mastered with this build's iso settings (no customization, dracut or mksquashfs); key {}",
+                    "build cache: hit: the cached ISO (its sha256 checked against the entry) is re-mastered with this build's iso settings (no customization, dracut or mksquashfs); key {}",
                     parts.key()
                 ),
             );
             request.input_is_iso = true;
             request.remaster_only = true;
             request.replace_iso_settings = true;
+            request.input_checked_by_host = true;
             Ok(CacheUse::Hit(iso))
         }
         Lookup::Miss(why) => {

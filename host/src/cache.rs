@@ -24,7 +24,7 @@ use vmic_protocol::IsoBuild;
 use crate::upload::Upload;
 
 /// Bumped when an entry's meaning changes: older entries then never match.
-pub const CACHE_FORMAT: u32 = 1;
+pub const CACHE_FORMAT: u32 = 2;
 
 /// Where and how big.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +207,12 @@ fn file_kind(guest: &str) -> String {
 pub struct EntryRecord {
     pub parts: KeyParts,
     pub iso_size: u64,
+    /// The stored ISO's sha256 (hex): a hit is checked against it here, natively, so that the
+    /// builder VM need not check the `rootfs.img` it keeps (seconds of hashing under TCG).
+    /// Empty in records of cache format 1, which never hit (the format is in the key) but are
+    /// still listed for eviction.
+    #[serde(default)]
+    pub iso_sha256: String,
 }
 
 /// The cache directory.
@@ -218,7 +224,7 @@ pub struct BuildCache {
 /// The answer of [`BuildCache::lookup`].
 #[derive(Debug)]
 pub enum Lookup {
-    /// The cached ISO to re-master.
+    /// The cached ISO to re-master, its bytes checked against the entry's record.
     Hit(PathBuf),
     /// Why not: no entry for this input, or what changed since the newest one for it.
     Miss(String),
@@ -246,12 +252,20 @@ impl BuildCache {
         self.settings.dir.join(format!("{key}.json"))
     }
 
-    /// The entry for `parts`, marked as used; or why there is none.
+    /// The entry for `parts`, checked against its record's sha256 and marked as used; or why
+    /// there is none. An entry whose ISO no longer matches is removed. Reads the whole ISO:
+    /// call it off the async runtime.
     pub fn lookup(&self, parts: &KeyParts) -> Lookup {
         let key = parts.key();
         let iso = self.iso_path(&key);
         let record = self.record_path(&key);
         if iso.is_file() && record.is_file() {
+            if let Err(why) = self.check_entry(&iso, &record) {
+                // The record first: without it the ISO is no entry, whatever happens next.
+                let _ = fs_err::remove_file(&record);
+                let _ = fs_err::remove_file(&iso);
+                return Lookup::Miss(format!("{why}; the entry was removed"));
+            }
             // Used now: eviction goes by the record's mtime.
             let _ = fs_err::File::options()
                 .append(true)
@@ -282,6 +296,25 @@ impl BuildCache {
         })
     }
 
+    /// The entry's ISO is the one its record describes, byte for byte.
+    fn check_entry(&self, iso: &Path, record: &Path) -> Result<(), String> {
+        let record: EntryRecord = fs_err::read_to_string(record)
+            .map_err(|error| error.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|error| error.to_string()))
+            .map_err(|error| format!("the cached entry's record is unreadable ({error})"))?;
+        let actual = fs_err::File::open(iso)
+            .and_then(vmic_protocol::sha256_reader)
+            .map(hex::encode)
+            .map_err(|error| format!("the cached ISO is unreadable ({error})"))?;
+        if record.iso_sha256 != actual {
+            return Err(format!(
+                "the cached ISO no longer matches its record (sha256 {actual}, recorded {:?})",
+                record.iso_sha256
+            ));
+        }
+        Ok(())
+    }
+
     /// Every complete entry: key, record, last use.
     fn entries(&self) -> Vec<(String, EntryRecord, std::time::SystemTime)> {
         let Ok(listing) = fs_err::read_dir(&self.settings.dir) else {
@@ -310,9 +343,10 @@ impl BuildCache {
         entries
     }
 
-    /// Store `iso` (a finished output) as the entry for `parts`, then evict down to the cap.
-    /// The copy goes under a temporary name first: a reader never sees half an entry.
-    pub fn store(&self, parts: &KeyParts, iso: &Path) -> anyhow::Result<Stored> {
+    /// Store `iso` (a finished output, `sha256` its hex digest) as the entry for `parts`, then
+    /// evict down to the cap. The copy goes under a temporary name first: a reader never sees
+    /// half an entry.
+    pub fn store(&self, parts: &KeyParts, iso: &Path, sha256: &str) -> anyhow::Result<Stored> {
         fs_err::create_dir_all(&self.settings.dir)?;
         let key = parts.key();
         let size = fs_err::metadata(iso)?.len();
@@ -329,6 +363,7 @@ impl BuildCache {
         let record = EntryRecord {
             parts: parts.clone(),
             iso_size: size,
+            iso_sha256: sha256.to_string(),
         };
         let record_temp = tempfile::Builder::new()
             .prefix(".incoming-")
@@ -599,6 +634,45 @@ mod tests {
         }
     }
 
+    /// The test ISO (1000 bytes of 7) and its sha256.
+    fn sevens(path: &Path) -> String {
+        let bytes = vec![7u8; 1000];
+        fs_err::write(path, &bytes).unwrap();
+        hex::encode(vmic_protocol::sha256(&bytes))
+    }
+
+    #[test]
+    fn an_entry_whose_iso_changed_since_it_was_stored_misses_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BuildCache::new(CacheSettings {
+            dir: dir.path().join("builds"),
+            max_bytes: 1 << 20,
+        });
+        let iso = dir.path().join("out.iso");
+        let sha256 = sevens(&iso);
+        let parts = entry_parts("in-1", "os-a");
+        cache.store(&parts, &iso, &sha256).unwrap();
+        assert!(matches!(cache.lookup(&parts), Lookup::Hit(_)));
+        // One byte of the stored ISO changes (size unchanged).
+        let stored = cache.iso_path(&parts.key());
+        let mut bytes = fs_err::read(&stored).unwrap();
+        bytes[500] = 8;
+        fs_err::write(&stored, bytes).unwrap();
+        match cache.lookup(&parts) {
+            Lookup::Miss(why) => assert!(
+                why.starts_with("the cached ISO no longer matches its record")
+                    && why.ends_with("the entry was removed"),
+                "{why}"
+            ),
+            Lookup::Hit(path) => panic!("a changed entry hit: {}", path.display()),
+        }
+        assert!(!stored.exists());
+        assert!(!cache.record_path(&parts.key()).exists());
+        // A record without a digest (cache format 1) never hits either.
+        cache.store(&parts, &iso, "").unwrap();
+        assert!(matches!(cache.lookup(&parts), Lookup::Miss(_)));
+    }
+
     #[test]
     fn lookup_hits_stored_entries_says_why_it_misses_and_evicts_the_least_recently_used() {
         let dir = tempfile::tempdir().unwrap();
@@ -607,13 +681,13 @@ mod tests {
             max_bytes: 2500,
         });
         let iso = dir.path().join("out.iso");
-        fs_err::write(&iso, vec![7u8; 1000]).unwrap();
+        let sha256 = sevens(&iso);
         let first = entry_parts("in-1", "os-a");
         match cache.lookup(&first) {
             Lookup::Miss(why) => assert_eq!(why, "no cached build of this input"),
             Lookup::Hit(path) => panic!("hit {}", path.display()),
         }
-        cache.store(&first, &iso).unwrap();
+        cache.store(&first, &iso, &sha256).unwrap();
         let Lookup::Hit(path) = cache.lookup(&first) else {
             panic!("a stored entry hits");
         };
@@ -630,12 +704,12 @@ mod tests {
                 .unwrap();
         };
         let second = entry_parts("in-2", "os-a");
-        cache.store(&second, &iso).unwrap();
+        cache.store(&second, &iso, &sha256).unwrap();
         age(&first, 1_000);
         age(&second, 2_000);
         let third = entry_parts("in-3", "os-a");
         assert_eq!(
-            cache.store(&third, &iso).unwrap(),
+            cache.store(&third, &iso, &sha256).unwrap(),
             Stored::Entry {
                 evicted: vec![(first.key(), 1000)]
             }

@@ -265,6 +265,7 @@ pub fn iso_plan(
         },
         remaster_only: facts.input_is_iso && !changes_rootfs(config),
         replace_iso_settings: false,
+        input_checked_by_host: false,
         source_date_epoch: facts.source_date_epoch,
         pxe: live.pxe,
     };

@@ -227,6 +227,10 @@ pub struct IsoBuild {
     /// files) are replaced by this request's instead of kept. The host's build cache uses it:
     /// the cached ISO was built with another `iso` section.
     pub replace_iso_settings: bool,
+    /// With `remaster_only`: the host has checked the whole input ISO against a digest it
+    /// recorded itself (its build cache), so the agent need not check the `rootfs.img` it
+    /// keeps against the ISO's record. Never set for an ISO the user gives.
+    pub input_checked_by_host: bool,
     /// `SOURCE_DATE_EPOCH`: every timestamp in the ISO is clamped to it. `None`: the agent
     /// takes it from the input (see [`IsoOutcome::source_date_epoch`]).
     pub source_date_epoch: Option<u64>,
