@@ -116,7 +116,7 @@ impl KeyParts {
             if !keyed || inputs.config_files.contains(&local) {
                 continue;
             }
-            let digest = hex::encode(vmic_protocol::sha256_reader(fs_err::File::open(&local)?)?);
+            let digest = crate::provenance::sha256_hex(&local)?;
             files.insert(upload.guest.clone(), format!("{:o}:{digest}", upload.mode));
         }
         Ok(Ok(KeyParts {
@@ -200,6 +200,10 @@ fn file_kind(guest: &str) -> String {
         }
     }
     format!("file {guest}")
+}
+
+fn read_record(path: &Path) -> anyhow::Result<EntryRecord> {
+    Ok(serde_json::from_str(&fs_err::read_to_string(path)?)?)
 }
 
 /// One entry's record beside its ISO.
@@ -298,14 +302,10 @@ impl BuildCache {
 
     /// The entry's ISO is the one its record describes, byte for byte.
     fn check_entry(&self, iso: &Path, record: &Path) -> Result<(), String> {
-        let record: EntryRecord = fs_err::read_to_string(record)
-            .map_err(|error| error.to_string())
-            .and_then(|text| serde_json::from_str(&text).map_err(|error| error.to_string()))
-            .map_err(|error| format!("the cached entry's record is unreadable ({error})"))?;
-        let actual = fs_err::File::open(iso)
-            .and_then(vmic_protocol::sha256_reader)
-            .map(hex::encode)
-            .map_err(|error| format!("the cached ISO is unreadable ({error})"))?;
+        let record = read_record(record)
+            .map_err(|error| format!("the cached entry's record is unreadable ({error:#})"))?;
+        let actual = crate::provenance::sha256_hex(iso)
+            .map_err(|error| format!("the cached ISO is unreadable ({error:#})"))?;
         if record.iso_sha256 != actual {
             return Err(format!(
                 "the cached ISO no longer matches its record (sha256 {actual}, recorded {:?})",
@@ -326,10 +326,7 @@ impl BuildCache {
             let Some(key) = name.strip_suffix(".json") else {
                 continue;
             };
-            let Ok(text) = fs_err::read_to_string(entry.path()) else {
-                continue;
-            };
-            let Ok(record) = serde_json::from_str::<EntryRecord>(&text) else {
+            let Ok(record) = read_record(&entry.path()) else {
                 continue;
             };
             let used = entry
