@@ -31,7 +31,8 @@ pub const PRELOAD_CHROOT_PATH: &str = "/run/vmic-preload.so";
 pub const TALLY_PATH: &str = "/run/vmic-dracut.tally";
 
 /// The library's tally marks (one byte per `FICLONE` request it answered): copied, or declined
-/// so that `dracut-install` used `cp`.
+/// so that `dracut-install` used `cp` (for that request and, as `dracut-install` stops trying
+/// to clone after a failure, for the rest of its run).
 pub const COPIED: u8 = b'c';
 pub const DECLINED: u8 = b'd';
 

@@ -992,8 +992,10 @@ impl DracutHelpers {
                         ));
                     }
                     if self.dracut_install.is_some() {
+                        // A declined request turns cloning off for the rest of that
+                        // dracut-install run (it uses cp from then on): a count of runs.
                         build.log(format!(
-                            "dracut-install copied {} files in its own process and left {} to cp",
+                            "dracut-install copied {} files in its own process; {} of its runs met a file it leaves to cp (set-ID or not regular) and used cp from there on",
                             tally.count(crate::dracut_install::COPIED),
                             tally.count(crate::dracut_install::DECLINED)
                         ));
