@@ -1053,10 +1053,7 @@ fn assert_media_check_passed(console: &str) {
 #[test]
 fn a_media_check_passes_when_its_unit_finished_and_no_verdict_says_otherwise() {
     let read = |name: &str| {
-        String::from_utf8(
-            std::fs::read(fixture(&format!("console/{name}"))).expect("a console fixture"),
-        )
-        .expect("UTF-8")
+        std::fs::read_to_string(fixture(&format!("console/{name}"))).expect("a console fixture")
     };
     assert_media_check_passed(&read("media-check-pass.log"));
     assert_media_check_passed(&read("media-check-verdict-cut.log"));
