@@ -1123,27 +1123,56 @@ fn a_signed_boot_chain_boots_as_an_iso_with_secure_boot_enforced() {
     );
 }
 
-/// The minimal image's grub is vmic's own grub-mkimage build, signed by nobody: under
-/// `--secure-boot` shim refuses it, and `vmic boot` ends at once with shim's words (shim shows
-/// them in a dialog that waits for a key, so no line of it ever ends).
-#[test]
-fn an_unsigned_grub_under_secure_boot_is_refused_with_shims_words() {
-    let output = {
-        let _vm = common::vm_slot();
-        common::vmic()
-            .args([
-                "boot",
-                "--secure-boot",
-                "--expect",
-                "^VMIC-TEST-END",
-                "--timeout",
-                "600",
-            ])
-            .arg("--image-file")
-            .arg(minimal_qcow2())
-            .output()
-            .expect("running vmic boot")
+/// `vmic boot --secure-boot` of the minimal image, whose grub is vmic's own grub-mkimage
+/// build, signed by nobody. With `hold_up`, vmic is stopped (SIGSTOP) 300 ms of every 400 ms
+/// while it runs, as a loaded host holds up its console reader: what the guest prints must
+/// wait for vmic, not be lost.
+fn boot_the_unsigned_grub_under_secure_boot(hold_up: bool) -> std::process::Output {
+    let _vm = common::vm_slot();
+    let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmic"));
+    command
+        .args([
+            "boot",
+            "--secure-boot",
+            "--expect",
+            "^VMIC-TEST-END",
+            "--timeout",
+            "600",
+        ])
+        .arg("--image-file")
+        .arg(minimal_qcow2())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().expect("running vmic boot");
+    let pid = child.id() as libc::pid_t;
+    let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(hold_up));
+    let holder = {
+        let holding = holding.clone();
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering;
+            use std::time::Duration;
+            // The stops are the fault injected, not a wait for anything.
+            while holding.load(Ordering::SeqCst) {
+                // SAFETY: signals to our own child, which is not reaped before `holding` ends.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(Duration::from_millis(300));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
     };
+    // Reading stdout and stderr to the end returns once vmic exited; a stopped vmic is let go
+    // on the holder's next SIGCONT.
+    let output = child.wait_with_output();
+    holding.store(false, std::sync::atomic::Ordering::SeqCst);
+    holder.join().expect("the holder thread");
+    output.expect("waiting for vmic boot")
+}
+
+/// Shim refuses the unsigned grub, and `vmic boot` ends at once with shim's words (shim shows
+/// them in a dialog that waits for a key, so no line of it ever ends).
+fn assert_refused_with_shims_words(output: &std::process::Output) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
@@ -1156,6 +1185,19 @@ fn an_unsigned_grub_under_secure_boot_is_refused_with_shims_words() {
         !stderr.contains("within 600 s"),
         "ended by the refusal: {stderr}"
     );
+}
+
+#[test]
+fn an_unsigned_grub_under_secure_boot_is_refused_with_shims_words() {
+    assert_refused_with_shims_words(&boot_the_unsigned_grub_under_secure_boot(false));
+}
+
+/// The CI failure this guards against: with the console on a unix socket (~280 one-byte
+/// writes of slack), a reader held up for a moment made OVMF and QEMU drop console output,
+/// shim's refusal among it, and the boot ran into OVMF's 5-minute watchdog instead.
+#[test]
+fn shims_refusal_arrives_whole_while_vmic_is_held_up() {
+    assert_refused_with_shims_words(&boot_the_unsigned_grub_under_secure_boot(true));
 }
 
 #[test]

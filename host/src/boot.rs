@@ -185,13 +185,12 @@ pub fn resolve(args: &BootArgs) -> anyhow::Result<BootSettings> {
     })
 }
 
-/// A VM ready to start: its temp dir (overlay, firmware variables, console socket) lives as long
-/// as this value.
+/// A VM ready to start: its temp dir (overlay, firmware variables) lives as long as this value.
 struct Prepared {
     _dir: tempfile::TempDir,
     binary: PathBuf,
     argv: Vec<std::ffi::OsString>,
-    serial_socket: PathBuf,
+    console: crate::console::ConsolePipe,
     /// PXE: the artifacts' bootstrap ISO, served at this loopback port from this directory.
     http: Option<(u16, PathBuf)>,
 }
@@ -253,7 +252,7 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
             },
         }
     };
-    let serial_socket = dir.path().join("console.sock");
+    let console = crate::console::ConsolePipe::new().context("creating the console pipe")?;
     let cpus = crate::vm::default_cpus();
     let vm = BootVm {
         arch: settings.arch,
@@ -262,13 +261,13 @@ fn prepare(settings: &BootSettings) -> anyhow::Result<Prepared> {
         cpus,
         firmware,
         medium,
-        serial_socket: serial_socket.clone(),
+        console_fd: std::os::fd::AsRawFd::as_raw_fd(&console.writer),
     };
     Ok(Prepared {
         argv: boot_argv(&vm),
         _dir: dir,
         binary,
-        serial_socket,
+        console,
         http,
     })
 }
@@ -312,20 +311,15 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
         }
         None => None,
     };
-    let mut qemu = crate::qemu::QemuProcess::spawn(&prepared.binary, prepared.argv.clone())?;
+    let Prepared {
+        binary,
+        argv,
+        console: crate::console::ConsolePipe { reader, writer },
+        ..
+    } = prepared;
+    let mut stream = crate::console::console_reader(reader).context("reading the console pipe")?;
+    let mut qemu = crate::qemu::QemuProcess::spawn(&binary, argv, Some(writer))?;
     qemu.warn_if_unwatched(reporter);
-    let mut stream = match crate::console::connect(&mut qemu, &prepared.serial_socket).await? {
-        Some(stream) => stream,
-        None => {
-            let (status, stderr) = qemu.wait().await?;
-            return Err(BootError::QemuFailed {
-                status: status.to_string(),
-                stderr: stderr_suffix(&stderr),
-                tail: ConsoleTail::default(),
-            }
-            .into());
-        }
-    };
     let mut log = match &settings.console_log {
         Some(path) => Some(
             crate::console::CappedLog::create(path, crate::console::CONSOLE_LOG_CAP)
@@ -407,12 +401,22 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
     if let Some(verdict) = fatal {
         return Err(fatal_error(verdict, console.tail()));
     }
+    let tail = console.tail();
+    if !status.success() && tail.lines.is_empty() {
+        // QEMU itself failed (a bad option, a file it cannot open): no guest ever ran.
+        return Err(BootError::QemuFailed {
+            status: status.to_string(),
+            stderr: stderr_suffix(&stderr),
+            tail,
+        }
+        .into());
+    }
     match pattern {
         Some(pattern) => Err(BootError::StoppedWithoutMatch {
             status: status.to_string(),
             pattern,
             stderr: stderr_suffix(&stderr),
-            tail: console.tail(),
+            tail,
         }
         .into()),
         None if status.success() => {
@@ -428,7 +432,7 @@ pub async fn boot(settings: &BootSettings, reporter: &Reporter) -> anyhow::Resul
         None => Err(BootError::QemuFailed {
             status: status.to_string(),
             stderr: stderr_suffix(&stderr),
-            tail: console.tail(),
+            tail,
         }
         .into()),
     }

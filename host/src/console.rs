@@ -5,11 +5,10 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use regex::Regex;
 use tokio::io::AsyncReadExt;
-use tokio::net::UnixStream;
 
 /// Console bytes kept per log file. A guest that prints without end (a boot loop, a flood from
 /// the image's scripts) must not fill the host's disk: when a log reaches this size it becomes
@@ -184,7 +183,7 @@ impl CappedLog {
     }
 }
 
-/// Copies a VM's console socket into a [`CappedLog`] until QEMU closes it.
+/// Copies a VM's console into a [`CappedLog`] until QEMU closes it.
 pub struct ConsoleRecorder(tokio::task::JoinHandle<()>);
 
 /// How many RCU stall reports in one boot mean the builder VM's kernel is stuck for good. The
@@ -244,7 +243,7 @@ impl ConsoleRecorder {
     /// never finishes the build, and waiting would last until the build's timeout). `listening`
     /// turns true when the agent says that it listens.
     pub fn spawn(
-        mut stream: UnixStream,
+        mut stream: tokio::net::unix::pipe::Receiver,
         mut log: CappedLog,
         reporter: crate::report::Reporter,
         on_stall: impl FnOnce() + Send + 'static,
@@ -293,29 +292,66 @@ impl ConsoleRecorder {
     }
 }
 
-/// Connect to QEMU's console socket (`server=on,wait=on`: QEMU starts the guest only once we
-/// are there). `None` if QEMU exits first.
-pub async fn connect(
-    qemu: &mut crate::qemu::QemuProcess,
-    socket: &Path,
-) -> anyhow::Result<Option<UnixStream>> {
-    let give_up = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(stream) = UnixStream::connect(socket).await {
-            return Ok(Some(stream));
+/// The pipe a VM's serial console goes through: QEMU writes the write end (passed to it with
+/// `-add-fd`, see [`crate::qemu::console_argv`]), vmic reads the other. Not a unix socket: a
+/// socket queues each byte QEMU's UART sends as its own buffer, so it is full after ~280
+/// bytes; a reader held up for a moment (a busy host) then stalls the UART, and both the
+/// firmware's serial driver (which gives up on a string it cannot send) and QEMU (which drops
+/// a byte it cannot write after a few tries) lose output: shim's refusal went missing that way
+/// on a loaded CI host. A pipe holds 64 KiB, on Linux grown to 1 MiB, and it is there before
+/// QEMU starts, so nothing is printed before vmic reads.
+pub struct ConsolePipe {
+    pub reader: std::os::fd::OwnedFd,
+    pub writer: std::os::fd::OwnedFd,
+}
+
+/// What vmic asks a console pipe to hold (Linux; `fs.pipe-max-size` allows 1 MiB unprivileged).
+pub const CONSOLE_PIPE_BYTES: usize = 1 << 20;
+
+impl ConsolePipe {
+    pub fn new() -> std::io::Result<ConsolePipe> {
+        // Both ends close on exec; QemuProcess::spawn clears that for the write end in QEMU.
+        let (reader, writer) = std::io::pipe()?;
+        let (reader, writer) = (
+            std::os::fd::OwnedFd::from(reader),
+            std::os::fd::OwnedFd::from(writer),
+        );
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: fcntl on an fd we own, with an integer argument. Best effort: a smaller
+            // pipe (the 64 KiB default) still works, with less slack.
+            unsafe {
+                libc::fcntl(
+                    writer.as_raw_fd(),
+                    libc::F_SETPIPE_SZ,
+                    CONSOLE_PIPE_BYTES as libc::c_int,
+                )
+            };
         }
-        if qemu.try_wait()?.is_some() {
-            return Ok(None);
-        }
-        if Instant::now() > give_up {
-            qemu.kill().await;
-            anyhow::bail!(
-                "QEMU did not open its console socket {} within 30 s",
-                socket.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(ConsolePipe { reader, writer })
     }
+
+    /// How many bytes the pipe holds unread (Linux; `None` elsewhere).
+    pub fn capacity(&self) -> Option<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: fcntl F_GETPIPE_SZ on an fd we own reads an integer.
+            let size = unsafe { libc::fcntl(self.writer.as_raw_fd(), libc::F_GETPIPE_SZ) };
+            usize::try_from(size).ok()
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+}
+
+/// The read end as an async reader (inside the runtime). EOF comes when QEMU, the only holder
+/// of the write end once it started, exits.
+pub fn console_reader(
+    reader: std::os::fd::OwnedFd,
+) -> std::io::Result<tokio::net::unix::pipe::Receiver> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(reader)
 }
 
 /// The last `count` lines of a console log and the file before it, cleaned like `vmic boot`'s
@@ -450,10 +486,12 @@ mod tests {
     ) {
         use tokio::io::AsyncWriteExt;
         let dir = tempfile::tempdir().expect("temp dir");
-        let (mut guest, host) = UnixStream::pair().expect("a socket pair");
+        let pipe = ConsolePipe::new().expect("a console pipe");
+        let mut guest =
+            tokio::net::unix::pipe::Sender::from_owned_fd(pipe.writer).expect("the write end");
         let log = CappedLog::create(&dir.path().join("console.log"), 1 << 20).expect("log");
         let recorder = ConsoleRecorder::spawn(
-            host,
+            console_reader(pipe.reader).expect("the read end"),
             log,
             crate::report::Reporter::plain(),
             on_stall,
@@ -464,6 +502,32 @@ mod tests {
         }
         drop(guest);
         recorder.finish(Duration::from_secs(10)).await;
+    }
+
+    /// QEMU's UART writes one byte at a time and drops what it cannot write after a few tries:
+    /// the console must hold what a reader held up for a moment has not read yet (a unix
+    /// socket held ~280 such bytes).
+    #[test]
+    fn a_console_pipe_holds_64_kib_of_single_bytes_unread() {
+        use std::os::fd::AsRawFd;
+        let pipe = ConsolePipe::new().expect("a console pipe");
+        let fd = pipe.writer.as_raw_fd();
+        // SAFETY: fcntl on an fd the pipe owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut held = 0usize;
+        // SAFETY: a one-byte write from a live buffer to an fd the pipe owns.
+        while unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) } == 1 {
+            held += 1;
+            if held > CONSOLE_PIPE_BYTES {
+                break;
+            }
+        }
+        assert!(held >= 64 << 10, "held {held} bytes");
+        if let Some(capacity) = pipe.capacity() {
+            assert_eq!(held, capacity);
+        }
+        #[cfg(target_os = "linux")]
+        assert_eq!(held, CONSOLE_PIPE_BYTES, "grown to 1 MiB on Linux");
     }
 
     #[tokio::test]

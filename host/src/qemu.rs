@@ -136,14 +136,32 @@ pub struct BuilderVm {
     pub cmdline: String,
     pub disks: Vec<Disk>,
     pub channel: Channel,
-    /// The serial console's socket, which vmic connects to before the guest starts.
-    pub console_socket: PathBuf,
+    /// The write end of the serial console's pipe (see [`console_argv`]).
+    pub console_fd: std::os::fd::RawFd,
     /// QMP socket, used to stop the VM cleanly.
     pub qmp_socket: PathBuf,
     /// A user-mode (slirp) NIC: outbound connections only, for the image's package repos.
     pub network: bool,
     /// The per-build token (a file in the 0700 run dir), passed to the guest through fw_cfg.
     pub token_file: PathBuf,
+}
+
+/// The fd set QEMU gets the console pipe's write end in.
+const CONSOLE_FDSET: u32 = 1;
+
+/// QEMU's first serial port writing into the console pipe whose write end is `fd` in QEMU
+/// (inherited: see [`QemuProcess::spawn`]). A pipe vmic reads (console.rs says why not a
+/// socket, and caps what it keeps), not a file QEMU grows without end. `append=on`: QEMU
+/// refuses `O_TRUNC` on an fd set.
+pub fn console_argv(fd: std::os::fd::RawFd) -> [String; 6] {
+    [
+        "-add-fd".into(),
+        format!("fd={fd},set={CONSOLE_FDSET},opaque=console"),
+        "-chardev".into(),
+        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
+        "-serial".into(),
+        "chardev:console".into(),
+    ]
 }
 
 fn os(value: impl Into<OsString>) -> OsString {
@@ -178,16 +196,7 @@ pub fn builder_argv(vm: &BuilderVm) -> Vec<OsString> {
     argv.push(os("-append"));
     argv.push(os(&vm.cmdline));
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
-    // A socket vmic reads (console.rs caps what it keeps), not a file QEMU grows without end.
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=console,path={},server=on,wait=on",
-            escape_comma(&vm.console_socket)
-        ),
-        "-serial",
-        "chardev:console",
-    ]);
+    push(&console_argv(vm.console_fd).each_ref().map(String::as_str));
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", vm.qmp_socket.display()),
@@ -274,7 +283,14 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    pub fn spawn(binary: &Path, mut argv: Vec<OsString>) -> anyhow::Result<QemuProcess> {
+    /// Start QEMU. `console`: the write end of a [`ConsolePipe`](crate::console::ConsolePipe),
+    /// which QEMU inherits (its argv names it, see [`console_argv`]) and vmic closes here, so
+    /// that the read end sees EOF when QEMU exits.
+    pub fn spawn(
+        binary: &Path,
+        mut argv: Vec<OsString>,
+        console: Option<std::os::fd::OwnedFd>,
+    ) -> anyhow::Result<QemuProcess> {
         // Every QEMU vmic starts (builder VM, `vmic boot`) runs under the seccomp sandbox.
         argv.extend(crate::sandbox::sandbox_argv(crate::sandbox::supported(
             binary,
@@ -288,9 +304,14 @@ impl QemuProcess {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         set_parent_death_signal(&mut command);
+        if let Some(console) = &console {
+            inherit_fd(&mut command, std::os::fd::AsRawFd::as_raw_fd(console));
+        }
         let child = command.spawn().map_err(|error| {
             anyhow::Error::new(error).context(format!("starting {}", binary.display()))
         })?;
+        // QEMU holds its copy now; ours would keep the console open after QEMU exits.
+        drop(console);
         let watchdog = crate::orphan::watch(child.id()).map_err(|error| error.to_string());
         Ok(QemuProcess {
             child,
@@ -329,6 +350,20 @@ impl QemuProcess {
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+    }
+}
+
+/// The child keeps `fd` (open in vmic with close-on-exec, so no other child gets it).
+fn inherit_fd(command: &mut tokio::process::Command, fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl is async-signal-safe; the closure only clears the flag of an fd number
+    // that is open in the forked child.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -542,7 +577,7 @@ mod tests {
                 },
             ],
             channel,
-            console_socket: "/build/console.sock".into(),
+            console_fd: 3,
             qmp_socket: "/tmp/vmic-x/qmp.sock".into(),
             network: false,
             token_file: "/tmp/vmic-x/token".into(),

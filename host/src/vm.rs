@@ -225,6 +225,8 @@ impl RunningVm {
                 )?),
                 false => None,
             };
+            let console_pipe =
+                crate::console::ConsolePipe::new().context("creating the console pipe")?;
             let vm = BuilderVm {
                 arch: options.arch,
                 accel,
@@ -242,25 +244,17 @@ impl RunningVm {
                 ),
                 disks: options.disks.clone(),
                 channel: channel.channel.clone(),
-                console_socket: socket_dir.join("console.sock"),
+                console_fd: std::os::fd::AsRawFd::as_raw_fd(&console_pipe.writer),
                 qmp_socket: socket_dir.join("qmp.sock"),
                 // No NIC: the proxy relayed over vsock is the only way out.
                 network: false,
                 token_file: token_file.clone(),
             };
             let argv = crate::qemu::builder_argv(&vm);
-            let mut qemu = QemuProcess::spawn(&qemu_binary, argv)?;
+            let console = crate::console::console_reader(console_pipe.reader)
+                .context("reading the console pipe")?;
+            let qemu = QemuProcess::spawn(&qemu_binary, argv, Some(console_pipe.writer))?;
             qemu.warn_if_unwatched(reporter);
-            let console = match crate::console::connect(&mut qemu, &vm.console_socket).await? {
-                Some(stream) => stream,
-                None => {
-                    let (status, stderr) = qemu.wait().await?;
-                    anyhow::bail!(
-                        "QEMU exited ({status}) before the builder VM started: {}",
-                        stderr.trim()
-                    );
-                }
-            };
             let log =
                 crate::console::CappedLog::create(&console_log, crate::console::CONSOLE_LOG_CAP)
                     .with_context(|| {
@@ -277,7 +271,7 @@ impl RunningVm {
                     if let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) {
                         // SAFETY: kill(2) with a pid and a signal has no memory effects. The
                         // pid is QEMU's, our child: it is reaped only after its console (this
-                        // stream) closed, so it names no other process.
+                        // pipe) closed, so it names no other process.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
                 }
@@ -471,7 +465,7 @@ impl RunningVmStart {
                     || error.downcast_ref::<Unanswered>().is_some();
                 self.qemu.kill().await;
                 self.channel.shutdown().await;
-                // QEMU is gone: the console's last lines are in the log once the socket closed.
+                // QEMU is gone: the console's last lines are in the log once the pipe closed.
                 if let Some(recorder) = self.recorder.take() {
                     recorder.finish(Duration::from_secs(2)).await;
                 }

@@ -50,9 +50,9 @@ pub struct BootVm {
     pub cpus: u32,
     pub firmware: FirmwareImages,
     pub medium: BootMedium,
-    /// Unix socket QEMU listens on for the serial console; QEMU waits for the reader before
-    /// starting the guest, so no output is lost.
-    pub serial_socket: PathBuf,
+    /// The write end of the serial console's pipe, inherited by QEMU (see
+    /// [`crate::qemu::console_argv`]).
+    pub console_fd: std::os::fd::RawFd,
 }
 
 fn os(value: impl Into<OsString>) -> OsString {
@@ -60,7 +60,7 @@ fn os(value: impl Into<OsString>) -> OsString {
 }
 
 /// Argv (without the binary) for a VM booting `vm.medium` under `vm.firmware`, its first serial
-/// port on `vm.serial_socket`, no display, no network.
+/// port into the pipe `vm.console_fd`, no display, no network.
 pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
     let mut argv: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| argv.extend(items.iter().map(os));
@@ -114,15 +114,11 @@ pub fn boot_argv(vm: &BootVm) -> Vec<OsString> {
             &format!("name=etc/sercon-port,file={}", escape_comma(sercon_port)),
         ]),
     }
-    push(&[
-        "-chardev",
-        &format!(
-            "socket,id=console,path={},server=on,wait=on",
-            escape_comma(&vm.serial_socket)
-        ),
-        "-serial",
-        "chardev:console",
-    ]);
+    push(
+        &crate::qemu::console_argv(vm.console_fd)
+            .each_ref()
+            .map(String::as_str),
+    );
     push(&["-device", "virtio-rng-pci"]);
     match &vm.medium {
         BootMedium::Disk {
@@ -197,7 +193,7 @@ mod tests {
             cpus: 2,
             firmware,
             medium,
-            serial_socket: PathBuf::from("/tmp/boot/console.sock"),
+            console_fd: 3,
         }
     }
 

@@ -146,7 +146,7 @@ impl Transport {
                 let socket = run_dir.join("vhost.sock");
                 let uds_path = run_dir.join("vsock.sock");
                 let argv = vsock_daemon_argv(&socket, &uds_path);
-                let mut daemon = QemuProcess::spawn(&daemon_binary, argv)?;
+                let mut daemon = QemuProcess::spawn(&daemon_binary, argv, None)?;
                 // QEMU connects to the daemon's socket at start-up: wait until it listens.
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !socket.exists() {
