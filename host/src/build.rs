@@ -212,7 +212,7 @@ pub async fn build(
                     }
                     _ => {
                         crate::pxe::write_tar_gz(&path, &artifacts, &target)?;
-                        Ok((sha256_file(&target)?, None))
+                        Ok((crate::provenance::sha256_file(&target)?, None))
                     }
                 }
             })
@@ -240,7 +240,7 @@ pub async fn build(
                 crate::accept::accept_iso(&path, output_disk_size, claimed.0, &claimed.1)?;
                 crate::provenance::implant_iso_md5(&path)?;
                 // The implanted MD5 changes the file: hash what is finally written.
-                sha256_file(&path)
+                crate::provenance::sha256_file(&path)
             })
             .await?;
             if let CacheUse::Store(cache, parts) = &cache {
@@ -294,7 +294,7 @@ pub async fn build(
             .await?;
             let size = fs_err::metadata(&output_partial)?.len();
             let path = output_partial.clone();
-            let digest = off_runtime(move || sha256_file(&path)).await?;
+            let digest = off_runtime(move || crate::provenance::sha256_file(&path)).await?;
             (size, digest, outcome.packages, None)
         }
         other => bail!("unexpected answer to the build request: {other:?}"),
@@ -526,11 +526,6 @@ async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .context("a blocking task of the build panicked")?
-}
-
-fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
-    let file = fs_err::File::open(path)?;
-    Ok(vmic_protocol::sha256_reader(file)?)
 }
 
 /// Format and mount the scratch disk at the work directory.

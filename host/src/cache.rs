@@ -202,6 +202,21 @@ fn file_kind(guest: &str) -> String {
     format!("file {guest}")
 }
 
+/// The entry's ISO is the one its record describes, byte for byte.
+fn check_entry(iso: &Path, record: &Path) -> Result<(), String> {
+    let record = read_record(record)
+        .map_err(|error| format!("the cached entry's record is unreadable ({error:#})"))?;
+    let actual = crate::provenance::sha256_hex(iso)
+        .map_err(|error| format!("the cached ISO is unreadable ({error:#})"))?;
+    if record.iso_sha256 != actual {
+        return Err(format!(
+            "the cached ISO no longer matches its record (sha256 {actual}, recorded {:?})",
+            record.iso_sha256
+        ));
+    }
+    Ok(())
+}
+
 fn read_record(path: &Path) -> anyhow::Result<EntryRecord> {
     Ok(serde_json::from_str(&fs_err::read_to_string(path)?)?)
 }
@@ -264,7 +279,7 @@ impl BuildCache {
         let iso = self.iso_path(&key);
         let record = self.record_path(&key);
         if iso.is_file() && record.is_file() {
-            if let Err(why) = self.check_entry(&iso, &record) {
+            if let Err(why) = check_entry(&iso, &record) {
                 // The record first: without it the ISO is no entry, whatever happens next.
                 let _ = fs_err::remove_file(&record);
                 let _ = fs_err::remove_file(&iso);
@@ -298,21 +313,6 @@ impl BuildCache {
                 }
             }
         })
-    }
-
-    /// The entry's ISO is the one its record describes, byte for byte.
-    fn check_entry(&self, iso: &Path, record: &Path) -> Result<(), String> {
-        let record = read_record(record)
-            .map_err(|error| format!("the cached entry's record is unreadable ({error:#})"))?;
-        let actual = crate::provenance::sha256_hex(iso)
-            .map_err(|error| format!("the cached ISO is unreadable ({error:#})"))?;
-        if record.iso_sha256 != actual {
-            return Err(format!(
-                "the cached ISO no longer matches its record (sha256 {actual}, recorded {:?})",
-                record.iso_sha256
-            ));
-        }
-        Ok(())
     }
 
     /// Every complete entry: key, record, last use.

@@ -285,8 +285,13 @@ pub fn spdx_document(
 
 /// sha256 (hex) of a file, streamed.
 pub fn sha256_hex(path: &Path) -> anyhow::Result<String> {
+    Ok(hex::encode(sha256_file(path)?))
+}
+
+/// A file's sha256, read in a stream (outputs and cached ISOs are gigabytes).
+pub fn sha256_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     let file = fs_err::File::open(path)?;
-    Ok(hex::encode(vmic_protocol::sha256_reader(file)?))
+    Ok(vmic_protocol::sha256_reader(file)?)
 }
 
 /// A `--package-source` as the provenance records it: a file with its sha256, or a directory
