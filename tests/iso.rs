@@ -1143,31 +1143,43 @@ fn boot_the_unsigned_grub_under_secure_boot(hold_up: bool) -> std::process::Outp
         .arg(minimal_qcow2())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    let child = command.spawn().expect("running vmic boot");
-    let pid = child.id() as libc::pid_t;
-    let holding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(hold_up));
-    let holder = {
-        let holding = holding.clone();
+    let mut child = command.spawn().expect("running vmic boot");
+    // Read beside the loop below, so that vmic never waits on a full pipe.
+    fn drain(
+        pipe: Option<impl std::io::Read + Send + 'static>,
+    ) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
-            use std::sync::atomic::Ordering;
-            use std::time::Duration;
-            // The stops are the fault injected, not a wait for anything.
-            while holding.load(Ordering::SeqCst) {
-                // SAFETY: signals to our own child, which is not reaped before `holding` ends.
-                unsafe { libc::kill(pid, libc::SIGSTOP) };
-                std::thread::sleep(Duration::from_millis(300));
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGCONT) };
-                std::thread::sleep(Duration::from_millis(100));
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                pipe.read_to_end(&mut bytes).expect("reading vmic's output");
             }
+            bytes
         })
+    }
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let pid = child.id() as libc::pid_t;
+    let status = if hold_up {
+        // The stops are the fault injected, not a wait for anything. vmic is reaped only by
+        // `try_wait` in this loop, so no signal can reach its pid once it is free.
+        loop {
+            if let Some(status) = child.try_wait().expect("vmic's status") {
+                break status;
+            }
+            // SAFETY: signals to our own child, not yet reaped (see above).
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    } else {
+        child.wait().expect("waiting for vmic boot")
     };
-    // Reading stdout and stderr to the end returns once vmic exited; a stopped vmic is let go
-    // on the holder's next SIGCONT.
-    let output = child.wait_with_output();
-    holding.store(false, std::sync::atomic::Ordering::SeqCst);
-    holder.join().expect("the holder thread");
-    output.expect("waiting for vmic boot")
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("the stdout reader"),
+        stderr: stderr.join().expect("the stderr reader"),
+    }
 }
 
 /// Shim refuses the unsigned grub, and `vmic boot` ends at once with shim's words (shim shows

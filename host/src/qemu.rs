@@ -151,8 +151,8 @@ const CONSOLE_FDSET: u32 = 1;
 
 /// QEMU's first serial port writing into the console pipe whose write end is `fd` in QEMU
 /// (inherited: see [`QemuProcess::spawn`]). A pipe vmic reads (console.rs says why not a
-/// socket, and caps what it keeps), not a file QEMU grows without end. `append=on`: QEMU
-/// refuses `O_TRUNC` on an fd set.
+/// socket, and caps what it keeps), not a file QEMU grows without end. `append=on`: without it
+/// QEMU 10 asks the fd set for `O_TRUNC` and the open fails (EINVAL).
 pub fn console_argv(fd: std::os::fd::RawFd) -> [String; 6] {
     [
         "-add-fd".into(),

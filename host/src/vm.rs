@@ -270,8 +270,10 @@ impl RunningVm {
                     stalled.store(true, Ordering::SeqCst);
                     if let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) {
                         // SAFETY: kill(2) with a pid and a signal has no memory effects. The
-                        // pid is QEMU's, our child: it is reaped only after its console (this
-                        // pipe) closed, so it names no other process.
+                        // pid is QEMU's, our child. It can be reaped while the recorder still
+                        // reads the pipe's last bytes (the recorder is finished after
+                        // `qemu.kill()`, within 2 s), but Linux hands out pids in order, so
+                        // another process gets it only after the pid space wrapped.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
                 }
